@@ -1,0 +1,102 @@
+"""Pure data: provider settings, the session key, token sets.  No I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_LISTEN = ("127.0.0.1:8000", "127.0.0.1:18000")
+EXEC_API_V1BETA1 = "client.authentication.k8s.io/v1beta1"
+EXEC_API_V1 = "client.authentication.k8s.io/v1"
+
+# Claims kept in memory and on disk for `brokerd status`; the token itself stays opaque otherwise.
+STATUS_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "email", "name", "preferred_username", "groups")
+
+
+def canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """The settings that change which token a user gets.  Two requests with equal settings share one session."""
+
+    issuer: str
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+    scopes: tuple[str, ...] = ("openid",)
+    extra_params: tuple[tuple[str, str], ...] = ()
+    use_access_token: bool = False
+    redirect_url: str | None = None
+    username: str | None = None
+
+    def __post_init__(self) -> None:
+        # Normalize so that the key is stable whatever order the flags came in (kubelogin #1638).
+        scopes = set(self.scopes) | {"openid"}
+        object.__setattr__(self, "scopes", tuple(sorted(scopes)))
+        object.__setattr__(self, "extra_params", tuple(sorted(self.extra_params)))
+        object.__setattr__(self, "issuer", self.issuer.rstrip("/") if self.issuer.count("/") > 2 else self.issuer)
+
+    @property
+    def key(self) -> SessionKey:
+        secret_hash = (
+            hashlib.sha256(self.client_secret.encode()).hexdigest() if self.client_secret is not None else None
+        )
+        doc = {
+            "v": 1,
+            "issuer": self.issuer,
+            "client_id": self.client_id,
+            "client_secret_sha256": secret_hash,
+            "scopes": list(self.scopes),
+            "extra_params": [list(p) for p in self.extra_params],
+            "use_access_token": self.use_access_token,
+            "redirect_url": self.redirect_url,
+            "username": self.username,
+        }
+        return SessionKey(hashlib.sha256(canonical_json(doc).encode()).hexdigest())
+
+
+@dataclass(frozen=True, order=True)
+class SessionKey:
+    value: str
+
+    def short(self) -> str:
+        return self.value[:12]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """What a grant gave us.  ``expires_at`` is the served token's expiry (ID token ``exp`` normally)."""
+
+    id_token: str = field(repr=False)
+    expires_at: float
+    issued_at: float
+    refresh_token: str | None = field(default=None, repr=False)
+    access_token: str | None = field(default=None, repr=False)
+    access_expires_at: float | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    def token_for(self, use_access_token: bool) -> str:
+        if use_access_token and self.access_token:
+            return self.access_token
+        return self.id_token
+
+    def serve_expiry(self, use_access_token: bool) -> float:
+        if use_access_token and self.access_expires_at is not None:
+            return self.access_expires_at
+        return self.expires_at
+
+
+@dataclass(frozen=True)
+class Session:
+    """A persisted session: the settings it was made for and its current tokens."""
+
+    key: SessionKey
+    settings: ProviderSettings
+    tokens: TokenSet
