@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_LISTEN = ("127.0.0.1:8000", "127.0.0.1:18000")
 EXEC_API_V1BETA1 = "client.authentication.k8s.io/v1beta1"
@@ -38,7 +38,6 @@ class ProviderSettings:
         scopes = set(self.scopes) | {"openid"}
         object.__setattr__(self, "scopes", tuple(sorted(scopes)))
         object.__setattr__(self, "extra_params", tuple(sorted(self.extra_params)))
-        object.__setattr__(self, "issuer", self.issuer.rstrip("/") if self.issuer.count("/") > 2 else self.issuer)
 
     @property
     def key(self) -> SessionKey:
@@ -100,3 +99,45 @@ class Session:
     key: SessionKey
     settings: ProviderSettings
     tokens: TokenSet
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    ca_files: tuple[str, ...] = ()
+    ca_data: tuple[str, ...] = field(default=(), repr=False)
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class LoginOptions:
+    """How to get a token when one is needed.  Not part of the session key."""
+
+    grant_type: str = "auto"
+    listen_addresses: tuple[str, ...] = DEFAULT_LISTEN
+    browser_command: str | None = None
+    skip_open_browser: bool = False
+    authentication_timeout: float = 180.0
+    pkce_method: str = "auto"
+    open_url_after_authentication: str | None = None
+    request_headers: tuple[tuple[str, str], ...] = ()
+    password: str | None = field(default=None, repr=False)
+    force_refresh: bool = False
+    local_server_cert: str | None = None
+    local_server_key: str | None = None
+    tls: TLSOptions = field(default_factory=TLSOptions)
+    verbosity: int = 0
+
+
+class Caller(Protocol):
+    """Who is waiting for a token: where to show messages, whether a person can answer, whose desktop to use."""
+
+    env: Mapping[str, str]
+    interactive: bool
+
+    def tell(self, text: str) -> None:
+        """Show one message on the caller's stderr (never blocks; a caller that went away is ignored)."""
+        ...
+
+    async def ask(self, prompt: str, *, secret: bool) -> str:
+        """Ask the person for one line on their terminal; UsageError when nobody can answer."""
+        ...

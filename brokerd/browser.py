@@ -1,0 +1,84 @@
+"""Opening the login URL in the caller's desktop session.
+
+Order: ``--browser-command`` (run with the URL as its one argument, no shell), else the caller's ``BROWSER``
+(Python's webbrowser convention: ``:``-separated commands, ``%s`` stands for the URL, else it is appended), else
+the platform's opener.  The browser never gets the caller's stdout: kubectl reads the ExecCredential from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+
+log = logging.getLogger("brokerd.browser")
+
+FORWARDED_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY")
+
+
+def candidate_commands(url: str, command: str | None, caller_env: Mapping[str, str]) -> list[list[str]]:
+    if command:
+        return [[command, url]]
+    commands = []
+    for entry in (caller_env.get("BROWSER") or "").split(os.pathsep):
+        try:
+            argv = shlex.split(entry)
+        except ValueError:
+            log.warning("ignoring a BROWSER entry that does not parse as a command line")
+            continue
+        if not argv:
+            continue
+        if any("%s" in a for a in argv):
+            commands.append([a.replace("%s", url) for a in argv])
+        else:
+            commands.append([*argv, url])
+    default = ["open"] if sys.platform == "darwin" else ["xdg-open"]
+    commands.append([*default, url])
+    return commands
+
+
+class BrowserOpener:
+    """Starts browsers and reaps them; ``close`` stops waiting for any still running (it never kills them)."""
+
+    def __init__(self, base_env: Mapping[str, str]) -> None:
+        self._base_env = dict(base_env)
+        self._reapers: set[asyncio.Task[None]] = set()
+
+    async def open(self, url: str, *, command: str | None, caller_env: Mapping[str, str]) -> bool:
+        env = dict(self._base_env)
+        env.update({k: v for k, v in caller_env.items() if k in FORWARDED_ENV})
+        for argv in candidate_commands(url, command, caller_env):
+            if shutil.which(argv[0], path=env.get("PATH")) is None:
+                log.debug("browser command %s not found", argv[0])
+                continue
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
+            except OSError as exc:
+                log.warning("could not start browser command %s: %s", argv[0], exc.strerror)
+                continue
+            log.info("opened the login page with %s (pid %d)", os.path.basename(argv[0]), proc.pid)
+            task = asyncio.create_task(self._reap(proc, argv[0]))
+            self._reapers.add(task)
+            task.add_done_callback(self._reapers.discard)
+            return True
+        return False
+
+    @staticmethod
+    async def _reap(proc: asyncio.subprocess.Process, name: str) -> None:
+        code = await proc.wait()
+        if code:
+            log.warning("browser command %s exited with status %d", os.path.basename(name), code)
+
+    async def close(self) -> None:
+        for task in list(self._reapers):
+            task.cancel()
+        for task in list(self._reapers):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,243 @@
+"""``brokerd``: the daemon (``serve``) and the commands that talk to it.  The only module that exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from brokerd import __version__, paths
+from brokerd.errors import BrokerError
+
+log = logging.getLogger("brokerd")
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+MAX_LOG_BYTES = 1 << 20
+
+
+def _setup_logging(verbose: int, log_file: Path | None) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler
+    if log_file is not None:
+        paths.ensure_private_dir(log_file.parent)
+        if log_file.exists() and log_file.stat().st_size > MAX_LOG_BYTES:
+            log_file.replace(log_file.with_suffix(".log.1"))
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        handler.setFormatter(logging.Formatter("%(asctime)s " + LOG_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiohttp's access log would print request lines of the loopback listener, query strings (codes) included.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _run_loop(main: Callable[[], Any]) -> Any:
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the daemon usable without it
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from brokerd.daemon import AlreadyRunning, Daemon, DaemonConfig
+
+    environ = os.environ
+    state = paths.state_dir(environ)
+    _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
+    config = DaemonConfig(socket_path=paths.socket_path(environ), state_dir=state)
+    try:
+        _run_loop(Daemon(config).run)
+    except AlreadyRunning as exc:
+        if args.autostarted:
+            return 0  # lost the start race to another shim's daemon: that one serves
+        print(f"brokerd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ask_daemon(argv: list[str]) -> Any:
+    """Send a command to the running daemon (no autostart) and decode its JSON answer."""
+    from client_shim import shim
+
+    env = dict(os.environb)
+    env[b"BROKERD_NO_AUTOSTART"] = b"1"
+    env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
+    out: list[bytes] = []
+    try:
+        sock = shim.connect(env)
+    except SystemExit as exc:
+        raise SystemExit(int(exc.code or 3)) from None
+    try:
+        code = shim.converse(sock, shim.build_request(argv, env, "brokerd"), out)
+    finally:
+        sock.close()
+    if code:
+        raise SystemExit(code)
+    return json.loads(out[0])
+
+
+def _when(epoch: float | None, now: float) -> str:
+    if epoch is None:
+        return "-"
+    delta = int(epoch - now)
+    rel = f"in {_span(delta)}" if delta >= 0 else f"{_span(-delta)} ago"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(epoch))} ({rel})"
+
+
+def _span(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = _ask_daemon(["status"])
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    sessions = doc.get("sessions", [])
+    if not sessions:
+        print("no sessions")
+        return 0
+    now = time.time()
+    for s in sessions:
+        name = f" ({s['session_name']})" if s.get("session_name") else ""
+        print(f"session {s['session']}{name}")
+        print(f"  issuer:        {s['issuer']}")
+        print(f"  client id:     {s['client_id']}")
+        print(f"  user:          {s.get('username') or '-'}" + (f"  <{s['email']}>" if s.get("email") else ""))
+        print(f"  groups:        {', '.join(s.get('groups') or []) or '-'}")
+        print(f"  expires:       {_when(s.get('expires_at'), now)}")
+        print(f"  refresh token: {'yes' if s.get('refresh_token') else 'no'}")
+        print(f"  next refresh:  {_when(s.get('next_refresh_at'), now)}")
+        if s.get("login_pending"):
+            print("  login:         pending in the browser")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    if not (args.all or args.issuer or args.client_id):
+        print("brokerd: say which sessions to end: --all, --issuer URL and/or --client-id ID", file=sys.stderr)
+        return 2
+    argv = ["logout"]
+    if args.issuer:
+        argv += ["--issuer", args.issuer]
+    if args.client_id:
+        argv += ["--client-id", args.client_id]
+    doc = _ask_daemon(argv)
+    ended = doc.get("logged_out", [])
+    if not ended:
+        print("no matching sessions")
+    for s in ended:
+        print(f"logged out of {s['issuer']} (client {s['client_id']}, session {s['session']}): {s['result']}")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Forget every session: through the daemon when it runs (it also revokes), else straight in the store."""
+    try:
+        doc = _ask_daemon(["logout"])
+    except SystemExit:
+        from brokerd.store import SessionStore
+
+        SessionStore(paths.state_dir(os.environ)).clear()
+        print("removed all stored sessions (the daemon is not running)")
+        return 0
+    print(f"logged out of {len(doc.get('logged_out', []))} session(s)")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"brokerd {__version__}")
+    return 0
+
+
+def cmd_install_systemd(args: argparse.Namespace) -> int:
+    from brokerd import install
+
+    unit_dir = Path(args.unit_dir) if args.unit_dir else install.default_unit_dir()
+    if args.uninstall:
+        removed = install.uninstall_units(unit_dir)
+        for path in removed:
+            print(f"removed {path}")
+        print("then run: systemctl --user daemon-reload")
+        return 0
+    written = install.install_units(unit_dir, install.default_exec_start())
+    for path in written:
+        print(f"wrote {path}")
+    print(f"enable with: {install.ENABLE_COMMAND}")
+    return 0
+
+
+def _passthrough(argv: list[str]) -> int:
+    """``brokerd get-token|setup ...``: the same request the shim sends, from the full CLI."""
+    from client_shim import shim
+
+    env = dict(os.environb)
+    env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
+    try:
+        sock = shim.connect(env)
+    except SystemExit as exc:
+        return int(exc.code or 3)
+    try:
+        return shim.converse(sock, shim.build_request(argv, env, "brokerd"))
+    finally:
+        sock.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brokerd", description="Local OIDC token broker for kubectl.")
+    parser.add_argument("--version", action="version", version=f"brokerd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the daemon in the foreground, logging to stderr")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("status", help="show the sessions the daemon holds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("logout", help="end sessions and revoke their refresh tokens")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--issuer")
+    p.add_argument("--client-id")
+    p.set_defaults(fn=cmd_logout)
+    p = sub.add_parser("clean", help="forget all sessions (works without the daemon)")
+    p.set_defaults(fn=cmd_clean)
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(fn=cmd_version)
+    p = sub.add_parser("install-systemd", help="install the systemd user units")
+    p.add_argument("--uninstall", action="store_true")
+    p.add_argument("--unit-dir")
+    p.set_defaults(fn=cmd_install_systemd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] in (["get-token"], ["setup"]):
+        return _passthrough(args_list)
+    args = build_parser().parse_args(args_list)
+    try:
+        return int(args.fn(args))
+    except BrokerError as exc:
+        print(f"brokerd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

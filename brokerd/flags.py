@@ -1,0 +1,224 @@
+"""kubelogin's ``get-token`` flags, parsed into ProviderSettings and LoginOptions.
+
+pflag rules apply: ``--flag=value`` or ``--flag value``; booleans take ``--flag`` or ``--flag=true|false``;
+slice flags repeat and also split on commas.  Every error is a one-line UsageError naming the flag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from brokerd.errors import UsageError
+from brokerd.models import DEFAULT_LISTEN, LoginOptions, ProviderSettings, TLSOptions
+
+Kind = Literal["str", "bool", "int", "list", "kv", "array"]
+
+FLAGS: dict[str, Kind] = {
+    "oidc-issuer-url": "str",
+    "oidc-client-id": "str",
+    "oidc-client-secret": "str",
+    "oidc-extra-scope": "list",
+    "oidc-use-access-token": "bool",
+    "oidc-redirect-url": "str",
+    "oidc-auth-request-extra-params": "kv",
+    "oidc-pkce-method": "str",
+    "oidc-request-header": "kv",
+    "grant-type": "str",
+    "username": "str",
+    "password": "str",
+    "session-name": "str",
+    "profile": "str",
+    "listen-address": "list",
+    "listen-port": "list",
+    "skip-open-browser": "bool",
+    "browser-command": "str",
+    "authentication-timeout-sec": "int",
+    "open-url-after-authentication": "str",
+    "local-server-cert": "str",
+    "local-server-key": "str",
+    "token-cache-dir": "str",
+    "token-cache-storage": "str",
+    "force-refresh": "bool",
+    "certificate-authority": "array",
+    "certificate-authority-data": "array",
+    "insecure-skip-tls-verify": "bool",
+    "v": "int",
+}
+ALIASES = {"-v": "v"}
+GRANT_TYPES = ("auto", "authcode", "authcode-keyboard", "password", "device-code", "client-credentials")
+PKCE_METHODS = ("auto", "no", "S256")
+CACHE_STORAGES = ("disk", "keyring", "none")
+
+Value = str | bool | int | list[str] | list[tuple[str, str]]
+
+
+@dataclass
+class ParsedFlags:
+    values: dict[str, Value] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def str_(self, name: str) -> str | None:
+        v = self.values.get(name)
+        return v if isinstance(v, str) else None
+
+    def bool_(self, name: str) -> bool:
+        return self.values.get(name) is True
+
+    def list_(self, name: str) -> list[str]:
+        v = self.values.get(name)
+        return [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+
+    def kv(self, name: str) -> list[tuple[str, str]]:
+        v = self.values.get(name)
+        return [x for x in v if isinstance(x, tuple)] if isinstance(v, list) else []
+
+
+def _bool(flag: str, text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "t", "yes"):
+        return True
+    if low in ("false", "0", "f", "no"):
+        return False
+    raise UsageError(f"--{flag}: expected true or false, got {text!r}")
+
+
+def _split_kv(flag: str, text: str) -> list[tuple[str, str]]:
+    # A JSON value (the `claims` parameter) keeps its commas; otherwise pflag's k=v,k2=v2 form applies.
+    pieces = [text] if "={" in text or "=[" in text else text.split(",")
+    out = []
+    for piece in pieces:
+        k, sep, v = piece.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--{flag}: expected KEY=VALUE, got {piece!r}")
+        out.append((k.strip(), v))
+    return out
+
+
+def parse_flags(args: Sequence[str]) -> ParsedFlags:
+    parsed = ParsedFlags()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in ALIASES:
+            name, value = ALIASES[arg], None
+        elif arg.startswith("-v") and arg[2:].isdigit():
+            name, value = "v", arg[2:]
+        elif arg.startswith("--"):
+            name, sep, rest = arg[2:].partition("=")
+            value = rest if sep else None
+        else:
+            raise UsageError(f"unexpected argument {arg!r} (flags start with --)")
+        kind = FLAGS.get(name)
+        if kind is None:
+            raise UsageError(f"unknown flag --{name} (see `kubectl oidc-login get-token --help`)")
+        if kind == "bool":
+            parsed.values[name] = True if value is None else _bool(name, value)
+            continue
+        if value is None:
+            if i >= len(args):
+                raise UsageError(f"flag --{name} needs a value")
+            value = args[i]
+            i += 1
+        if kind == "str":
+            parsed.values[name] = value
+        elif kind == "int":
+            try:
+                parsed.values[name] = int(value)
+            except ValueError:
+                raise UsageError(f"--{name}: expected a whole number, got {value!r}") from None
+        elif kind == "list":
+            old = parsed.values.setdefault(name, [])
+            assert isinstance(old, list)
+            old.extend(v for v in value.split(",") if v)  # type: ignore[misc]
+        elif kind == "array":
+            old = parsed.values.setdefault(name, [])
+            assert isinstance(old, list)
+            old.append(value)  # type: ignore[arg-type]
+        else:
+            old = parsed.values.setdefault(name, [])
+            assert isinstance(old, list)
+            old.extend(_split_kv(name, value))  # type: ignore[arg-type]
+    return parsed
+
+
+def _listen_addresses(flags: ParsedFlags) -> tuple[str, ...]:
+    addresses = flags.list_("listen-address")
+    for port in flags.list_("listen-port"):  # kubelogin's deprecated form
+        if not port.isdigit():
+            raise UsageError(f"--listen-port: expected a port number, got {port!r}")
+        addresses.append(f"127.0.0.1:{port}")
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise UsageError(f"--listen-address: expected HOST:PORT, got {address!r}")
+    return tuple(addresses) or DEFAULT_LISTEN
+
+
+def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
+    issuer = flags.str_("oidc-issuer-url")
+    client_id = flags.str_("oidc-client-id")
+    if not issuer:
+        raise UsageError("--oidc-issuer-url is required")
+    if not issuer.startswith(("https://", "http://")):
+        raise UsageError(f"--oidc-issuer-url must be an http(s) URL, got {issuer!r}")
+    if not client_id:
+        raise UsageError("--oidc-client-id is required")
+    grant = flags.str_("grant-type") or "auto"
+    if grant not in GRANT_TYPES:
+        raise UsageError(f"--grant-type must be one of {', '.join(GRANT_TYPES)}; got {grant!r}")
+    pkce = flags.str_("oidc-pkce-method") or "auto"
+    if pkce not in PKCE_METHODS:
+        raise UsageError(f"--oidc-pkce-method must be one of {', '.join(PKCE_METHODS)}; got {pkce!r}")
+    storage = flags.str_("token-cache-storage")
+    if storage is not None and storage not in CACHE_STORAGES:
+        raise UsageError(f"--token-cache-storage must be one of {', '.join(CACHE_STORAGES)}; got {storage!r}")
+    timeout = flags.values.get("authentication-timeout-sec", 180)
+    assert isinstance(timeout, int)
+    if timeout <= 0:
+        raise UsageError("--authentication-timeout-sec must be positive")
+    cert, key = flags.str_("local-server-cert"), flags.str_("local-server-key")
+    if (cert is None) != (key is None):
+        raise UsageError("--local-server-cert and --local-server-key go together")
+    redirect = flags.str_("oidc-redirect-url")
+    if redirect is not None and not redirect.startswith(("http://", "https://")):
+        raise UsageError(f"--oidc-redirect-url must be an http(s) URL, got {redirect!r}")
+    settings = ProviderSettings(
+        issuer=issuer,
+        client_id=client_id,
+        client_secret=flags.str_("oidc-client-secret"),
+        scopes=tuple(flags.list_("oidc-extra-scope")),
+        extra_params=tuple(flags.kv("oidc-auth-request-extra-params")),
+        use_access_token=flags.bool_("oidc-use-access-token"),
+        redirect_url=redirect,
+        username=flags.str_("session-name") or flags.str_("username"),
+    )
+    verbosity = flags.values.get("v", 0)
+    assert isinstance(verbosity, int)
+    options = LoginOptions(
+        grant_type=grant,
+        listen_addresses=_listen_addresses(flags),
+        browser_command=flags.str_("browser-command"),
+        skip_open_browser=flags.bool_("skip-open-browser"),
+        authentication_timeout=float(timeout),
+        pkce_method=pkce,
+        open_url_after_authentication=flags.str_("open-url-after-authentication"),
+        request_headers=tuple(flags.kv("oidc-request-header")),
+        password=flags.str_("password"),
+        force_refresh=flags.bool_("force-refresh"),
+        local_server_cert=cert,
+        local_server_key=key,
+        tls=TLSOptions(
+            ca_files=tuple(flags.list_("certificate-authority")),
+            ca_data=tuple(flags.list_("certificate-authority-data")),
+            insecure_skip_verify=flags.bool_("insecure-skip-tls-verify"),
+        ),
+        verbosity=verbosity,
+    )
+    if flags.str_("token-cache-dir") is not None or storage is not None:
+        flags.notes.append(
+            "note: --token-cache-dir/--token-cache-storage are ignored; brokerd keeps sessions in its encrypted store"
+        )
+    return settings, options

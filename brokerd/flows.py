@@ -1,0 +1,118 @@
+"""How a new token is obtained when the session has none that can be refreshed: the grant types.
+
+The authorization code flow is the default: a loopback listener lease, an authorization request with PKCE, the
+browser opened in the caller's session, the redirect routed back by ``state``, the code exchanged.  Messages for the
+person go through ``announce``, which reaches every caller waiting on this login, not just the one that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from brokerd.browser import BrowserOpener
+from brokerd.callback import CallbackServer
+from brokerd.errors import LoginError, LoginTimeout, UsageError
+from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
+from brokerd.oidc import OIDCClient
+
+log = logging.getLogger("brokerd.flows")
+
+Announce = Callable[[str], None]
+
+
+def _callback_ssl(options: LoginOptions) -> ssl.SSLContext | None:
+    if not options.local_server_cert or not options.local_server_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(options.local_server_cert, options.local_server_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load --local-server-cert/--local-server-key: {exc}") from exc
+    return context
+
+
+class LoginFlows:
+    def __init__(self, callbacks: CallbackServer, browser: BrowserOpener) -> None:
+        self._callbacks = callbacks
+        self._browser = browser
+
+    async def login(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
+                    announce: Announce) -> TokenSet:
+        grant = options.grant_type
+        if grant in ("auto", "authcode"):
+            if options.password is not None and grant == "auto":
+                return await self._password(oidc, settings, options, caller)
+            return await self._authcode(oidc, settings, options, caller, announce)
+        if grant == "authcode-keyboard":
+            return await self._authcode_keyboard(oidc, settings, options, caller, announce)
+        if grant == "password":
+            return await self._password(oidc, settings, options, caller)
+        if grant == "device-code":
+            return await self._device(oidc, settings, options, caller, announce)
+        if grant == "client-credentials":
+            return await oidc.client_credentials(settings)
+        raise UsageError(f"unknown grant type {grant!r}")
+
+    async def _authcode(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
+                        announce: Announce) -> TokenSet:
+        lease = await self._callbacks.acquire(options.listen_addresses, _callback_ssl(options))
+        try:
+            redirect_uri = settings.redirect_url or lease.default_redirect_uri
+            auth = await oidc.authorization_request(
+                settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
+            waiter = lease.expect(auth.state, path=urlsplit(redirect_uri).path or "/",
+                                  open_url_after=options.open_url_after_authentication)
+            announce(f"Open this URL to log in: {auth.url}")
+            if not options.skip_open_browser:
+                opened = await self._browser.open(auth.url, command=options.browser_command, caller_env=caller.env)
+                if not opened:
+                    announce("brokerd could not open a browser (set BROWSER or --browser-command); "
+                             "open the URL above yourself")
+            try:
+                result = await asyncio.wait_for(waiter, options.authentication_timeout)
+            except TimeoutError:
+                raise LoginTimeout(
+                    f"no login was completed in the browser within {options.authentication_timeout:.0f} s") from None
+            return await oidc.exchange_code(settings, auth, result.code, iss=result.iss)
+        finally:
+            await lease.release()
+
+    async def _authcode_keyboard(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions,
+                                 caller: Caller, announce: Announce) -> TokenSet:
+        redirect_uri = settings.redirect_url or "urn:ietf:wg:oauth:2.0:oob"
+        auth = await oidc.authorization_request(
+            settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
+        announce(f"Open this URL to log in: {auth.url}")
+        code = await asyncio.wait_for(caller.ask("Enter the authorization code: ", secret=False),
+                                      options.authentication_timeout)
+        code = code.strip()
+        if not code:
+            raise LoginError("no authorization code was entered")
+        return await oidc.exchange_code(settings, auth, code)
+
+    async def _password(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions,
+                        caller: Caller) -> TokenSet:
+        username = settings.username
+        if not username:
+            username = (await caller.ask("Username: ", secret=False)).strip()
+        password = options.password
+        if password is None:
+            password = await caller.ask("Password: ", secret=True)
+        return await oidc.password_grant(settings, username, password)
+
+    async def _device(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
+                      announce: Announce) -> TokenSet:
+        device = await oidc.start_device_authorization(settings, pkce=options.pkce_method != "no")
+        url = device.verification_uri_complete or device.verification_uri
+        announce(f"Open {device.verification_uri} and enter the code {device.user_code}")
+        if not options.skip_open_browser:
+            await self._browser.open(url, command=options.browser_command, caller_env=caller.env)
+        try:
+            return await asyncio.wait_for(oidc.poll_device_token(settings, device), options.authentication_timeout)
+        except TimeoutError:
+            raise LoginTimeout(
+                f"the device login was not completed within {options.authentication_timeout:.0f} s") from None

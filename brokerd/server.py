@@ -1,0 +1,213 @@
+"""The Unix-socket API (protocol in docs/architecture.md): peer check, request parsing, dispatch, error table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from brokerd import __version__, execcred
+from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
+from brokerd.flags import build_request, parse_flags
+from brokerd.sessions import SessionManager
+
+log = logging.getLogger("brokerd.server")
+
+MAGIC = b"brokerd1"
+FORWARDED_ENV = frozenset({"KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "BROKERD_PROFILE"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request: int = 64 * 1024
+    read_timeout: float = 10.0  # a client that sends nothing (or trickles) for this long is dropped
+    answer_timeout: float = 300.0  # a prompt the person does not answer
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    stdin_tty: bool
+    program: str
+
+
+def parse_request(data: bytes) -> Request:
+    fields = data.split(b"\0")
+    if not fields or fields[0] != MAGIC:
+        raise ProtocolError("not a brokerd request (protocol version mismatch? upgrade the shim and the daemon)")
+    argv: list[str] = []
+    env: dict[str, str] = {}
+    tty = False
+    program = ""
+    for raw in fields[1:]:
+        if not raw:
+            continue
+        try:
+            text = raw.decode("utf-8", "surrogateescape")
+        except UnicodeDecodeError as exc:  # pragma: no cover - surrogateescape decodes anything
+            raise ProtocolError("undecodable request field") from exc
+        tag, value = text[0], text[1:]
+        if tag == "A":
+            argv.append(value)
+        elif tag == "E":
+            name, sep, val = value.partition("=")
+            if sep and name in FORWARDED_ENV:
+                env[name] = val
+        elif tag == "T":
+            tty = value == "1"
+        elif tag == "N":
+            program = value
+        else:
+            raise ProtocolError(f"unknown request field tag {tag!r}")
+    return Request(tuple(argv), env, tty, program)
+
+
+def peer_uid(sock: socket.socket | None) -> int | None:
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ShimCaller:
+    """The Caller of sessions.py, speaking the socket protocol to one client."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: Mapping[str, str],
+                 interactive: bool, limits: Limits) -> None:
+        self.env = env
+        self.interactive = interactive
+        self._reader = reader
+        self._writer = writer
+        self._limits = limits
+
+    def tell(self, text: str) -> None:
+        if self._writer.is_closing():
+            return
+        for line in text.splitlines() or [""]:
+            self._writer.write(b"M" + line.encode("utf-8", "replace") + b"\n")
+
+    async def ask(self, prompt: str, *, secret: bool) -> str:
+        if not self.interactive:
+            raise UsageError(f"brokerd needs an answer to {prompt.strip()!r} but kubectl gave the plugin no terminal "
+                             "(set interactiveMode: IfAvailable and run kubectl in a terminal)")
+        self._writer.write((b"S" if secret else b"Q") + prompt.encode() + b"\n")
+        await self._writer.drain()
+        try:
+            raw = await asyncio.wait_for(self._reader.readuntil(b"\0"), self._limits.answer_timeout)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
+            raise UsageError("no answer was given on the terminal") from exc
+        if not raw.startswith(b"R"):
+            raise ProtocolError("unexpected answer from the client")
+        return raw[1:-1].decode("utf-8", "replace")
+
+
+Handler = Callable[[Request, ShimCaller], Awaitable[str]]
+
+
+class Server:
+    def __init__(self, sessions: SessionManager, limits: Limits = Limits()) -> None:
+        self._sessions = sessions
+        self._limits = limits
+        self._uid = os.getuid()
+        self._active = 0
+        self.handlers: dict[str, Handler] = {
+            "get-token": self._get_token,
+            "version": self._version,
+            "status": self._status,
+            "logout": self._logout,
+        }
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._active += 1
+        try:
+            await self._handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away; nothing to tell it
+        finally:
+            self._active -= 1
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = peer_uid(writer.get_extra_info("socket"))
+        if uid is not None and uid != self._uid:
+            log.warning("refused a connection from uid %d (only uid %d may use this daemon)", uid, self._uid)
+            self._write_error(writer, PeerRejected("brokerd serves only the user that runs it"))
+            return
+        if self._active > self._limits.max_connections:
+            self._write_error(writer, BrokerError("brokerd is overloaded; try again"))
+            return
+        try:
+            data = await asyncio.wait_for(reader.readuntil(b"\0\0"), self._limits.read_timeout)
+        except asyncio.LimitOverrunError:
+            self._write_error(writer, ProtocolError(f"request larger than {self._limits.max_request} bytes"))
+            return
+        except TimeoutError:
+            self._write_error(writer, ProtocolError("incomplete request"))
+            return
+        try:
+            request = parse_request(data[:-2])
+            command = request.argv[0] if request.argv else ""
+            handler = self.handlers.get(command)
+            if handler is None:
+                raise UsageError(f"unknown command {command!r} (commands: {', '.join(sorted(self.handlers))})"
+                                 if command else "no command given (try get-token)")
+            info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
+            caller = ShimCaller(reader, writer, request.env, info.interactive, self._limits)
+            result = await handler(request, caller)
+        except BrokerError as exc:
+            self._write_error(writer, exc)
+        except Exception:
+            log.exception("internal error while serving a request")
+            self._write_error(writer, BrokerError("internal error in brokerd (details in its log)"))
+        else:
+            writer.write(b"O" + result.encode() + b"\n")
+        await writer.drain()
+
+    @staticmethod
+    def _write_error(writer: asyncio.StreamWriter, exc: BrokerError) -> None:
+        text = str(exc).replace("\n", " ")
+        writer.write(f"X{exc.exit_code} brokerd: {text}\n".encode())
+
+    async def _get_token(self, request: Request, caller: ShimCaller) -> str:
+        flags = parse_flags(request.argv[1:])
+        settings, options = build_request(flags)
+        for note in flags.notes:
+            caller.tell(note)
+        info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
+        tokens = await self._sessions.get_token(settings, options, caller)
+        token = tokens.token_for(settings.use_access_token)
+        return execcred.render(info.api_version, token, self._sessions.serve_expiry(tokens, settings.use_access_token))
+
+    async def _version(self, request: Request, caller: ShimCaller) -> str:
+        return json.dumps({"brokerd": __version__})
+
+    async def _status(self, request: Request, caller: ShimCaller) -> str:
+        return json.dumps({"sessions": self._sessions.status()})
+
+    async def _logout(self, request: Request, caller: ShimCaller) -> str:
+        filters: dict[str, Any] = {}
+        args = list(request.argv[1:])
+        while args:
+            flag = args.pop(0)
+            name, sep, value = flag.partition("=")
+            if name not in ("--issuer", "--client-id"):
+                raise UsageError(f"logout: unknown flag {name}")
+            if not sep:
+                if not args:
+                    raise UsageError(f"logout: {name} needs a value")
+                value = args.pop(0)
+            filters[name[2:].replace("-", "_")] = value
+        return json.dumps({"logged_out": await self._sessions.logout(**filters)})

@@ -1,0 +1,1 @@
+"""The kubectl exec-credential shim for brokerd.  Stdlib only; imports nothing from brokerd."""

@@ -1,0 +1,216 @@
+"""kubectl's exec credential plugin: ask the brokerd daemon for a token and print the ExecCredential.
+
+This runs on every kubectl call, so it imports almost nothing: ``posix`` and ``_socket`` are built in and already
+loaded, ``os``/``json``/``subprocess`` are not (each costs milliseconds).  Run it as
+``/abs/python3 -I -S /abs/path/shim.py get-token ...`` for the fastest start.  The daemon does all the work,
+including parsing the flags and building the ExecCredential; the shim relays bytes.  stdout carries only the
+ExecCredential; everything for the person goes to stderr.  Protocol: docs/architecture.md.
+"""
+
+import _socket
+import posix
+import sys
+
+FORWARDED = (b"KUBERNETES_EXEC_INFO", b"BROWSER", b"DISPLAY", b"WAYLAND_DISPLAY", b"BROKERD_PROFILE")
+CONNECT_WAIT = 10.0  # seconds to wait for an autostarted daemon's socket
+REPLY_TIMEOUT = 3600.0  # the daemon bounds every login itself; this only guards against a wedged daemon
+
+
+def _err(text: str) -> None:
+    data = (text + "\n").encode("utf-8", "replace")
+    while data:
+        data = data[posix.write(2, data):]
+
+
+def socket_path(env: "dict[bytes, bytes]") -> bytes:
+    """Mirror of brokerd.paths.socket_path for the common cases (tests/test_paths.py checks they agree)."""
+    explicit = env.get(b"BROKERD_SOCKET")
+    if explicit:
+        return explicit
+    runtime = env.get(b"XDG_RUNTIME_DIR")
+    if runtime and runtime.startswith(b"/"):
+        return runtime + b"/brokerd/brokerd.sock"
+    uid = posix.geteuid()
+    base = b"/run/user/%d" % uid
+    try:
+        posix.stat(base)
+    except OSError:
+        tmp = b"/tmp"
+        for name in (b"TMPDIR", b"TEMP", b"TMP"):
+            value = env.get(name)
+            if value and value.startswith(b"/"):
+                tmp = value.rstrip(b"/") or b"/"
+                break
+        base = tmp + b"/runtime-%d" % uid
+    return base + b"/brokerd/brokerd.sock"
+
+
+def build_request(argv: "list[str]", env: "dict[bytes, bytes]", program: str) -> bytes:
+    fields = [b"brokerd1", b"N" + program.encode("utf-8", "surrogateescape")]
+    fields += [b"A" + a.encode("utf-8", "surrogateescape") for a in argv]
+    fields += [b"E" + name + b"=" + env[name] for name in FORWARDED if name in env]
+    fields.append(b"T1" if posix.isatty(0) else b"T0")
+    return b"\0".join(fields) + b"\0\0"
+
+
+def _connect(path: bytes) -> "_socket.socket":
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
+    # Cold path: a daemon must be started.  Heavier imports are fine here.
+    import fcntl
+    import os
+    import time
+
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    # One starter at a time: shims that lose the race wait here, then find the winner's socket.
+    lock = os.open(directory + b"/autostart.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _connect(path)
+        except OSError:
+            pass
+        command = env.get(b"BROKERD_DAEMON_COMMAND")
+        argv = command.split() if command else [sys.executable.encode(), b"-m", b"brokerd", b"serve"]
+        argv.append(b"--autostarted")
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            # Own session, stdio on /dev/null: kubectl waits for our stdout to close, so the daemon must not hold it.
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+                (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, null, 2),
+            ], setsid=True)
+        finally:
+            os.close(null)
+        deadline = time.monotonic() + CONNECT_WAIT
+        while time.monotonic() < deadline:
+            try:
+                return _connect(path)
+            except OSError:
+                pass
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                raise SystemExit(_fail(3, "brokerd: the daemon exited at start (status "
+                                          f"{os.waitstatus_to_exitcode(status)}); run `brokerd serve` to see why"))
+            time.sleep(0.02)
+        raise SystemExit(_fail(3, f"brokerd: started the daemon but it did not answer within {CONNECT_WAIT:.0f} s"))
+    finally:
+        os.close(lock)
+
+
+def _fail(code: int, text: str) -> int:
+    _err(text)
+    return code
+
+
+def connect(env: "dict[bytes, bytes]") -> "_socket.socket":
+    path = socket_path(env)
+    try:
+        return _connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if env.get(b"BROKERD_NO_AUTOSTART", b"") not in (b"", b"0"):
+            where = path.decode("utf-8", "replace")
+            raise SystemExit(_fail(3, f"brokerd: no daemon is listening on {where} (start it with `brokerd serve`, "
+                                      "or unset BROKERD_NO_AUTOSTART)")) from None
+        return _autostart(path, env)
+    except OSError as exc:
+        where = path.decode("utf-8", "replace")
+        raise SystemExit(_fail(3, f"brokerd: cannot connect to {where}: {exc.strerror or exc}")) from None
+
+
+def _ask(sock: "_socket.socket", prompt: str, secret: bool) -> None:
+    try:
+        tty = open("/dev/tty", "r+b", buffering=0)  # noqa: SIM115 - closed below
+    except OSError:
+        sock.sendall(b"R\0")
+        return
+    with tty:
+        tty.write(prompt.encode())
+        if secret:
+            import termios
+
+            fd = tty.fileno()
+            old = termios.tcgetattr(fd)
+            new = termios.tcgetattr(fd)
+            new[3] &= ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+            try:
+                line = tty.readline()
+            finally:
+                termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+                tty.write(b"\n")
+        else:
+            line = tty.readline()
+    sock.sendall(b"R" + line.rstrip(b"\r\n").replace(b"\0", b"") + b"\0")
+
+
+def converse(sock: "_socket.socket", request: bytes, out: "list[bytes] | None" = None) -> int:
+    """Send the request, relay messages, print the result.  With ``out``, the result is appended there instead."""
+    sock.settimeout(REPLY_TIMEOUT)
+    sock.sendall(request)
+    buf = b""
+    while True:
+        nl = buf.find(b"\n")
+        if nl < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return _fail(3, "brokerd: the daemon closed the connection without an answer (see its log)")
+            buf += chunk
+            continue
+        line, buf = buf[:nl], buf[nl + 1:]
+        kind, body = line[:1], line[1:]
+        if kind == b"O":
+            if out is not None:
+                out.append(body)
+            else:
+                data = body + b"\n"
+                while data:
+                    data = data[posix.write(1, data):]
+            return 0
+        if kind == b"M":
+            _err(body.decode("utf-8", "replace"))
+        elif kind == b"X":
+            code, _, text = body.partition(b" ")
+            _err(text.decode("utf-8", "replace"))
+            return int(code) if code.isdigit() and int(code) > 0 else 1
+        elif kind in (b"Q", b"S"):
+            _ask(sock, body.decode("utf-8", "replace"), kind == b"S")
+        else:
+            return _fail(3, "brokerd: unexpected reply from the daemon (are the shim and daemon the same version?)")
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    program = sys.argv[0].rpartition("/")[2] if sys.argv and sys.argv[0] else "brokerd-shim"
+    if args[:1] in (["clean"], ["setup"], ["install-systemd"]):
+        # Not on kubectl's hot path: these run in the full CLI (clean must work without a daemon).
+        import os
+
+        os.execv(sys.executable, [sys.executable, "-m", "brokerd", *args])
+    env = posix.environ
+    try:
+        sock = connect(env)
+        try:
+            return converse(sock, build_request(args, env, program))
+        finally:
+            sock.close()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except TimeoutError:
+        return _fail(3, "brokerd: the daemon did not answer in time")
+    except OSError as exc:
+        return _fail(3, f"brokerd: lost the connection to the daemon: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
