@@ -1,0 +1,390 @@
+"""The OIDC protocol adapter: discovery, JWKS, PKCE/state/nonce, the grants, ID token verification, revocation.
+
+HTTP goes through an injected ``aiohttp.ClientSession`` (TLS, proxies and CA bundles are the caller's choice);
+time goes through a ``Clock``.  Authlib supplies the protocol helpers (PKCE challenge, random tokens); joserfc
+verifies JWTs (``idtoken.py``).  Every aiohttp/joserfc error is converted here into the ``brokerd.errors`` tree.
+Secrets (tokens, codes, verifiers, client secrets) never appear in exception messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+from authlib.common.security import generate_token
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from joserfc.jwk import KeySet
+
+from . import idtoken
+from .clock import Clock
+from .errors import (
+    DiscoveryError,
+    InvalidGrant,
+    LoginDenied,
+    LoginTimeout,
+    ProviderError,
+    TokenEndpointError,
+    TokenValidationError,
+    UsageError,
+)
+from .models import STATUS_CLAIMS, ProviderSettings, TokenSet
+from .oidc_wire import ProviderMetadata, origin, parse_token_response, safe_text
+
+__all__ = ["AuthRequest", "DeviceAuthorization", "OIDCClient", "ProviderMetadata"]
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# Authorization parameters that carry brokerd's own security state; extra params must not replace them.
+PROTECTED_PARAMS = frozenset({
+    "response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge",
+    "code_challenge_method",
+})
+GROUPS_CLAIMS_REQUEST = '{"id_token":{"groups":{"essential":true}}}'
+MAX_BODY = 1024 * 1024
+# When a token response has no expires_in and no ID token (client credentials), assume a short life.
+FALLBACK_LIFETIME = 300.0
+JWKS_REFETCH_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    url: str = field(repr=False)
+    state: str = field(repr=False)
+    nonce: str = field(repr=False)
+    code_verifier: str | None = field(repr=False)
+    redirect_uri: str
+
+
+@dataclass(frozen=True)
+class DeviceAuthorization:
+    device_code: str = field(repr=False)
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    interval: float
+    expires_at: float
+    code_verifier: str | None = field(default=None, repr=False)
+
+
+def _network_reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
+        return os.strerror(exc.os_error.errno).lower()  # "connection refused", not asyncio's wording
+    return safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
+
+
+class OIDCClient:
+    """One per daemon; caches discovery per issuer and JWKS per URI.  Safe to share between tasks."""
+
+    def __init__(self, http: aiohttp.ClientSession, clock: Clock, *, discovery_ttl: float = 3600,
+                 request_timeout: float = 30, jwks_refetch_interval: float = JWKS_REFETCH_INTERVAL) -> None:
+        self._http = http
+        self._clock = clock
+        self._discovery_ttl = discovery_ttl
+        self._timeout = request_timeout
+        self._jwks_refetch_interval = jwks_refetch_interval
+        self._metadata: dict[str, tuple[float, ProviderMetadata]] = {}
+        self._jwks: dict[str, tuple[float, KeySet]] = {}
+        self._jwks_refetched_at: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ---- HTTP -------------------------------------------------------------------------------------------------
+
+    async def _send(self, method: str, url: str, *, data: Mapping[str, str] | None = None,
+                    headers: Mapping[str, str] | None = None) -> tuple[int, str, bytes]:
+        hdrs = {"Accept": "application/json", **(headers or {})}
+        try:
+            async with self._http.request(
+                method, url, data=data, headers=hdrs, allow_redirects=method == "GET",
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            ) as resp:
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > MAX_BODY:
+                        raise ProviderError(f"{origin(url)} sent more than {MAX_BODY} bytes")
+                return resp.status, resp.headers.get("Content-Type", ""), bytes(body)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ProviderError(f"cannot reach {origin(url)}: {_network_reason(exc, self._timeout)}") from exc
+
+    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+        status, _, body = await self._send("GET", url)
+        if status != 200:
+            raise DiscoveryError(f"{what} at {origin(url)} answered HTTP {status}")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeError) as exc:
+            raise DiscoveryError(f"{what} at {origin(url)} is not JSON") from exc
+        if not isinstance(doc, dict):
+            raise DiscoveryError(f"{what} at {origin(url)} is not a JSON object")
+        return doc
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _client_auth(self, settings: ProviderSettings, meta: ProviderMetadata,
+                     form: dict[str, str]) -> dict[str, str]:
+        """client_secret_basic (RFC 6749 2.3.1: form-encode id and secret before base64); client_secret_post only
+        when the provider does not offer basic; a public client sends just its id."""
+        if not settings.client_secret:
+            form["client_id"] = settings.client_id
+            return {}
+        methods = meta.token_endpoint_auth_methods_supported
+        if "client_secret_basic" not in methods and "client_secret_post" in methods:
+            form["client_id"] = settings.client_id
+            form["client_secret"] = settings.client_secret
+            return {}
+        pair = f"{quote_plus(settings.client_id, safe='')}:{quote_plus(settings.client_secret, safe='')}"
+        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode("ascii")}
+
+    async def _post_form(self, settings: ProviderSettings, meta: ProviderMetadata, url: str,
+                         form: dict[str, str], what: str) -> dict[str, Any]:
+        headers = self._client_auth(settings, meta, form)
+        status, ctype, body = await self._send("POST", url, data=form, headers=headers)
+        return parse_token_response(status, ctype, body, f"{what} at {origin(url)}")
+
+    # ---- discovery and keys -----------------------------------------------------------------------------------
+
+    async def metadata(self, issuer: str) -> ProviderMetadata:
+        cached = self._metadata.get(issuer)
+        if cached and self._clock.now() - cached[0] < self._discovery_ttl:
+            return cached[1]
+        async with self._lock("discovery " + issuer):
+            cached = self._metadata.get(issuer)
+            if cached and self._clock.now() - cached[0] < self._discovery_ttl:
+                return cached[1]
+            doc = await self._get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", "discovery")
+            found = doc.get("issuer")
+            # OIDC Discovery 4.3: exact match, trailing slash included; the API server compares iss exactly too.
+            if found != issuer:
+                shown = safe_text(found, 200) if isinstance(found, str) else "nothing"
+                raise DiscoveryError(f"discovery for issuer {issuer!r} names issuer {shown!r}; they must match")
+            meta = ProviderMetadata.from_document(doc)
+            self._metadata[issuer] = (self._clock.now(), meta)
+            return meta
+
+    async def _key_set(self, uri: str, *, refetch: bool) -> KeySet | None:
+        """The cached JWKS; with ``refetch``, fetch again unless that happened within the rate limit (then None)."""
+        async with self._lock("jwks " + uri):
+            now = self._clock.now()
+            cached = self._jwks.get(uri)
+            if refetch:
+                last = self._jwks_refetched_at.get(uri)
+                if last is not None and now - last < self._jwks_refetch_interval:
+                    return None
+                self._jwks_refetched_at[uri] = now
+            elif cached and now - cached[0] < self._discovery_ttl:
+                return cached[1]
+            keys = idtoken.parse_key_set(await self._get_json(uri, "JWKS"))
+            self._jwks[uri] = (now, keys)
+            return keys
+
+    async def verify_id_token(self, settings: ProviderSettings, id_token: str, *,
+                              nonce: str | None) -> dict[str, Any]:
+        meta = await self.metadata(settings.issuer)
+        obj = idtoken.parse(id_token)
+        alg = idtoken.check_alg(obj, idtoken.allowed_algs(meta.id_token_signing_alg_values_supported))
+        key_set = await self._key_set(meta.jwks_uri, refetch=False)
+        assert key_set is not None  # for mypy: only refetch=True returns None
+        keys = idtoken.candidate_keys(key_set, obj, alg)
+        if not keys:
+            # The provider may have rotated its keys since we cached them: look once more, rate-limited so that
+            # a stream of junk tokens cannot make us hammer the JWKS endpoint.
+            fresh = await self._key_set(meta.jwks_uri, refetch=True)
+            keys = idtoken.candidate_keys(fresh, obj, alg) if fresh is not None else []
+            if not keys:
+                raise TokenValidationError("ID token is signed by a key the provider does not publish")
+        idtoken.verify_signature(obj, keys, alg)
+        claims = idtoken.payload_claims(obj)
+        idtoken.check_claims(claims, issuer=meta.issuer, client_id=settings.client_id, now=self._clock.now(),
+                             nonce=nonce)
+        return claims
+
+    # ---- building token sets ----------------------------------------------------------------------------------
+
+    async def _token_set(self, settings: ProviderSettings, doc: Mapping[str, Any], *, nonce: str | None,
+                         previous: TokenSet | None = None, id_token_optional: bool = False) -> TokenSet:
+        now = self._clock.now()
+        access = doc.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise ProviderError(f"token response from {origin(settings.issuer)} has no access_token")
+        expires_in = doc.get("expires_in")
+        access_exp = now + float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None
+        refresh = doc.get("refresh_token")
+        refresh_token = refresh if isinstance(refresh, str) and refresh else None
+        if refresh_token is None and previous is not None:
+            refresh_token = previous.refresh_token  # providers without rotation send none back
+        raw_id = doc.get("id_token")
+        if isinstance(raw_id, str) and raw_id:
+            claims = await self.verify_id_token(settings, raw_id, nonce=nonce)
+            if previous is not None and previous.claims:
+                for name in ("iss", "sub", "aud"):
+                    if name in previous.claims and claims.get(name) != previous.claims[name]:
+                        raise TokenValidationError(f"refreshed ID token has a different '{name}' than before")
+            kept = {k: claims[k] for k in STATUS_CLAIMS if k in claims}
+            return TokenSet(id_token=raw_id, expires_at=float(claims["exp"]), issued_at=now,
+                            refresh_token=refresh_token, access_token=access, access_expires_at=access_exp,
+                            claims=kept)
+        if previous is not None and previous.id_token:
+            if previous.expires_at <= now:
+                # kubelogin #536: some providers return no ID token on refresh; the old one is of no use now.
+                raise InvalidGrant(f"refresh at {origin(settings.issuer)} returned no ID token and the old one "
+                                   "has expired; log in again", error="no_id_token", status=200)
+            return TokenSet(id_token=previous.id_token, expires_at=previous.expires_at, issued_at=now,
+                            refresh_token=refresh_token, access_token=access, access_expires_at=access_exp,
+                            claims=previous.claims)
+        if not (id_token_optional or settings.use_access_token):
+            raise ProviderError(f"token response from {origin(settings.issuer)} has no id_token")
+        return TokenSet(id_token="", expires_at=access_exp or now + FALLBACK_LIFETIME, issued_at=now,
+                        refresh_token=refresh_token, access_token=access, access_expires_at=access_exp)
+
+    # ---- grants -----------------------------------------------------------------------------------------------
+
+    async def authorization_request(self, settings: ProviderSettings, redirect_uri: str, *,
+                                    pkce_method: str = "S256", extra_params: Mapping[str, str] | None = None,
+                                    login_hint: str | None = None) -> AuthRequest:
+        """The URL to open for an authorization-code login.  ``pkce_method`` is kubelogin's: "auto" and "S256"
+        send S256 (Authelia requires it), "no" sends none."""
+        if pkce_method.lower() not in ("auto", "s256", "no"):
+            raise UsageError(f"unknown PKCE method {pkce_method!r} (use auto, S256 or no)")
+        meta = await self.metadata(settings.issuer)
+        state, nonce = generate_token(43), generate_token(43)
+        verifier = generate_token(64) if pkce_method.lower() != "no" else None
+        extras = dict(settings.extra_params)
+        extras.update(extra_params or {})
+        clash = sorted(PROTECTED_PARAMS & extras.keys())
+        if clash:
+            raise UsageError(f"extra auth request params may not set {', '.join(clash)}")
+        params = {"response_type": "code", "client_id": settings.client_id, "redirect_uri": redirect_uri,
+                  "scope": " ".join(settings.scopes), "state": state, "nonce": nonce}
+        if verifier is not None:
+            params["code_challenge"] = create_s256_code_challenge(verifier)
+            params["code_challenge_method"] = "S256"
+        if login_hint:
+            params["login_hint"] = login_hint
+        # Authelia 4.39 puts groups in the ID token only when asked through the claims parameter.
+        if "groups" in settings.scopes and meta.claims_parameter_supported and "claims" not in extras:
+            params["claims"] = GROUPS_CLAIMS_REQUEST
+        params.update(extras)
+        parts = urlsplit(meta.authorization_endpoint)
+        query = urlencode([*parse_qsl(parts.query, keep_blank_values=True), *params.items()])
+        url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        return AuthRequest(url=url, state=state, nonce=nonce, code_verifier=verifier, redirect_uri=redirect_uri)
+
+    async def exchange_code(self, settings: ProviderSettings, auth: AuthRequest, code: str, *,
+                            iss: str | None = None) -> TokenSet:
+        """Redeem a code; ``iss`` is the callback's RFC 9207 ``iss`` parameter, checked when the provider sent it."""
+        meta = await self.metadata(settings.issuer)
+        if iss is not None and iss != meta.issuer:
+            raise TokenValidationError(f"callback came from issuer {safe_text(iss)!r}, expected {meta.issuer!r}")
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": auth.redirect_uri}
+        if auth.code_verifier is not None:
+            form["code_verifier"] = auth.code_verifier
+        doc = await self._post_form(settings, meta, meta.token_endpoint, form, "token endpoint")
+        return await self._token_set(settings, doc, nonce=auth.nonce)
+
+    async def refresh(self, settings: ProviderSettings, tokens: TokenSet) -> TokenSet:
+        """Use the refresh token once.  Raises ``InvalidGrant`` when the grant is dead, including the case where
+        the provider returns no new ID token and the old one has expired (``error == "no_id_token"``): both mean
+        "log in again".  The caller must persist the returned set before anything else uses the session, because
+        the old refresh token is now spent (rotation)."""
+        if not tokens.refresh_token:
+            raise InvalidGrant("no refresh token to use", error="no_refresh_token")
+        meta = await self.metadata(settings.issuer)
+        form = {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token}
+        doc = await self._post_form(settings, meta, meta.token_endpoint, form, "token endpoint")
+        return await self._token_set(settings, doc, nonce=None, previous=tokens)
+
+    async def revoke(self, settings: ProviderSettings, token: str, token_type_hint: str = "refresh_token") -> bool:
+        """RFC 7009.  False when the provider has no revocation endpoint; errors raise ``TokenEndpointError``."""
+        meta = await self.metadata(settings.issuer)
+        if meta.revocation_endpoint is None:
+            return False
+        form = {"token": token, "token_type_hint": token_type_hint}
+        headers = self._client_auth(settings, meta, form)
+        status, ctype, body = await self._send("POST", meta.revocation_endpoint, data=form, headers=headers)
+        if status == 200:
+            return True
+        parse_token_response(status, ctype, body, f"revocation endpoint at {origin(meta.revocation_endpoint)}")
+        raise TokenEndpointError(f"revocation endpoint answered HTTP {status}", status=status)
+
+    async def start_device_authorization(self, settings: ProviderSettings, *,
+                                         pkce: bool = True) -> DeviceAuthorization:
+        meta = await self.metadata(settings.issuer)
+        if meta.device_authorization_endpoint is None:
+            raise ProviderError(f"{meta.issuer} offers no device authorization endpoint")
+        verifier = generate_token(64) if pkce else None
+        form = {"client_id": settings.client_id, "scope": " ".join(settings.scopes)}
+        if verifier is not None:
+            form["code_challenge"] = create_s256_code_challenge(verifier)
+            form["code_challenge_method"] = "S256"
+        doc = await self._post_form(settings, meta, meta.device_authorization_endpoint, form,
+                                    "device authorization endpoint")
+        device_code, user_code = doc.get("device_code"), doc.get("user_code")
+        uri = doc.get("verification_uri") or doc.get("verification_url")  # Google spells it _url
+        complete, expires_in, interval = doc.get("verification_uri_complete"), doc.get("expires_in"), doc.get(
+            "interval", 5)
+        if not (isinstance(device_code, str) and isinstance(user_code, str) and isinstance(uri, str)
+                and isinstance(expires_in, int | float) and isinstance(interval, int | float)):
+            raise ProviderError(f"device authorization response from {origin(meta.issuer)} is incomplete")
+        return DeviceAuthorization(
+            device_code=device_code, user_code=user_code, verification_uri=uri,
+            verification_uri_complete=complete if isinstance(complete, str) else None,
+            interval=max(1.0, float(interval)), expires_at=self._clock.now() + float(expires_in),
+            code_verifier=verifier)
+
+    async def poll_device_token(self, settings: ProviderSettings, device: DeviceAuthorization) -> TokenSet:
+        """Poll until the person approves (RFC 8628 3.4-3.5), sleeping through the clock between polls."""
+        meta = await self.metadata(settings.issuer)
+        interval = device.interval
+        form = {"grant_type": DEVICE_GRANT, "device_code": device.device_code}
+        if device.code_verifier is not None:
+            form["code_verifier"] = device.code_verifier
+        # Bounded: interval only grows, so this many polls always reach expires_at.
+        for _ in range(math.ceil(max(0.0, device.expires_at - self._clock.now()) / interval) + 1):
+            await self._clock.sleep(interval)
+            if self._clock.now() >= device.expires_at:
+                break
+            try:
+                doc = await self._post_form(settings, meta, meta.token_endpoint, dict(form), "token endpoint")
+            except TokenEndpointError as exc:
+                if exc.error == "authorization_pending":
+                    continue
+                if exc.error == "slow_down":
+                    interval += 5
+                    continue
+                if exc.error == "expired_token":
+                    raise LoginTimeout("the device code expired before the login was approved") from exc
+                if exc.error == "access_denied":
+                    raise LoginDenied("the device login was denied") from exc
+                raise
+            return await self._token_set(settings, doc, nonce=None)
+        raise LoginTimeout("the device code expired before the login was approved")
+
+    async def password_grant(self, settings: ProviderSettings, username: str, password: str) -> TokenSet:
+        meta = await self.metadata(settings.issuer)
+        form = {"grant_type": "password", "username": username, "password": password,
+                "scope": " ".join(settings.scopes)}
+        doc = await self._post_form(settings, meta, meta.token_endpoint, form, "token endpoint")
+        return await self._token_set(settings, doc, nonce=None)
+
+    async def client_credentials(self, settings: ProviderSettings) -> TokenSet:
+        """The client's own token.  Providers usually issue no ID token here: then ``TokenSet.id_token`` is "",
+        ``expires_at`` is the access token's expiry (or now + 300 s when the provider gives none) and the caller
+        serves the access token.  "openid" and "offline_access" are not sent: they make no sense without a user
+        and providers such as Authelia refuse them for this grant."""
+        meta = await self.metadata(settings.issuer)
+        form = {"grant_type": "client_credentials"}
+        scopes = [s for s in settings.scopes if s not in ("openid", "offline_access")]
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        doc = await self._post_form(settings, meta, meta.token_endpoint, form, "token endpoint")
+        return await self._token_set(settings, doc, nonce=None, id_token_optional=True)

@@ -1,0 +1,113 @@
+"""Wire formats of the OIDC adapter: the discovery document and token endpoint answers, and the rules for
+quoting provider text in error messages (short, printable, nothing token-like, no URL paths).  Pure, no I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import DiscoveryError, InvalidGrant, TokenEndpointError
+
+# RFC 6749 5.2 plus RFC 8628 3.5: anything else is reported as non-standard.
+STANDARD_ERRORS = frozenset({
+    "invalid_request", "invalid_client", "invalid_grant", "unauthorized_client", "unsupported_grant_type",
+    "invalid_scope", "authorization_pending", "slow_down", "access_denied", "expired_token",
+    "unsupported_token_type", "server_error", "temporarily_unavailable",
+})
+_TOKENISH = re.compile(r"[A-Za-z0-9_\-.~+/=]{24,}")
+
+
+@dataclass(frozen=True)
+class ProviderMetadata:
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    revocation_endpoint: str | None
+    device_authorization_endpoint: str | None
+    userinfo_endpoint: str | None
+    code_challenge_methods_supported: tuple[str, ...]
+    id_token_signing_alg_values_supported: tuple[str, ...]
+    grant_types_supported: tuple[str, ...]
+    token_endpoint_auth_methods_supported: tuple[str, ...]
+    claims_parameter_supported: bool
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> ProviderMetadata:
+        def url(name: str, required: bool = True) -> str | None:
+            value = doc.get(name)
+            if isinstance(value, str) and value.startswith(("https://", "http://")):
+                return value
+            if required or value is not None:
+                raise DiscoveryError(f"discovery document has no valid '{name}'")
+            return None
+
+        def names(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            value = doc.get(name)
+            return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else default
+
+        return cls(
+            issuer=str(doc.get("issuer")), authorization_endpoint=str(url("authorization_endpoint")),
+            token_endpoint=str(url("token_endpoint")), jwks_uri=str(url("jwks_uri")),
+            revocation_endpoint=url("revocation_endpoint", False),
+            device_authorization_endpoint=url("device_authorization_endpoint", False),
+            userinfo_endpoint=url("userinfo_endpoint", False),
+            code_challenge_methods_supported=names("code_challenge_methods_supported", ()),
+            id_token_signing_alg_values_supported=names("id_token_signing_alg_values_supported", ("RS256",)),
+            grant_types_supported=names("grant_types_supported", ("authorization_code", "implicit")),
+            token_endpoint_auth_methods_supported=names("token_endpoint_auth_methods_supported",
+                                                        ("client_secret_basic",)),
+            claims_parameter_supported=doc.get("claims_parameter_supported") is True,
+            raw=dict(doc),
+        )
+
+
+def origin(url: str) -> str:
+    """scheme://host[:port] of a URL: what error messages may name (paths and queries may carry secrets)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def safe_text(text: str, limit: int = 200) -> str:
+    """A provider's text made fit for one log line: printable, short, and with anything token-like removed."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return _TOKENISH.sub("[...]", flat)[:limit]
+
+
+def parse_token_response(status: int, content_type: str, body: bytes, where: str) -> dict[str, Any]:
+    """An RFC 6749 5.1/5.2 response as a dict, or the matching ``TokenEndpointError``."""
+    doc: Any = None
+    if body.strip():
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeError):
+            doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        code = doc["error"]
+        raw_desc = doc.get("error_description")
+        desc = safe_text(raw_desc) if isinstance(raw_desc, str) else None
+        suffix = f" ({desc})" if desc else ""
+        if code == "invalid_grant":
+            raise InvalidGrant(f"{where} rejected the grant: invalid_grant{suffix}", error=code,
+                               description=desc, status=status)
+        if code in STANDARD_ERRORS:
+            raise TokenEndpointError(f"{where} answered {code}{suffix}", error=code, description=desc,
+                                     status=status)
+        shown = safe_text(code, 40)
+        raise TokenEndpointError(f"{where} answered HTTP {status} with a non-standard error '{shown}'{suffix}",
+                                 error=shown, description=desc, status=status)
+    if status == 200 and isinstance(doc, dict):
+        return doc
+    if not body.strip():
+        what = "an empty body"
+    elif doc is None:
+        what = f"a body that is not JSON ({safe_text(content_type, 40) or 'no content type'})"
+    else:
+        what = "JSON that is neither a result nor an error"
+    desc = safe_text(body.decode("utf-8", "replace")) or None
+    raise TokenEndpointError(f"{where} answered HTTP {status} with {what}", description=desc, status=status)
