@@ -54,12 +54,16 @@ def _run_loop(main: Callable[[], Any]) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from brokerd.config import load_config
     from brokerd.daemon import AlreadyRunning, Daemon, DaemonConfig
 
     environ = os.environ
     state = paths.state_dir(environ)
     _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
-    config = DaemonConfig(socket_path=paths.socket_path(environ), state_dir=state)
+    config_file = paths.config_file(environ)
+    settings = load_config(config_file)
+    config = DaemonConfig(socket_path=paths.socket_path(environ), state_dir=state, policy=settings.policy,
+                          config_file=config_file, profiles=settings.profiles)
     try:
         _run_loop(Daemon(config).run)
     except AlreadyRunning as exc:

@@ -23,6 +23,7 @@ from brokerd import systemd
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
+from brokerd.config import load_config
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
 from brokerd.models import LoginOptions
@@ -49,6 +50,8 @@ class DaemonConfig:
     limits: Limits = field(default_factory=Limits)
     shutdown_grace: float = 5.0
     persist: bool = True
+    config_file: Path | None = None
+    profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _lock_runtime_dir(path: Path) -> IO[bytes]:
@@ -138,12 +141,14 @@ class Daemon:
             sessions = SessionManager(oidc_for, LoginFlows(callbacks, browser), store, clock, config.policy)
             await sessions.start()
             stack.push_async_callback(sessions.close)
-            api = Server(sessions, config.limits)
+            api = Server(sessions, config.limits, config.profiles)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=config.limits.max_request)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
                 stack.callback(loop.remove_signal_handler, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._reload, api, sessions, notifier)
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             watchdog = systemd.watchdog_interval(unset_environment=True)
             if watchdog:
                 task = asyncio.create_task(systemd.watchdog_task(notifier, watchdog))
@@ -160,6 +165,21 @@ class Daemon:
             sessions.interrupt_logins()  # their callers are told now, instead of waiting for a browser
             await _wait_idle(api, config.shutdown_grace)
             # the exit stack now fails pending logins (their callers are told), persists, closes
+
+    def _reload(self, api: Server, sessions: SessionManager, notifier: systemd.Notifier) -> None:
+        """SIGHUP: read the config file again.  A broken file keeps the old config (and says why)."""
+        if self.config.config_file is None:
+            return
+        _notify(notifier.reloading)
+        try:
+            config = load_config(self.config.config_file)
+        except BrokerError as exc:
+            log.error("config not reloaded, keeping the old one: %s", exc)
+        else:
+            api.profiles = config.profiles
+            sessions.policy = config.policy
+            log.info("config reloaded from %s (%d profile(s))", self.config.config_file, len(config.profiles))
+        _notify(notifier.ready, f"serving {len(sessions)} session(s)")
 
     def _remove_socket(self) -> None:
         # Only a socket we bound ourselves: one that systemd passed in belongs to the socket unit.

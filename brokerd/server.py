@@ -114,9 +114,11 @@ Handler = Callable[[Request, ShimCaller], Awaitable[str]]
 
 
 class Server:
-    def __init__(self, sessions: SessionManager, limits: Limits = Limits()) -> None:
+    def __init__(self, sessions: SessionManager, limits: Limits | None = None,
+                 profiles: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self._sessions = sessions
-        self._limits = limits
+        self._limits = limits or Limits()
+        self.profiles: Mapping[str, tuple[str, ...]] = profiles or {}
         self._uid = os.getuid()
         self._active = 0
         self.handlers: dict[str, Handler] = {
@@ -182,7 +184,14 @@ class Server:
         writer.write(f"X{exc.exit_code} brokerd: {text}\n".encode())
 
     async def _get_token(self, request: Request, caller: ShimCaller) -> str:
-        flags = parse_flags(request.argv[1:])
+        args = request.argv[1:]
+        flags = parse_flags(args)
+        profile = flags.str_("profile") or request.env.get("BROKERD_PROFILE")
+        if profile:
+            if profile not in self.profiles:
+                known = ", ".join(sorted(self.profiles)) or "none configured"
+                raise UsageError(f"unknown profile {profile!r} (profiles: {known})")
+            flags = parse_flags([*self.profiles[profile], *args])  # the command line overrides the profile
         settings, options = build_request(flags)
         for note in flags.notes:
             caller.tell(note)

@@ -25,6 +25,7 @@ from brokerd.errors import (
     LoginInterrupted,
     LoginPending,
     ProviderError,
+    StoreError,
 )
 from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Session, SessionKey, TokenSet
@@ -97,7 +98,7 @@ class SessionManager:
         self._flows = flows
         self._store = store
         self._clock = clock
-        self._policy = policy
+        self.policy = policy
         self._entries: dict[SessionKey, _Entry] = {}
         self._save_lock = asyncio.Lock()
         self._closing = False
@@ -107,7 +108,11 @@ class SessionManager:
     async def start(self) -> None:
         if self._store is None:
             return
-        sessions = await asyncio.to_thread(self._store.load)
+        try:
+            sessions = await asyncio.to_thread(self._store.load)
+        except StoreError as exc:
+            log.error("sessions not loaded, starting empty: %s", exc)
+            return
         for key, session in sessions.items():
             entry = _Entry(settings=session.settings, tokens=session.tokens)
             self._entries[key] = entry
@@ -148,11 +153,11 @@ class SessionManager:
     def _servable(self, tokens: TokenSet | None, use_access_token: bool) -> bool:
         if tokens is None or not tokens.token_for(use_access_token):
             return False
-        return self._clock.now() < tokens.serve_expiry(use_access_token) - margin(self._policy, tokens)
+        return self._clock.now() < tokens.serve_expiry(use_access_token) - margin(self.policy, tokens)
 
     def serve_expiry(self, tokens: TokenSet, use_access_token: bool) -> float:
         """The expirationTimestamp to give kubectl: a little before the real exp (kube-apiserver allows no leeway)."""
-        return tokens.serve_expiry(use_access_token) - margin(self._policy, tokens)
+        return tokens.serve_expiry(use_access_token) - margin(self.policy, tokens)
 
     async def get_token(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
         key = settings.key
@@ -247,8 +252,8 @@ class SessionManager:
                      renewal: _Renewal) -> TokenSet:
         failed_at = entry.login_failed_at
         if (failed_at is not None and not caller.interactive and not options.force_refresh
-                and self._clock.now() - failed_at < self._policy.login_retry_interval):
-            wait = self._policy.login_retry_interval - (self._clock.now() - failed_at)
+                and self._clock.now() - failed_at < self.policy.login_retry_interval):
+            wait = self.policy.login_retry_interval - (self._clock.now() - failed_at)
             raise LoginPending(f"the last login attempt failed ({entry.login_failure}); not opening the browser "
                                f"again for {wait:.0f} s (run kubectl in a terminal to retry now)")
         renewal.logging_in = True
@@ -280,8 +285,8 @@ class SessionManager:
     async def _refresh_ahead(self, entry: _Entry) -> None:
         tokens = entry.tokens
         assert tokens is not None
-        await self._clock.sleep(refresh_due(self._policy, tokens) - self._clock.now())
-        delay = self._policy.retry_initial
+        await self._clock.sleep(refresh_due(self.policy, tokens) - self._clock.now())
+        delay = self.policy.retry_initial
         for attempt in range(1, 100):
             if entry.tokens is not tokens:
                 return  # renewed meanwhile; that renewal scheduled the next timer
@@ -303,7 +308,7 @@ class SessionManager:
                             "try again", entry.settings.key.short())
                 return
             await self._clock.sleep(min(delay, remaining))
-            delay = min(delay * 2, self._policy.retry_max)
+            delay = min(delay * 2, self.policy.retry_max)
 
     # -- persistence ----------------------------------------------------------------------------------------------
 
@@ -313,7 +318,11 @@ class SessionManager:
         snapshot = {key: Session(key, e.settings, e.tokens) for key, e in self._entries.items()
                     if e.tokens is not None}
         async with self._save_lock:
-            await asyncio.to_thread(self._store.save, snapshot)
+            try:
+                await asyncio.to_thread(self._store.save, snapshot)
+            except StoreError as exc:
+                # Keep serving from memory: losing persistence is bad, losing the running session is worse.
+                log.error("sessions not saved: %s", exc)
 
     # -- admin ----------------------------------------------------------------------------------------------------
 
@@ -323,7 +332,7 @@ class SessionManager:
         for key, entry in sorted(self._entries.items()):
             if entry.tokens is None and entry.renewal is None:
                 continue
-            out.append(describe(key, entry.settings, entry.tokens, now, self._policy,
+            out.append(describe(key, entry.settings, entry.tokens, now, self.policy,
                                 login_pending=entry.renewal is not None and entry.renewal.allow_login))
         return out
 

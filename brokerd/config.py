@@ -1,0 +1,82 @@
+"""The config file (TOML): daemon tuning and named profiles.  Parsed once by cli.py (and again on SIGHUP).
+
+    [daemon]
+    login_retry_interval = 30     # s; non-interactive callers wait this long after a failed login
+    refresh_ratio = 0.8           # refresh when this share of the ID token's life has passed
+    refresh_lead = 60             # ... and at the latest this many seconds before it expires
+    serve_margin = 10             # tell kubectl the token expires this much early
+
+    [profiles.work]               # `--profile work` on the shim, or BROKERD_PROFILE=work
+    oidc-issuer-url = "https://auth.example.com"
+    oidc-client-id = "kube_login"
+    oidc-client-secret = "..."    # keeps the secret out of kubeconfig files
+    oidc-extra-scope = ["groups", "offline_access"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from brokerd.errors import ConfigError
+from brokerd.flags import FLAGS
+from brokerd.sessions import Policy
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: Policy = field(default_factory=Policy)
+    profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _profile_args(name: str, table: object) -> tuple[str, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"profile {name!r} must be a table")
+    args: list[str] = []
+    for key, value in table.items():
+        kind = FLAGS.get(key)
+        if kind is None or key == "profile":
+            raise ConfigError(f"profile {name!r}: unknown setting {key!r} (use get-token flag names)")
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if isinstance(item, bool):
+                args.append(f"--{key}={'true' if item else 'false'}")
+            elif isinstance(item, (str, int)):
+                args.append(f"--{key}={item}")
+            else:
+                raise ConfigError(f"profile {name!r}: {key} must be a string, number, boolean or list of them")
+    return tuple(args)
+
+
+def load_config(path: Path) -> Config:
+    """Read the config file; a missing file is an empty config, a broken one a ConfigError naming the problem."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    unknown = set(doc) - {"daemon", "profiles"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    policy = Policy()
+    daemon = doc.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise ConfigError(f"{path}: [daemon] must be a table")
+    known = {f.name for f in fields(Policy)}
+    for key, value in daemon.items():
+        if key not in known:
+            raise ConfigError(f"{path}: [daemon] unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{path}: [daemon] {key} must be a non-negative number")
+        policy = replace(policy, **{key: float(value)})
+    profiles_doc = doc.get("profiles", {})
+    if not isinstance(profiles_doc, dict):
+        raise ConfigError(f"{path}: [profiles] must be a table of tables")
+    profiles = {name: _profile_args(name, table) for name, table in profiles_doc.items()}
+    return Config(policy=policy, profiles=profiles)
