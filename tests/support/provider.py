@@ -1,0 +1,220 @@
+"""Run the test OIDC provider (tests/provider/server.mjs) as a real process and drive its /__test/ API.
+
+Stdlib only (subprocess + urllib), so sync and async tests can use it alike; from async code wrap the
+blocking calls in ``asyncio.to_thread`` when the event loop must keep serving something meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider"
+SERVER = PROVIDER_DIR / "server.mjs"
+START_TIMEOUT = 20.0
+
+# Defaults of the provider's JSON config, repeated here so tests can refer to them by name.
+KUBE_LOGIN_CLIENT_ID = "kube_login"
+KUBE_LOGIN_CLIENT_SECRET = "insecure_secret"
+DEFAULT_OTP = "123456"
+USERS = {
+    "alice": {"password": "alice-password", "email": "alice@example.com", "groups": ["admins", "dev"]},
+    "bob": {"password": "bob-password", "email": "bob@example.com", "groups": ["dev"]},
+}
+
+
+class ProviderError(Exception):
+    """The test provider could not be started or did not answer as expected."""
+
+
+class TestProvider:
+    """A running provider process. ``issuer`` is ``http://127.0.0.1:PORT``."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(self, proc: subprocess.Popen[bytes], issuer: str, log_path: Path, config: dict[str, Any]):
+        self.proc = proc
+        self.issuer = issuer
+        self.log_path = log_path
+        self.config = config
+
+    @property
+    def port(self) -> int:
+        return int(self.issuer.rsplit(":", 1)[1])
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.issuer}/__test/{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            with exc:
+                detail = exc.read()[:200]
+            raise ProviderError(f"{method} /__test/{path}: HTTP {exc.code} {detail!r}") from exc
+
+    def counters(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "counters")
+        return result
+
+    def reset(self) -> None:
+        """Zero the counters (faults, keys and tokens stay)."""
+        self._call("POST", "reset", {})
+
+    def fault(
+        self,
+        target: str,
+        kind: str = "status",
+        *,
+        count: int | None = 1,
+        status: int | None = None,
+        seconds: float | None = None,
+        body: Any = None,
+    ) -> None:
+        """Break the next ``count`` requests (None: until cleared) to ``target``.
+
+        target: token, discovery, jwks, revocation, userinfo, device_authorization, auth.
+        kind: status (default 500), delay (``seconds``, then served normally), drop (connection closed),
+        empty_body (200, no body), nonstandard_error (400 {"error":"weird"}), html (200 text/html page).
+        """
+        spec: dict[str, Any] = {"target": target, "kind": kind, "count": count}
+        for key, value in (("status", status), ("seconds", seconds), ("body", body)):
+            if value is not None:
+                spec[key] = value
+        self._call("POST", "fault", spec)
+
+    def clear_faults(self) -> None:
+        self._call("POST", "faults/clear", {})
+
+    def rotate_keys(self, keep_old: bool = False) -> dict[str, Any]:
+        """New signing key (new kid); the old one stays in the JWKS only when keep_old.
+
+        Returns {"kid": new kid, "kids": every kid now in the JWKS}."""
+        result: dict[str, Any] = self._call("POST", "rotate_keys", {"keep_old": keep_old})
+        return result
+
+    def revoke_all(self, user: str) -> int:
+        """Admin action: drop every session, grant and token of the user. Returns how many records went."""
+        return int(self._call("POST", "revoke_all", {"user": user})["removed"])
+
+    def set_user(self, name: str, **fields: Any) -> str:
+        """Add or change a user (password, email, name, groups, email_verified). Returns its sub."""
+        return str(self._call("POST", "set_user", {"name": name, "fields": fields})["sub"])
+
+    def users(self) -> dict[str, Any]:
+        """name -> {"sub": ..., "groups": [...]}"""
+        result: dict[str, Any] = self._call("GET", "users")
+        return result
+
+    def sub(self, user: str) -> str:
+        return str(self.users()[user]["sub"])
+
+    def last_auth(self) -> dict[str, str]:
+        """Query parameters of the last GET /auth ({} before the first)."""
+        result: dict[str, str] = self._call("GET", "last_auth")
+        return result
+
+    def log(self) -> str:
+        """What the provider wrote to stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> TestProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Terminate the process (by its PID) and remove its temp dir. Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self.log_path.parent, ignore_errors=True)
+
+
+ProviderFactory = Callable[..., TestProvider]
+"""The type of the ``provider_factory`` fixture: ``(config: dict | None = None, port: int = 0) -> TestProvider``."""
+
+
+def node_modules_missing() -> str | None:
+    """An explanation when the provider's npm dependencies are not installed, else None."""
+    if shutil.which("node") is None:
+        return "node is not on PATH; the test provider needs Node.js 20+"
+    if not (PROVIDER_DIR / "node_modules" / "oidc-provider").is_dir():
+        return (
+            f"{PROVIDER_DIR}/node_modules is missing: run scripts/test (it runs `npm ci` in tests/provider), "
+            f"or `cd tests/provider && npm ci`"
+        )
+    return None
+
+
+def launch_provider(config: dict[str, Any] | None = None, port: int = 0) -> TestProvider:
+    """Start a provider and return it once it prints its issuer; the caller must call stop()."""
+    problem = node_modules_missing()
+    if problem:
+        raise ProviderError(problem)
+    config = dict(config or {})
+    workdir = Path(tempfile.mkdtemp(prefix="brokerd-provider-"))
+    # The config holds passwords and client secrets: a 0600 file, never argv or the environment of others.
+    config_path = workdir / "config.json"
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)
+    log_path = workdir / "provider.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["node", str(SERVER), "--port", str(port), "--config", str(config_path)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=PROVIDER_DIR,
+        )
+    issuer = _read_issuer(proc, START_TIMEOUT)
+    config_path.unlink()
+    if issuer is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=5)
+        raise ProviderError(f"test provider did not start within {START_TIMEOUT} s: {log_path.read_text()[-2000:]}")
+    return TestProvider(proc, issuer, log_path, config)
+
+
+def _read_issuer(proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    # readline() blocks; a helper thread keeps the wait bounded even if node hangs before printing.
+    box: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: box.append(stdout.readline().decode().strip()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    deadline = time.monotonic() + 0.1
+    while not box and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if box and box[0].startswith("http://127.0.0.1:"):
+        return box[0]
+    return None
+
+
+def start_provider(config: dict[str, Any] | None = None, port: int = 0) -> TestProvider:
+    """Start a provider (bounded wait for its issuer line). Stop it with stop(), or use it as a context
+    manager: ``with start_provider({...}) as p:`` stops it by PID when the block ends."""
+    return launch_provider(config, port)
