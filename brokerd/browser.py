@@ -16,6 +16,8 @@ import shutil
 import sys
 from collections.abc import Mapping
 
+from brokerd import systemd
+
 log = logging.getLogger("brokerd.browser")
 
 FORWARDED_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY")
@@ -52,10 +54,15 @@ class BrowserOpener:
     async def open(self, url: str, *, command: str | None, caller_env: Mapping[str, str]) -> bool:
         env = dict(self._base_env)
         env.update({k: v for k, v in caller_env.items() if k in FORWARDED_ENV})
+        forwarded = {k: v for k, v in caller_env.items() if k in FORWARDED_ENV}
         for argv in candidate_commands(url, command, caller_env):
             if shutil.which(argv[0], path=env.get("PATH")) is None:
                 log.debug("browser command %s not found", argv[0])
                 continue
+            # Under systemd, the user manager starts the browser as its own unit: stopping brokerd.service must not
+            # kill it, and it must not inherit the daemon's sandbox.  The URL carries no secret (state and the PKCE
+            # challenge are public), so it may appear in systemd-run's argv.
+            argv = systemd.outside_unit_argv(argv, forwarded)
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

@@ -178,6 +178,7 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
 
     unit_dir = Path(args.unit_dir) if args.unit_dir else install.default_unit_dir()
     if args.uninstall:
+        print(f"first stop the service: {install.DISABLE_COMMAND}")
         removed = install.uninstall_units(unit_dir)
         for path in removed:
             print(f"removed {path}")

@@ -149,6 +149,9 @@ class Daemon:
                 stack.callback(loop.remove_signal_handler, sig)
             loop.add_signal_handler(signal.SIGHUP, self._reload, api, sessions, notifier)
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            if notifier.enabled:
+                status = asyncio.create_task(_report_status(notifier, sessions))
+                stack.push_async_callback(_cancel, status)
             watchdog = systemd.watchdog_interval(unset_environment=True)
             if watchdog:
                 task = asyncio.create_task(systemd.watchdog_task(notifier, watchdog))
@@ -199,6 +202,17 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _report_status(notifier: systemd.Notifier, sessions: SessionManager, every: float = 5.0) -> None:
+    """Keep systemd's STATUS= (shown by `systemctl --user status brokerd`) in step with the session count."""
+    last = -1
+    while True:
+        count = len(sessions)
+        if count != last:
+            _notify(notifier.status, f"serving {count} session(s)")
+            last = count
+        await asyncio.sleep(every)
 
 
 async def _wait_idle(api: Server, grace: float) -> None:
