@@ -275,6 +275,13 @@ def test_faults(op: TestProvider) -> None:
     assert token(op, {"grant_type": "refresh_token", "refresh_token": "x"})[0] == 400  # served normally again
     op.fault("token", "nonstandard_error")
     assert token(op, {"grant_type": "refresh_token", "refresh_token": "x"}) == (400, {"error": "weird"})
+    op.fault("token", "status", status=502, count=None, grant_type="refresh_token")
+    assert token(op, {"grant_type": "authorization_code", "code": "x", "redirect_uri": "x"})[0] == 400
+    assert token(op, {"grant_type": "refresh_token", "refresh_token": "x"})[0] == 502
+    assert token(op, {"grant_type": "refresh_token", "refresh_token": "x"})[0] == 502
+    op.fault("discovery", "html")
+    status, body, headers = get(op.issuer + "/.well-known/openid-configuration")
+    assert status == 200 and headers["content-type"].startswith("text/html") and body.startswith(b"<!DOCTYPE")
     op.fault("discovery", "empty_body", count=2)
     assert get(op.issuer + "/.well-known/openid-configuration")[:2] == (200, b"")
     assert get(op.issuer + "/.well-known/openid-configuration")[:2] == (200, b"")
@@ -290,7 +297,7 @@ def test_faults(op: TestProvider) -> None:
     assert get(op.issuer + "/.well-known/openid-configuration")[0] == 200
     assert time.monotonic() - started >= 0.45
     c = op.counters()
-    assert c["discovery"] == 4 and c["jwks"] == 3 and c["token_requests"] == 3 and c["faults_applied"] == 7
+    assert c["discovery"] == 5 and c["jwks"] == 3 and c["token_requests"] == 6 and c["faults_applied"] == 10
 
 
 def test_rotate_keys(op: TestProvider, callback: Callback) -> None:

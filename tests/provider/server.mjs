@@ -114,7 +114,8 @@ async function main() {
   const raw = args.configFile ? readFileSync(args.configFile, 'utf8') : (process.env.BROKERD_TEST_PROVIDER_CONFIG || '{}');
   const cfg = { ...DEFAULTS, ...JSON.parse(raw) };
   const users = new Map(Object.entries(cfg.users).map(([n, u]) => [n, { sub: subFor(n), ...u }]));
-  const state = { counters: freshCounters(), faults: new Map(), lastAuth: null, keys: [newSigningKey()] };
+  const state = { counters: freshCounters(), faults: new Map(), lastAuth: null, keys: [newSigningKey()],
+    cookieKeys: [randomBytes(32).toString('hex')] };
   const pending = new Map(); // interaction uid -> username that passed the password step
   const store = new Map();
   const Adapter = makeAdapterClass(store);
@@ -154,7 +155,7 @@ async function main() {
       adapter: Adapter,
       clients: [{ ...KUBE_LOGIN, ...cfg.default_client }, ...cfg.clients],
       jwks: { keys: state.keys },
-      cookies: { keys: [randomBytes(32).toString('hex')] },
+      cookies: { keys: state.cookieKeys }, // kept across key rotation so browser sessions survive it
       scopes: ['openid', 'offline_access', 'groups', 'email', 'profile'],
       claims: {
         openid: ['sub'], email: ['email', 'email_verified'], profile: ['name', 'preferred_username'],

@@ -83,15 +83,18 @@ class TestProvider:
         status: int | None = None,
         seconds: float | None = None,
         body: Any = None,
+        grant_type: str | None = None,
     ) -> None:
         """Break the next ``count`` requests (None: until cleared) to ``target``.
 
         target: token, discovery, jwks, revocation, userinfo, device_authorization, auth.
         kind: status (default 500), delay (``seconds``, then served normally), drop (connection closed),
         empty_body (200, no body), nonstandard_error (400 {"error":"weird"}), html (200 text/html page).
+        grant_type (token only): hit only requests of that grant (authorization_code, refresh_token,
+        device_code, password, client_credentials); others pass untouched and do not use up ``count``.
         """
         spec: dict[str, Any] = {"target": target, "kind": kind, "count": count}
-        for key, value in (("status", status), ("seconds", seconds), ("body", body)):
+        for key, value in (("status", status), ("seconds", seconds), ("body", body), ("grant_type", grant_type)):
             if value is not None:
                 spec[key] = value
         self._call("POST", "fault", spec)
