@@ -139,54 +139,101 @@ class Lease:
 
 
 class CallbackServer:
-    def __init__(self) -> None:
+    """Leases loopback listeners to logins.  ``busy_wait``: how long a login waits for a port that another program
+    holds (another kubelogin mid-login, kubelogin #389) before it gives up; ``busy_poll``: how often it looks."""
+
+    def __init__(self, busy_wait: float = 30.0, busy_poll: float = 0.25) -> None:
         self._listeners: dict[int, _Listener] = {}
         self._lock = asyncio.Lock()
+        self._busy_wait = busy_wait
+        self._busy_poll = busy_poll
 
     async def acquire(self, addresses: Sequence[str], ssl_context: ssl.SSLContext | None = None) -> Lease:
-        """Lease a listener on the first address that is ours already or can be bound now."""
+        """Lease a listener on the first address that is ours already or can be bound now.
+
+        When every address is held by other programs, look again every ``busy_poll`` seconds for at most
+        ``busy_wait`` seconds (the holder's login ends soon, one way or the other), then raise CallbackUnavailable.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_wait
+        announced = False
+        while True:
+            lease, busy, in_use = await self._try_acquire(addresses, ssl_context)
+            if lease is not None:
+                return lease
+            if not in_use or loop.time() >= deadline:
+                raise CallbackUnavailable(
+                    f"cannot listen for the login redirect: {', '.join(busy)} in use by other programs or not "
+                    "available (free one or pass --listen-address)")
+            if not announced:
+                log.warning("waiting for a login redirect port: %s in use by other programs", ", ".join(busy))
+                announced = True
+            await asyncio.sleep(min(self._busy_poll, max(0.0, deadline - loop.time())))
+
+    async def _try_acquire(self, addresses: Sequence[str],
+                           ssl_context: ssl.SSLContext | None) -> tuple[Lease | None, list[str], bool]:
+        """(a lease or None, the addresses that could not be bound, whether any of them was merely in use)."""
         scheme = "https" if ssl_context else "http"
+        busy: list[str] = []
+        in_use = False
         async with self._lock:
-            busy: list[str] = []
             for address in addresses:
                 host, port = _split(address)
                 listener = self._listeners.get(port) if port else None
                 if listener is not None and listener.scheme == scheme:
+                    # Ours already (another session's login): share it, routed by state (kubelogin #851).
                     listener.leases += 1
-                    return Lease(self, listener)
+                    return Lease(self, listener), busy, in_use
                 try:
                     listener = await self._start(host, port, scheme, ssl_context)
                 except OSError as exc:
                     if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
                         raise CallbackUnavailable(f"cannot listen on {address}: {exc.strerror}") from exc
                     busy.append(address)
+                    in_use = in_use or exc.errno == errno.EADDRINUSE
                     continue
                 listener.leases = 1
                 self._listeners[listener.port] = listener
-                return Lease(self, listener)
-            raise CallbackUnavailable(
-                f"cannot listen for the login redirect: {', '.join(busy)} in use by other programs "
-                "(free one or pass --listen-address)")
+                return Lease(self, listener), busy, in_use
+        return None, busy, in_use
 
     async def _start(self, host: str, port: int, scheme: str, ssl_context: ssl.SSLContext | None) -> _Listener:
         hosts = [host]
         if host in ("127.0.0.1", "localhost"):
             hosts = ["127.0.0.1", "::1"]
         socks = [_bind(hosts[0], port)]
-        port = socks[0].getsockname()[1]
-        for extra in hosts[1:]:
-            try:
-                socks.append(_bind(extra, port))
-            except OSError as exc:
-                # No IPv6 on this machine, or ::1 taken by someone else: IPv4 alone still works for most browsers.
-                log.debug("not listening on [%s]:%d: %s", extra, port, exc.strerror)
-        listener = _Listener(tuple(hosts), port, scheme)
-        runner = web.ServerRunner(web.Server(listener.handle), handle_signals=False, access_log=None)
-        await runner.setup()
-        for sock in socks:
-            await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+        try:
+            bound = [hosts[0]]
+            chosen = socks[0].getsockname()[1]
+            for extra in hosts[1:]:
+                try:
+                    socks.append(_bind(extra, chosen))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and port:
+                        # Another program listens on [::1]:port: a browser that resolves localhost to ::1 would
+                        # hand it our code.  The port counts as busy.
+                        raise
+                    # No IPv6 on this machine (or an ephemeral port taken on ::1 only): IPv4 alone serves.
+                    log.debug("not listening on [%s]:%d: %s", extra, chosen, exc.strerror)
+                    continue
+                bound.append(extra)
+            listener = _Listener(tuple(bound), chosen, scheme)
+            runner = web.ServerRunner(web.Server(listener.handle), handle_signals=False, access_log=None)
+            await runner.setup()
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        try:
+            for sock in socks:
+                await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+        except BaseException:
+            await runner.cleanup()
+            for sock in socks:
+                sock.close()
+            raise
         listener.runner = runner
-        log.info("listening for the login redirect on port %d", port)
+        log.info("listening for the login redirect on port %d (%s)", chosen, ", ".join(bound))
         return listener
 
     async def _release(self, listener: _Listener) -> None:
