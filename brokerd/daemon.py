@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import aiohttp
-
 from brokerd import systemd
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
@@ -26,12 +24,11 @@ from brokerd.clock import SystemClock
 from brokerd.config import load_config
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
-from brokerd.models import LoginOptions
-from brokerd.oidc import OIDCClient
 from brokerd.paths import ensure_private_dir
 from brokerd.server import Limits, Server
 from brokerd.sessions import Policy, SessionManager
 from brokerd.store import SessionStore
+from brokerd.tls import ProviderClients
 
 log = logging.getLogger("brokerd")
 
@@ -103,6 +100,7 @@ class Daemon:
         self.config = config
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
+        self._on_hup: Callable[[], None] = lambda: None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -126,29 +124,29 @@ class Daemon:
                 stack.callback(lock.close)
             stack.callback(self._remove_socket)
             stack.callback(sock.close)
-            http = await stack.enter_async_context(aiohttp.ClientSession(trust_env=True))
+            # Signal handlers go first so they are removed last: a second SIGTERM while sessions are being saved
+            # must not kill the daemon half way.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+                stack.callback(loop.remove_signal_handler, sig)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._on_hup())
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             clock = SystemClock()
-            oidc = OIDCClient(http, clock)
+            clients = ProviderClients(clock)  # one HTTP client per TLS option set (--certificate-authority ...)
+            stack.push_async_callback(clients.close)
             callbacks = CallbackServer()
             stack.push_async_callback(callbacks.close)
             browser = BrowserOpener(os.environ)
             stack.push_async_callback(browser.close)
             store = SessionStore(config.state_dir) if config.persist else None
 
-            def oidc_for(_options: LoginOptions) -> OIDCClient:
-                return oidc
-
-            sessions = SessionManager(oidc_for, LoginFlows(callbacks, browser), store, clock, config.policy)
+            sessions = SessionManager(clients.for_options, LoginFlows(callbacks, browser), store, clock, config.policy)
             await sessions.start()
             stack.push_async_callback(sessions.close)
             api = Server(sessions, config.limits, config.profiles)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=config.limits.max_request)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
-                stack.callback(loop.remove_signal_handler, sig)
-            loop.add_signal_handler(signal.SIGHUP, self._reload, api, sessions, notifier)
-            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            self._on_hup = lambda: self._reload(api, sessions, notifier)
             if notifier.enabled:
                 status = asyncio.create_task(_report_status(notifier, sessions))
                 stack.push_async_callback(_cancel, status)
