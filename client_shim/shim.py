@@ -22,26 +22,97 @@ def _err(text: str) -> None:
         data = data[posix.write(2, data):]
 
 
+S_IFMT = 0o170000
+S_IFDIR = 0o040000
+S_IFLNK = 0o120000
+
+
+def _dir_ok(path: bytes, uid: int) -> bool:
+    """An ancestor platformdirs accepts: owned by root or us, a directory, not writable by others unless sticky."""
+    try:
+        st = posix.lstat(path)
+        if st.st_mode & S_IFMT == S_IFLNK:
+            if st.st_uid not in (0, uid):
+                return False
+            st = posix.stat(path)
+    except FileNotFoundError:
+        return True  # a missing ancestor is created private later; nobody else can have planted anything below it
+    except OSError:
+        return False
+    return st.st_uid in (0, uid) and st.st_mode & S_IFMT == S_IFDIR and not (
+        st.st_mode & 0o022 and not st.st_mode & 0o1000)
+
+
+def _runtime_dir_ok(path: bytes, missing_ok: bool) -> bool:
+    """platformdirs' test of a runtime dir: ours, mode 0700, not a symlink, below ancestors nobody else controls.
+
+    The daemon takes its socket path from platformdirs, which falls back elsewhere when XDG_RUNTIME_DIR fails this
+    test; the shim must come to the same answer or it would knock on a door nobody opens.
+    """
+    uid = posix.geteuid()
+    prefix = b""
+    for part in path.split(b"/")[1:-1]:
+        if part:
+            prefix += b"/" + part
+            if not _dir_ok(prefix, uid):
+                return False
+    try:
+        st = posix.lstat(path)
+    except FileNotFoundError:
+        return missing_ok
+    except OSError:
+        return False
+    return st.st_mode & S_IFMT == S_IFDIR and st.st_uid == uid and st.st_mode & 0o777 == 0o700
+
+
+def _clean(path: bytes, resolve_dotdot: bool = False) -> bytes:
+    """pathlib's spelling of a path (no empty or "." parts), which is what the daemon binds; with
+    ``resolve_dotdot`` also os.path.normpath's (tempfile.gettempdir() normalizes its answer that way)."""
+    parts: list[bytes] = []
+    for part in path.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b".." and resolve_dotdot:
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    joined = b"/".join(parts)
+    if path.startswith(b"/"):
+        return b"/" + joined
+    return joined or b"."
+
+
+def _tempdir(env: "dict[bytes, bytes]") -> bytes:
+    """tempfile.gettempdir() as platformdirs uses it: the first usable of $TMPDIR, $TEMP, $TMP, /tmp, /var/tmp."""
+    candidates = [env.get(name, b"") for name in (b"TMPDIR", b"TEMP", b"TMP")]
+    for candidate in [*candidates, b"/tmp", b"/var/tmp", b"/usr/tmp"]:
+        if candidate.startswith(b"/"):
+            candidate = _clean(candidate, resolve_dotdot=True)
+            try:
+                if posix.stat(candidate).st_mode & S_IFMT == S_IFDIR and posix.access(candidate, posix.W_OK):
+                    return candidate
+            except OSError:
+                continue
+    return _clean(posix.getcwdb(), resolve_dotdot=True)
+
+
 def socket_path(env: "dict[bytes, bytes]") -> bytes:
-    """Mirror of brokerd.paths.socket_path for the common cases (tests/test_paths.py checks they agree)."""
+    """brokerd.paths.socket_path without platformdirs (tests/test_paths.py checks they agree).
+
+    $BROKERD_SOCKET; else brokerd/brokerd.sock in $XDG_RUNTIME_DIR if that is absolute and private; else in
+    /run/user/<uid> if that exists and is private; else in <tempdir>/runtime-<uid>.
+    """
     explicit = env.get(b"BROKERD_SOCKET")
     if explicit:
-        return explicit
-    runtime = env.get(b"XDG_RUNTIME_DIR")
-    if runtime and runtime.startswith(b"/"):
+        return _clean(explicit)
+    runtime = _clean(env.get(b"XDG_RUNTIME_DIR", b""))
+    if runtime.startswith(b"/") and runtime != b"/" and _runtime_dir_ok(runtime, missing_ok=True):
         return runtime + b"/brokerd/brokerd.sock"
     uid = posix.geteuid()
     base = b"/run/user/%d" % uid
-    try:
-        posix.stat(base)
-    except OSError:
-        tmp = b"/tmp"
-        for name in (b"TMPDIR", b"TEMP", b"TMP"):
-            value = env.get(name)
-            if value and value.startswith(b"/"):
-                tmp = value.rstrip(b"/") or b"/"
-                break
-        base = tmp + b"/runtime-%d" % uid
+    if not _runtime_dir_ok(base, missing_ok=False):
+        base = _tempdir(env) + b"/runtime-%d" % uid
     return base + b"/brokerd/brokerd.sock"
 
 
@@ -70,7 +141,16 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
     import time
 
     directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    missing = []
+    parent = directory
+    while parent not in (b"", b"/") and not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for level in reversed(missing):  # every level private, not just the last (os.makedirs applies mode to the leaf)
+        try:
+            os.mkdir(level, 0o700)
+        except FileExistsError:
+            continue  # another shim won the race to create it
     # One starter at a time: shims that lose the race wait here, then find the winner's socket.
     lock = os.open(directory + b"/autostart.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
