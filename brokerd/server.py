@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping
@@ -14,7 +15,9 @@ from typing import Any
 
 from brokerd import __version__, execcred
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
-from brokerd.flags import build_request, parse_flags
+from brokerd.flags import FLAGS, SETUP_FLAGS, build_request, parse_flags
+from brokerd.models import LoginOptions
+from brokerd.oidc import OIDCClient
 from brokerd.sessions import SessionManager
 
 log = logging.getLogger("brokerd.server")
@@ -25,10 +28,30 @@ FORWARDED_ENV = frozenset({"KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAN
 
 @dataclass(frozen=True)
 class Limits:
+    """Bounds on what one client (even one of our own uid) can make the daemon hold.
+
+    ``read_timeout`` is a deadline for the whole request, not an idle timer, so trickling one byte at a time
+    (slowloris) buys nothing.  ``max_connections`` counts every open connection; when it is reached, the oldest
+    connection that has not finished sending its request is dropped to make room (idle ones are the cheap ones to
+    lose), and only when every connection is busy with a real request is the newcomer turned away.  The cap is
+    also kept below the process's file descriptor limit (``connection_cap``), so connections alone can never make
+    accept(), the store or the provider's HTTP fail with EMFILE.
+    """
+
     max_request: int = 64 * 1024
-    read_timeout: float = 10.0  # a client that sends nothing (or trickles) for this long is dropped
+    read_timeout: float = 10.0  # a client that has not sent its whole request by then is dropped
     answer_timeout: float = 300.0  # a prompt the person does not answer
     max_connections: int = 1024
+    fd_reserve: int = 128  # descriptors kept free for everything that is not a client connection
+
+    def connection_cap(self) -> int:
+        try:
+            soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (OSError, ValueError):  # pragma: no cover - getrlimit does not fail on Linux
+            return self.max_connections
+        if soft == resource.RLIM_INFINITY:
+            return self.max_connections
+        return max(1, min(self.max_connections, soft - self.fd_reserve))
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,8 @@ class Request:
 
 
 def parse_request(data: bytes) -> Request:
+    """Parse one request (without its final ``\\0\\0``).  Bytes that are not UTF-8 are kept as surrogates
+    (``surrogateescape``) so argv round-trips; everything that writes them back out must use an error handler."""
     fields = data.split(b"\0")
     if not fields or fields[0] != MAGIC:
         raise ProtocolError("not a brokerd request (protocol version mismatch? upgrade the shim and the daemon)")
@@ -121,12 +146,19 @@ class Server:
         self.profiles: Mapping[str, tuple[str, ...]] = profiles or {}
         self._uid = os.getuid()
         self._active = 0
+        self._cap = self._limits.connection_cap()
+        # Connections still sending their request, oldest first (dicts keep insertion order): eviction candidates.
+        self._reading: dict[asyncio.StreamWriter, None] = {}
+        self._dropped: set[asyncio.StreamWriter] = set()
         self.handlers: dict[str, Handler] = {
             "get-token": self._get_token,
             "version": self._version,
             "status": self._status,
             "logout": self._logout,
+            "setup": self._setup,
         }
+        # The daemon sets this to its per-TLS-options client cache; `setup` needs it for its own checks.
+        self.oidc_for: Callable[[LoginOptions], OIDCClient] | None = None
 
     @property
     def active(self) -> int:
@@ -138,9 +170,28 @@ class Server:
             await self._handle(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to tell it
+        except Exception:
+            # Whatever a client sends, one connection's failure must not reach asyncio's default handler.
+            log.exception("internal error on a client connection")
         finally:
             self._active -= 1
+            self._reading.pop(writer, None)
+            self._dropped.discard(writer)
             writer.close()
+
+    def _make_room(self) -> bool:
+        """At the cap: drop the oldest connection still sending its request.  False when none can be dropped."""
+        # Dropped connections count until their handler has run; they must not make us drop more.
+        if self._active - len(self._dropped) <= self._cap:
+            return True
+        for victim in self._reading:
+            del self._reading[victim]
+            self._dropped.add(victim)
+            log.debug("connection limit (%d) reached: dropped the oldest connection that sent no request yet",
+                      self._cap)
+            victim.close()  # its reader sees EOF; its own handle() ends and frees the slot
+            return True
+        return False
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = peer_uid(writer.get_extra_info("socket"))
@@ -148,17 +199,23 @@ class Server:
             log.warning("refused a connection from uid %d (only uid %d may use this daemon)", uid, self._uid)
             self._write_error(writer, PeerRejected("brokerd serves only the user that runs it"))
             return
-        if self._active > self._limits.max_connections:
+        if not self._make_room():
+            log.warning("connection limit (%d) reached: every connection is busy; refused a new one", self._cap)
             self._write_error(writer, BrokerError("brokerd is overloaded; try again"))
             return
+        self._reading[writer] = None
         try:
             data = await asyncio.wait_for(reader.readuntil(b"\0\0"), self._limits.read_timeout)
-        except asyncio.LimitOverrunError:
+        except (asyncio.LimitOverrunError, ValueError):
+            # ValueError: StreamReader's own limit check when the buffer overflows without a separator.
             self._write_error(writer, ProtocolError(f"request larger than {self._limits.max_request} bytes"))
             return
         except TimeoutError:
-            self._write_error(writer, ProtocolError("incomplete request"))
+            self._write_error(writer, ProtocolError(
+                f"incomplete request (nothing complete within {self._limits.read_timeout:g} s)"))
             return
+        finally:
+            self._reading.pop(writer, None)
         try:
             request = parse_request(data[:-2])
             command = request.argv[0] if request.argv else ""
@@ -175,13 +232,16 @@ class Server:
             log.exception("internal error while serving a request")
             self._write_error(writer, BrokerError("internal error in brokerd (details in its log)"))
         else:
-            writer.write(b"O" + result.encode() + b"\n")
+            writer.write(b"O" + result.encode("utf-8", "backslashreplace") + b"\n")
         await writer.drain()
 
     @staticmethod
     def _write_error(writer: asyncio.StreamWriter, exc: BrokerError) -> None:
-        text = str(exc).replace("\n", " ")
-        writer.write(f"X{exc.exit_code} brokerd: {text}\n".encode())
+        if writer.is_closing():
+            return
+        # One line: a client's own bytes (surrogate-escaped argv) may be quoted back, so never fail to encode.
+        text = " ".join(str(exc).splitlines())
+        writer.write(f"X{exc.exit_code} brokerd: {text}\n".encode("utf-8", "backslashreplace"))
 
     async def _get_token(self, request: Request, caller: ShimCaller) -> str:
         args = request.argv[1:]
@@ -220,3 +280,24 @@ class Server:
                 value = args.pop(0)
             filters[name[2:].replace("-", "_")] = value
         return json.dumps({"logged_out": await self._sessions.logout(**filters)})
+
+    async def _setup(self, request: Request, caller: ShimCaller) -> str:
+        from brokerd.setup import kubeconfig_args, run_setup
+
+        if self.oidc_for is None:
+            raise UsageError("setup is not available in this daemon")
+        args = request.argv[1:]
+        known = {**FLAGS, **SETUP_FLAGS}
+        own = parse_flags(args, known)
+        profile = own.str_("profile") or request.env.get("BROKERD_PROFILE")
+        flags = own
+        if profile:
+            if profile not in self.profiles:
+                known_profiles = ", ".join(sorted(self.profiles)) or "none configured"
+                raise UsageError(f"unknown profile {profile!r} (profiles: {known_profiles})")
+            flags = parse_flags([*self.profiles[profile], *args], known)
+        report = await run_setup(flags, self.oidc_for, self._sessions.get_token, caller)
+        for note in flags.notes:
+            caller.tell(note)
+        report["kubeconfig_args"] = kubeconfig_args(own)  # the command line's flags: a profile stays a profile
+        return json.dumps(report)

@@ -1,0 +1,235 @@
+"""Bad input on the daemon socket: a property test against a real daemon process, the size, time and connection
+limits, slowloris and thousands of idle connections.  The >= 100k-case run is bench/fuzz_protocol.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from brokerd.browser import BrowserOpener
+from brokerd.callback import CallbackServer
+from brokerd.clock import SystemClock
+from brokerd.flows import LoginFlows
+from brokerd.oidc import OIDCClient
+from brokerd.server import Limits, Server, parse_request
+from brokerd.sessions import SessionManager
+from tests.support.daemon import Daemon
+from tests.support.hostile import MAGIC, bad_requests, check_answer, dead_issuer, exchange, request
+
+ISSUER = dead_issuer()
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with Daemon() as d:
+        yield d
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _assert_healthy(d: Daemon) -> None:
+    assert d.proc is not None and d.proc.poll() is None, d.log()[-3000:]
+    answer = check_answer(request("version"), exchange(d.socket, request("version")))
+    assert answer.terminal is not None and answer.terminal.startswith(b'O{"brokerd"')
+    log = d.log()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(data=bad_requests(ISSUER))
+def test_any_bytes_get_a_well_formed_answer(daemon: Daemon, data: bytes) -> None:
+    raw = exchange(daemon.socket, data, timeout=15)
+    check_answer(data, raw)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_daemon_is_healthy_after_the_property_test(daemon: Daemon) -> None:
+    _assert_healthy(daemon)
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (b"hello\0\0", b"not a brokerd request"),
+    (MAGIC + b"\0Zjunk\0\0", b"unknown request field tag"),
+    (MAGIC + b"\0A\xff\xfe\0\0", b"unknown command"),
+    (MAGIC + b"\0Aget-token\0A--oidc-\xff=1\0\0", b"--oidc-\\udcff"),
+    (MAGIC + b"\0Aversion\0EKUBERNETES_EXEC_INFO=[]\0\0", b"KUBERNETES_EXEC_INFO"),
+    (MAGIC + b"\0\0", b"no command given"),
+    (MAGIC + b"\0A" + b"x" * 70_000 + b"\0\0", b"request larger than 65536 bytes"),
+    (MAGIC + b"\0A" + b"x" * 2_000_000, b"request larger than 65536 bytes"),
+], ids=["no-magic", "bad-tag", "invalid-utf8-command", "invalid-utf8-flag", "exec-info-type", "empty", "huge",
+        "2MB-unterminated"])
+def test_clear_error_for_each_kind_of_bad_request(daemon: Daemon, data: bytes, words: bytes) -> None:
+    answer = check_answer(data, exchange(daemon.socket, data))
+    assert answer.terminal is not None and answer.terminal.startswith(b"X"), answer.lines
+    assert words in answer.terminal, answer.terminal
+
+
+def test_unterminated_request_is_dropped_at_eof(daemon: Daemon) -> None:
+    assert exchange(daemon.socket, MAGIC + b"\0Aversion\0") == b""
+
+
+def test_two_thousand_idle_connections(daemon: Daemon) -> None:
+    """More idle connections than the cap (1024): the daemon's fds stay bounded, the oldest idle ones are dropped,
+    and a real request still gets through while they are all open."""
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    before = _fds(pid)
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        for _ in range(2000):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.append(s)
+            s.settimeout(5)
+            while True:  # a full listen backlog says EAGAIN to a connect with a timeout: wait for accept()
+                try:
+                    s.connect(str(daemon.socket))
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the daemon stopped accepting connections"
+                    time.sleep(0.005)
+        started = time.monotonic()
+        answer = check_answer(request("status"), exchange(daemon.socket, request("status"), timeout=5))
+        assert answer.terminal is not None and answer.terminal.startswith(b"O"), answer.lines
+        assert time.monotonic() - started < 3
+        assert _fds(pid) <= before + 1024 + 16, _fds(pid)
+        # The ones dropped to make room were told nothing and closed: their reads end (EOF), they do not hang.
+        dropped = 0
+        for s in idle[:200]:
+            s.settimeout(2)
+            try:
+                if s.recv(100) == b"":
+                    dropped += 1
+            except (TimeoutError, ConnectionResetError):
+                pass
+        assert dropped >= 150, dropped
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10
+    while _fds(pid) > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _fds(pid) <= before + 2
+    _assert_healthy(daemon)
+
+
+def test_parse_request_keeps_invalid_utf8_round_trippable() -> None:
+    req = parse_request(MAGIC + b"\0Aget-token\0A\xff\0EBROWSER=b\0EHOME=/x\0T1\0Nshim")
+    assert req.argv == ("get-token", "\udcff")
+    assert req.env == {"BROWSER": "b"}  # only the forwarded names
+    assert req.stdin_tty and req.program == "shim"
+
+
+# ---- in-process server with small limits (fast timeouts) -------------------------------------------------------
+
+@pytest.fixture
+async def small_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
+    limits = Limits(max_request=4096, read_timeout=0.5, answer_timeout=3.0, max_connections=8)
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock())
+        callbacks = CallbackServer()
+        sessions = SessionManager(lambda _o: oidc, LoginFlows(callbacks, BrowserOpener({})), None, SystemClock())
+        api = Server(sessions, limits)
+        path = tmp_path / "s.sock"
+        server = await asyncio.start_unix_server(api.handle, path=str(path), limit=limits.max_request)
+        try:
+            yield path, api
+        finally:
+            server.close()
+            await server.wait_closed()
+            await sessions.close()
+            await callbacks.close()
+
+
+async def _raw(path: Path, data: bytes, *, trickle: float = 0.0, timeout: float = 5.0) -> bytes:
+    """Plain socket calls: asyncio's StreamReader would hide what the server said behind a broken pipe."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, str(path))
+        pieces = [data[i:i + 1] for i in range(len(data))] if trickle else [data]
+        for piece in pieces:
+            try:
+                await loop.sock_sendall(sock, piece)
+            except ConnectionError:
+                break  # the server gave up on us; what it said is still to be read
+            if trickle:
+                await asyncio.sleep(trickle)
+        out = b""
+        async with asyncio.timeout(timeout):
+            try:
+                while chunk := await loop.sock_recv(sock, 65536):
+                    out += chunk
+            except ConnectionResetError:
+                pass  # after its answer, the server closed with our request unread: the end, not a failure
+        return out
+    finally:
+        sock.close()
+
+
+async def test_slowloris_is_cut_off_at_the_request_deadline(small_server: tuple[Path, Server]) -> None:
+    path, api = small_server
+    started = time.monotonic()
+    # One byte every 0.1 s: never idle for long, but never done within the 0.5 s deadline either.
+    raw = await _raw(path, request("version"), trickle=0.1)
+    assert time.monotonic() - started < 3
+    assert raw.startswith(b"X2 brokerd: incomplete request"), raw
+    assert api.active == 0
+
+
+async def test_request_size_limit(small_server: tuple[Path, Server]) -> None:
+    path, _ = small_server
+    ok = request("version", "x" * 3000)
+    assert (await _raw(path, ok)).startswith(b'O{"brokerd"')
+    raw = await _raw(path, request("version", "x" * 5000))
+    assert raw.startswith(b"X2 brokerd: request larger than 4096 bytes"), raw
+
+
+async def test_connection_cap_evicts_idle_and_refuses_when_all_are_busy(
+        small_server: tuple[Path, Server]) -> None:
+    path, api = small_server
+    idle = [await asyncio.open_unix_connection(str(path)) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    assert api.active == 8
+    # A ninth connection with a real request: the oldest idle one makes room.
+    assert (await _raw(path, request("version"))).startswith(b"O")
+    assert await asyncio.wait_for(idle[0][0].read(), 1) == b""
+    # Now fill every slot with busy connections: each waits for an answer to a prompt it never gives.
+    busy = []
+    for i in range(8):  # eight sessions (usernames): one login would be shared by all its callers
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--grant-type=password",
+                             f"--username=u{i}", tty=True))
+        await writer.drain()
+        busy.append((reader, writer))
+    for reader, _ in busy:
+        assert (await asyncio.wait_for(reader.readline(), 2)).startswith(b"SPassword")
+    refused = await _raw(path, request("version"))
+    assert refused.startswith(b"X1 brokerd: brokerd is overloaded"), refused
+    for _, writer in [*idle, *busy]:
+        writer.close()
+    deadline = time.monotonic() + 3
+    while api.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert api.active == 0
+    assert (await _raw(path, request("version"))).startswith(b"O")
+
+
+def test_connection_cap_stays_below_the_fd_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert Limits(max_connections=10**9).connection_cap() == soft - Limits().fd_reserve
+    assert Limits(max_connections=5).connection_cap() == 5
