@@ -177,13 +177,16 @@ class CallbackServer:
         busy: list[str] = []
         in_use = False
         async with self._lock:
+            # A port that is ours already (another session's login) first, even if an earlier one in the list has
+            # come free meanwhile: both logins then share one listener, routed by state (kubelogin #851).
             for address in addresses:
-                host, port = _split(address)
+                port = _split(address)[1]
                 listener = self._listeners.get(port) if port else None
                 if listener is not None and listener.scheme == scheme:
-                    # Ours already (another session's login): share it, routed by state (kubelogin #851).
                     listener.leases += 1
                     return Lease(self, listener), busy, in_use
+            for address in addresses:
+                host, port = _split(address)
                 try:
                     listener = await self._start(host, port, scheme, ssl_context)
                 except OSError as exc:
