@@ -207,6 +207,31 @@ def _passthrough(argv: list[str]) -> int:
         sock.close()
 
 
+def _setup(argv: list[str]) -> int:
+    """``brokerd setup`` / ``kubectl oidc-login setup``: the daemon logs in and checks; the report is rendered here,
+    where the interpreter and shim paths for the direct kubeconfig form are known."""
+    from brokerd.setup import render_report
+    from client_shim import shim
+
+    env = dict(os.environb)
+    env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
+    out: list[bytes] = []
+    try:
+        sock = shim.connect(env)
+    except SystemExit as exc:
+        return int(exc.code or 3)
+    try:
+        code = shim.converse(sock, shim.build_request(argv, env, "brokerd"), out)
+    finally:
+        sock.close()
+    if code:
+        return code
+    doc = json.loads(out[0])
+    shim_path = os.path.abspath(shim.__file__ or "shim.py")
+    print(render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path))
+    return 0 if doc.get("logged_in") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brokerd", description="Local OIDC token broker for kubectl.")
     parser.add_argument("--version", action="version", version=f"brokerd {__version__}")
@@ -236,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] in (["get-token"], ["setup"]):
+    if args_list[:1] == ["get-token"]:
         return _passthrough(args_list)
+    if args_list[:1] == ["setup"]:
+        return _setup(args_list)
     args = build_parser().parse_args(args_list)
     try:
         return int(args.fn(args))

@@ -6,7 +6,10 @@ slice flags repeat and also split on commas.  Every error is a one-line UsageErr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import binascii
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +48,13 @@ FLAGS: dict[str, Kind] = {
     "certificate-authority-data": "array",
     "insecure-skip-tls-verify": "bool",
     "v": "int",
+}
+# Flags of `setup` only: what the API server is configured with, to show the user it will see.
+SETUP_FLAGS: dict[str, Kind] = {
+    "oidc-username-claim": "str",
+    "oidc-username-prefix": "str",
+    "oidc-groups-claim": "str",
+    "oidc-groups-prefix": "str",
 }
 ALIASES = {"-v": "v"}
 GRANT_TYPES = ("auto", "authcode", "authcode-keyboard", "password", "device-code", "client-credentials")
@@ -96,7 +106,31 @@ def _split_kv(flag: str, text: str) -> list[tuple[str, str]]:
     return out
 
 
-def parse_flags(args: Sequence[str]) -> ParsedFlags:
+def decode_ca_data(value: str) -> str:
+    """--certificate-authority-data: base64 of PEM, as in kubeconfig (raw PEM is accepted too)."""
+    if "-----BEGIN" in value:
+        return value
+    try:
+        text = base64.b64decode(value.strip(), validate=True).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise UsageError("--certificate-authority-data: not base64-encoded PEM") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise UsageError("--certificate-authority-data: the decoded data holds no PEM certificate")
+    return text
+
+
+def _absolute(flag: str, path: str | None) -> str | None:
+    # The daemon does not share the caller's working directory, so a relative path would name another file.
+    if path is None:
+        return None
+    full = os.path.expanduser(path)
+    if not os.path.isabs(full):
+        raise UsageError(f"--{flag} needs an absolute path (brokerd does not run in your directory), got {path!r}")
+    return full
+
+
+def parse_flags(args: Sequence[str], known: Mapping[str, Kind] = FLAGS) -> ParsedFlags:
+    """Parse get-token flags; ``known`` widens the table (``setup`` adds SETUP_FLAGS)."""
     parsed = ParsedFlags()
     i = 0
     while i < len(args):
@@ -104,14 +138,14 @@ def parse_flags(args: Sequence[str]) -> ParsedFlags:
         i += 1
         if arg in ALIASES:
             name, value = ALIASES[arg], None
-        elif arg.startswith("-v") and arg[2:].isdigit():
-            name, value = "v", arg[2:]
+        elif arg.startswith("-v") and arg[2:].lstrip("=").isdigit():
+            name, value = "v", arg[2:].lstrip("=")
         elif arg.startswith("--"):
             name, sep, rest = arg[2:].partition("=")
             value = rest if sep else None
         else:
             raise UsageError(f"unexpected argument {arg!r} (flags start with --)")
-        kind = FLAGS.get(name)
+        kind = known.get(name)
         if kind is None:
             raise UsageError(f"unknown flag --{name} (see `kubectl oidc-login get-token --help`)")
         if kind == "bool":
@@ -179,9 +213,25 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
     assert isinstance(timeout, int)
     if timeout <= 0:
         raise UsageError("--authentication-timeout-sec must be positive")
-    cert, key = flags.str_("local-server-cert"), flags.str_("local-server-key")
+    cert = _absolute("local-server-cert", flags.str_("local-server-cert"))
+    key = _absolute("local-server-key", flags.str_("local-server-key"))
     if (cert is None) != (key is None):
         raise UsageError("--local-server-cert and --local-server-key go together")
+    password, username = flags.str_("password"), flags.str_("username")
+    if password is not None and grant not in ("auto", "password"):
+        raise UsageError(f"--password is only used by --grant-type=password, not --grant-type={grant}")
+    if username is not None and grant == "client-credentials":
+        raise UsageError("--username makes no sense with --grant-type=client-credentials (the client logs in as "
+                         "itself; use --session-name to keep sessions apart)")
+    ca_files = tuple(p for p in (_absolute("certificate-authority", f)
+                                 for f in flags.list_("certificate-authority")) if p)
+    ca_data = tuple(flags.list_("certificate-authority-data"))
+    for value in ca_data:
+        decode_ca_data(value)
+    insecure = flags.bool_("insecure-skip-tls-verify")
+    if insecure and (ca_files or ca_data):
+        # kubectl refuses this pair too: trusting a CA and trusting anything cannot both be meant.
+        raise UsageError("--insecure-skip-tls-verify cannot be combined with --certificate-authority(-data)")
     redirect = flags.str_("oidc-redirect-url")
     if redirect is not None and not redirect.startswith(("http://", "https://")):
         raise UsageError(f"--oidc-redirect-url must be an http(s) URL, got {redirect!r}")
@@ -193,7 +243,7 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
         extra_params=tuple(flags.kv("oidc-auth-request-extra-params")),
         use_access_token=flags.bool_("oidc-use-access-token"),
         redirect_url=redirect,
-        username=flags.str_("session-name") or flags.str_("username"),
+        username=flags.str_("session-name") or username,
     )
     verbosity = flags.values.get("v", 0)
     assert isinstance(verbosity, int)
@@ -206,14 +256,12 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
         pkce_method=pkce,
         open_url_after_authentication=flags.str_("open-url-after-authentication"),
         request_headers=tuple(flags.kv("oidc-request-header")),
-        password=flags.str_("password"),
+        password=password,
         force_refresh=flags.bool_("force-refresh"),
         local_server_cert=cert,
         local_server_key=key,
         tls=TLSOptions(
-            ca_files=tuple(flags.list_("certificate-authority")),
-            ca_data=tuple(flags.list_("certificate-authority-data")),
-            insecure_skip_verify=flags.bool_("insecure-skip-tls-verify"),
+            ca_files=ca_files, ca_data=ca_data, insecure_skip_verify=insecure,
         ),
         verbosity=verbosity,
     )

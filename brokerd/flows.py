@@ -11,17 +11,42 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from dataclasses import replace
+from urllib.parse import parse_qsl, urlsplit
 
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
-from brokerd.errors import LoginError, LoginTimeout, UsageError
+from brokerd.errors import LoginDenied, LoginError, LoginTimeout, UsageError
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import OIDCClient
 
 log = logging.getLogger("brokerd.flows")
 
 Announce = Callable[[str], None]
+# kubelogin's default for authcode-keyboard: the provider shows the code on its own page.
+OOB_REDIRECT = "urn:ietf:wg:oauth:2.0:oob"
+
+
+def parse_pasted_code(answer: str, state: str) -> tuple[str, str | None]:
+    """A typed code, or a pasted redirect URL (``...?code=..&state=..&iss=..``) -> (code, iss)."""
+    text = answer.strip()
+    if not text:
+        raise LoginError("no authorization code was entered")
+    if "?" not in text and "code=" not in text:
+        return text, None
+    params = dict(parse_qsl(urlsplit(text).query or text.lstrip("?"), keep_blank_values=True))
+    if "error" in params:
+        desc = params.get("error_description", "")
+        raise LoginDenied(f"the provider refused the login: {params['error'][:60]}" + (f" ({desc[:200]})" if desc
+                                                                                        else ""))
+    code = params.get("code", "")
+    if not code:
+        raise LoginError("the pasted address has no code in it")
+    if params.get("state") not in (None, state):
+        # A redirect from some other login (an old tab): exchanging it would fail anyway, say why.
+        raise LoginError("the pasted address belongs to another login (its state does not match); use the URL "
+                         "shown above")
+    return code, params.get("iss")
 
 
 def _callback_ssl(options: LoginOptions) -> ssl.SSLContext | None:
@@ -54,7 +79,12 @@ class LoginFlows:
         if grant == "device-code":
             return await self._device(oidc, settings, options, caller, announce)
         if grant == "client-credentials":
-            return await oidc.client_credentials(settings)
+            tokens = await oidc.client_credentials(settings)
+            if not tokens.id_token and tokens.access_token:
+                # As kubelogin does: with no ID token for a client, the access token is the credential served.
+                tokens = replace(tokens, id_token=tokens.access_token,
+                                 expires_at=tokens.access_expires_at or tokens.expires_at)
+            return tokens
         raise UsageError(f"unknown grant type {grant!r}")
 
     async def _authcode(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
@@ -83,16 +113,21 @@ class LoginFlows:
 
     async def _authcode_keyboard(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions,
                                  caller: Caller, announce: Announce) -> TokenSet:
-        redirect_uri = settings.redirect_url or "urn:ietf:wg:oauth:2.0:oob"
+        """For SSH sessions: the URL goes to the caller's terminal, the person types back the code, or pastes the
+        whole address the browser ended on (then state and iss are checked as the loopback listener would)."""
+        redirect_uri = settings.redirect_url or OOB_REDIRECT
         auth = await oidc.authorization_request(
             settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
-        announce(f"Open this URL to log in: {auth.url}")
-        code = await asyncio.wait_for(caller.ask("Enter the authorization code: ", secret=False),
-                                      options.authentication_timeout)
-        code = code.strip()
-        if not code:
-            raise LoginError("no authorization code was entered")
-        return await oidc.exchange_code(settings, auth, code)
+        announce(f"Open this URL in a browser on any machine to log in: {auth.url}")
+        try:
+            answer = await asyncio.wait_for(
+                caller.ask("Enter the code (or paste the address the browser ended on): ", secret=False),
+                options.authentication_timeout)
+        except TimeoutError:
+            raise LoginTimeout(
+                f"no code was entered within {options.authentication_timeout:.0f} s") from None
+        code, iss = parse_pasted_code(answer, auth.state)
+        return await oidc.exchange_code(settings, auth, code, iss=iss)
 
     async def _password(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions,
                         caller: Caller) -> TokenSet:
