@@ -307,7 +307,7 @@ def set_credentials_commands(args: Sequence[str], interpreter: str, shim: str, u
     drop_in = [*head, "--exec-command=kubectl", "--exec-arg=oidc-login", *(f"--exec-arg={a}" for a in args)]
     direct = [*head, f"--exec-command={interpreter}", "--exec-arg=-I", "--exec-arg=-S", f"--exec-arg={shim}",
               *(f"--exec-arg={a}" for a in args)]
-    return [" \\\n    ".join(shlex.quote(a) for a in cmd) for cmd in (drop_in, direct)]
+    return [" \\\n    ".join([" ".join(cmd[:4]), *(shlex.quote(a) for a in cmd[4:])]) for cmd in (drop_in, direct)]
 
 
 def cluster_role_binding(username: str | None, groups: Sequence[str]) -> str:
