@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -198,6 +199,10 @@ class Server:
         if uid is not None and uid != self._uid:
             log.warning("refused a connection from uid %d (only uid %d may use this daemon)", uid, self._uid)
             self._write_error(writer, PeerRejected("brokerd serves only the user that runs it"))
+            # Closing at once would make the client's send fail (EPIPE) before it reads why; take what it sends
+            # (bounded in size and time, never parsed) so it gets to read the line above.
+            with contextlib.suppress(TimeoutError, ValueError, asyncio.LimitOverrunError):
+                await asyncio.wait_for(reader.read(self._limits.max_request), 0.5)
             return
         if not self._make_room():
             log.warning("connection limit (%d) reached: every connection is busy; refused a new one", self._cap)

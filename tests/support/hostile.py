@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import http.client
 import http.server
+import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -104,7 +106,8 @@ def check_answer(data: bytes, raw: bytes, *, max_request: int = 64 * 1024) -> An
 
 # ---- hypothesis strategies -------------------------------------------------------------------------------------
 
-COMMANDS = ["get-token", "get-token", "get-token", "get-token", "version", "status", "logout", "setup", "clean", "", "GET-TOKEN", "get-token\udcff"]
+COMMANDS = ["get-token", "get-token", "get-token", "get-token", "version", "status", "logout", "setup", "clean", "",
+            "GET-TOKEN", "get-token\udcff"]
 FLAGS = [
     "--oidc-client-id", "--oidc-client-secret", "--oidc-extra-scope", "--oidc-use-access-token", "--oidc-redirect-url",
     "--oidc-auth-request-extra-params", "--oidc-pkce-method", "--grant-type", "--username", "--listen-address",
@@ -301,3 +304,20 @@ class Proxy:
 def proxy_env(proxy: Proxy) -> dict[str, str]:
     """Environment for a daemon that sends all its HTTP (loopback included) through ``proxy``."""
     return {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+
+
+_RECORD = re.compile(r"^(?:\S+ \S+ )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): ", re.MULTILINE)
+
+
+def tracebacks(log: str, *, allow: tuple[str, ...] = ("aiohttp.server",)) -> list[str]:
+    """Log records (LEVEL logger: message + continuation lines) with a traceback, except from ``allow``ed loggers.
+    aiohttp.server logs each malformed HTTP request to the callback port with a traceback; that is aiohttp's
+    doing, not a brokerd failure (see docs/threat-model.md, log flooding)."""
+    starts = [m.start() for m in _RECORD.finditer(log)] + [len(log)]
+    found = []
+    for begin, end in itertools.pairwise(starts):
+        record = log[begin:end]
+        match = _RECORD.match(record)
+        if "Traceback" in record and not (match and match.group(2) in allow):
+            found.append(record)
+    return found
