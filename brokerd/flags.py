@@ -218,6 +218,8 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
     if (cert is None) != (key is None):
         raise UsageError("--local-server-cert and --local-server-key go together")
     password, username = flags.str_("password"), flags.str_("username")
+    if grant == "auto" and (username is not None or password is not None):
+        grant = "password"  # kubelogin: auto means the password grant when --username is given
     if password is not None and grant not in ("auto", "password"):
         raise UsageError(f"--password is only used by --grant-type=password, not --grant-type={grant}")
     if username is not None and grant == "client-credentials":

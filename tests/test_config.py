@@ -1,0 +1,88 @@
+"""The TOML config: [daemon] tuning and [profiles.NAME] (get-token flags by name), used through the real daemon."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from brokerd.config import load_config
+from brokerd.errors import ConfigError
+from brokerd.flags import build_request, parse_flags
+from tests.support.daemon import Daemon
+from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, TestProvider
+
+
+def test_missing_file_is_an_empty_config(tmp_path: Path) -> None:
+    config = load_config(tmp_path / "none.toml")
+    assert config.profiles == {}
+
+
+def test_profiles_become_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\nrefresh_ratio = 0.5\n[profiles.work]\noidc-issuer-url = "https://a"\n'
+                    'oidc-client-id = "k"\noidc-extra-scope = ["groups", "email"]\nskip-open-browser = true\n'
+                    "authentication-timeout-sec = 20\n")
+    config = load_config(path)
+    assert config.policy.refresh_ratio == 0.5
+    args = config.profiles["work"]
+    settings, options = build_request(parse_flags(args))
+    assert settings.issuer == "https://a" and "email" in settings.scopes
+    assert options.skip_open_browser and options.authentication_timeout == 20
+
+
+@pytest.mark.parametrize(("text", "expect"), [
+    ("[nope]\n", "unknown section"),
+    ("[daemon]\nrefresh_ratio = 'x'\n", "non-negative number"),
+    ("[daemon]\nbogus = 1\n", "unknown setting 'bogus'"),
+    ("[profiles.a]\noidc-bogus = 1\n", "unknown setting 'oidc-bogus'"),
+    ("[profiles.a]\nprofile = 'b'\n", "unknown setting 'profile'"),
+    ("[profiles.a]\noidc-extra-scope = [{x = 1}]\n", "must be a string"),
+    ("[profiles]\na = 1\n", "must be a table"),
+    ("not toml =", "c.toml"),
+])
+def test_broken_config_names_the_problem(tmp_path: Path, text: str, expect: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expect):
+        load_config(path)
+
+
+def _profile_config(issuer: str) -> str:
+    return (f'[profiles.work]\noidc-issuer-url = "{issuer}"\noidc-client-id = "kube_login"\n'
+            f'oidc-client-secret = "{KUBE_LOGIN_CLIENT_SECRET}"\noidc-extra-scope = ["groups"]\n')
+
+
+def test_profile_by_flag_and_by_environment_share_one_session(provider: TestProvider) -> None:
+    with Daemon(config=_profile_config(provider.issuer)) as d:
+        by_flag = d.shim(["get-token", "--profile=work"])
+        assert by_flag.returncode == 0, by_flag.stderr + d.log()
+        by_env = d.shim(["get-token"], env={"BROKERD_PROFILE": "work"})
+        assert by_env.returncode == 0, by_env.stderr
+        assert json.loads(by_env.stdout)["status"]["token"] == json.loads(by_flag.stdout)["status"]["token"]
+        assert d.browser_openings() == 1
+        # The command line overrides the profile: another scope set is another session.
+        other = d.shim(["get-token", "--profile=work", "--oidc-extra-scope=email"])
+        assert other.returncode == 0 and d.browser_openings() == 2
+        assert KUBE_LOGIN_CLIENT_SECRET not in d.log()
+
+        unknown = d.shim(["get-token", "--profile=home"])
+        assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+        assert "unknown profile 'home'" in unknown.stderr and "work" in unknown.stderr
+
+
+def test_profiles_reload_on_sighup(provider: TestProvider) -> None:
+    with Daemon(config="") as d:
+        assert d.shim(["get-token", "--profile=work"]).returncode == 2
+        d.config_path.write_text(_profile_config(provider.issuer))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        result = d.shim(["get-token", "--profile=work"])
+        while result.returncode == 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            result = d.shim(["get-token", "--profile=work"])
+        assert result.returncode == 0, result.stderr + d.log()
