@@ -12,6 +12,7 @@ import posix
 import sys
 
 FORWARDED = (b"KUBERNETES_EXEC_INFO", b"BROWSER", b"DISPLAY", b"WAYLAND_DISPLAY", b"BROKERD_PROFILE")
+DESKTOP = (b"BROWSER", b"DISPLAY", b"WAYLAND_DISPLAY")  # not forwarded by a remote shim: its desktop is elsewhere
 CONNECT_WAIT = 10.0  # seconds to wait for an autostarted daemon's socket
 REPLY_TIMEOUT = 3600.0  # the daemon bounds every login itself; this only guards against a wedged daemon
 
@@ -116,10 +117,17 @@ def socket_path(env: "dict[bytes, bytes]") -> bytes:
     return base + b"/brokerd/brokerd.sock"
 
 
+def _remote(env: "dict[bytes, bytes]") -> bool:
+    """BROKERD_REMOTE=1: this shim talks to a daemon on another host through a forwarded socket (docs/remote.md)."""
+    return env.get(b"BROKERD_REMOTE", b"") not in (b"", b"0")
+
+
 def build_request(argv: "list[str]", env: "dict[bytes, bytes]", program: str) -> bytes:
     fields = [b"brokerd1", b"N" + program.encode("utf-8", "surrogateescape")]
     fields += [b"A" + a.encode("utf-8", "surrogateescape") for a in argv]
-    fields += [b"E" + name + b"=" + env[name] for name in FORWARDED if name in env]
+    remote = _remote(env)
+    fields += [b"E" + name + b"=" + env[name] for name in FORWARDED
+               if name in env and not (remote and name in DESKTOP)]
     fields.append(b"T1" if posix.isatty(0) else b"T0")
     return b"\0".join(fields) + b"\0\0"
 
@@ -196,6 +204,11 @@ def connect(env: "dict[bytes, bytes]") -> "_socket.socket":
     try:
         return _connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
+        if _remote(env):
+            # Never start a daemon on the remote host: the one that can open the browser is at the other end.
+            where = path.decode("utf-8", "replace")
+            raise SystemExit(_fail(3, f"brokerd: nothing answers on the forwarded socket {where}; is the ssh "
+                                      "connection with -R up? (docs/remote.md)")) from None
         if env.get(b"BROKERD_NO_AUTOSTART", b"") not in (b"", b"0"):
             where = path.decode("utf-8", "replace")
             raise SystemExit(_fail(3, f"brokerd: no daemon is listening on {where} (start it with `brokerd serve`, "

@@ -494,21 +494,39 @@ def test_a_shim_on_a_forwarded_socket_logs_in_and_sees_the_url(tmp_path: Path, p
                 sel.register(relay.stdout, selectors.EVENT_READ)
                 assert sel.select(30), "the relay did not start"
             assert relay.stdout.readline() == b"ready\n"
-            # The remote side knows nothing but the forwarded path.
-            remote_env = {"BROKERD_SOCKET": str(remote), "XDG_RUNTIME_DIR": str(tmp_path / "elsewhere")}
+            # The remote side knows the forwarded path only; its desktop variables mean nothing on this machine
+            # (BROKERD_REMOTE keeps them home), and it must never start a daemon of its own.
+            remote_env = {"BROKERD_SOCKET": str(remote), "BROKERD_REMOTE": "1", "BROKERD_NO_AUTOSTART": "",
+                          "XDG_RUNTIME_DIR": str(tmp_path / "elsewhere"), "DISPLAY": "remote-host:10.0",
+                          "BROWSER": "/nonexistent/remote-browser"}
+            args = login_args(provider.issuer, "--oidc-extra-scope=email", "--authentication-timeout-sec=30")
             before = _grants(provider)
-            first = daemon.shim(login_args(provider.issuer, "--oidc-extra-scope=email", "--oidc-extra-scope=profile"),
-                                env=remote_env)
+            first = daemon.shim(args, env=remote_env)
             assert _token(first)
-            assert f"Open this URL to log in: {provider.issuer}/auth?" in first.stderr
-            second = daemon.shim(login_args(provider.issuer, "--oidc-extra-scope=profile", "--oidc-extra-scope=email"),
-                                 env=remote_env)
+            assert f"Open this URL to log in: {provider.issuer}/auth?" in first.stderr  # on the remote terminal
+            assert daemon.browser_openings() == 1  # the daemon's own browser, on this desktop
+            second = daemon.shim(args, env=remote_env)
             assert _token(second) == _token(first) and "Open this URL" not in second.stderr
             after = _grants(provider)
             assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+
+            relay.kill()  # the ssh connection goes away; its socket file stays behind
+            relay.wait(timeout=10)
+            gone = daemon.shim(args, env=remote_env)
+            assert gone.returncode == 3 and "forwarded socket" in gone.stderr, gone.stderr
+            assert not _connectable(remote)  # no daemon was started on the "remote" side
         finally:
             relay.kill()
             relay.wait(timeout=10)
             for stream in (relay.stdout, relay.stderr):
                 if stream is not None:
                     stream.close()
+
+
+def _connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
