@@ -1,0 +1,183 @@
+"""The parts every benchmark section uses: the C helpers, a daemon, a one-shot socket client, RSS, JWT peeking.
+
+Everything real: the daemon is ``python -m brokerd serve`` (tests/support/daemon.py), the provider is the test OIDC
+provider (tests/provider/server.mjs), logins go through the browser stand-in or the password grant.  Only loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.harness import BenchError
+from tests.support.daemon import Daemon, login_args
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable  # the venv's interpreter, absolute: the one the direct form of the shim names
+SHIM = str(ROOT / "client_shim" / "shim.py")
+C_DIR = ROOT / "bench" / "c"
+EXEC_INFO_V1BETA1 = json.dumps({"kind": "ExecCredential", "apiVersion": "client.authentication.k8s.io/v1beta1",
+                                "spec": {"interactive": False}}, separators=(",", ":"))
+
+__all__ = ["PY", "ROOT", "SHIM", "Daemon", "login_args"]
+
+
+def compile_helpers(out_dir: Path) -> dict[str, str]:
+    """cc -O2 the C client and load generator into out_dir (at bench time, so they match this machine)."""
+    built = {}
+    for name in ("client", "loadgen"):
+        target = out_dir / name
+        cmd = ["cc", "-O2", "-Wall", "-o", str(target), str(C_DIR / f"{name}.c")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"cc failed for {name}.c: {done.stderr.strip()}")
+        built[name] = str(target)
+    return built
+
+
+def build_request(argv: Sequence[str], env: Mapping[str, str], *, tty: bool = False,
+                  program: str = "kubectl-oidc_login") -> bytes:
+    """The request bytes the shim would send (docs/architecture.md), with the tty flag chosen by us."""
+    fields = [b"brokerd1", b"N" + program.encode()]
+    fields += [b"A" + a.encode() for a in argv]
+    fields += [f"E{k}={v}".encode() for k, v in env.items()]
+    fields.append(b"T1" if tty else b"T0")
+    return b"\0".join(fields) + b"\0\0"
+
+
+def ask(path: Path, request: bytes, answers: Mapping[str, str] | None = None,
+        timeout: float = 60.0) -> tuple[str, str]:
+    """One request on a new connection; answers prompts from ``answers`` (prompt text -> reply).
+    Returns (kind, body) of the terminal line: ("O", result) or ("X", "code text")."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(request)
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise BenchError("the daemon closed the connection without an answer")
+                buf += chunk
+                continue
+            line, buf = buf[:nl].decode(), buf[nl + 1:]
+            kind, body = line[:1], line[1:]
+            if kind in ("O", "X"):
+                return kind, body
+            if kind in ("Q", "S"):
+                reply = (answers or {}).get(body.strip(), "")
+                sock.sendall(b"R" + reply.encode() + b"\0")
+        raise BenchError("no answer from the daemon in time")
+
+
+def peer_pid(path: Path) -> int:
+    """The PID of the process serving a Unix socket (SO_PEERCRED), e.g. a daemon a shim autostarted."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[0])
+
+
+def status_kb(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon ... from /proc/PID/status, in kB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for text in f:
+            name, _, value = text.partition(":")
+            if value.strip().endswith("kB"):
+                out[name] = int(value.split()[0])
+    return out
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared library pages divided among the processes that map them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for text in f:
+            if text.startswith("Pss:"):
+                return int(text.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (from /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT, unverified: the benchmark only reads exp/iat of tokens the daemon handed out."""
+    payload = token.split(".")[1]
+    doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return doc
+
+
+def start_daemon(config: str | None = None) -> Daemon:
+    """A real daemon on a private socket (the browser stand-in as its BROWSER)."""
+    return Daemon(config=config).start()
+
+
+def login_with_browser(daemon: Daemon, args: Sequence[str], attempts: int = 6) -> None:
+    """Log in once through the shim and the browser stand-in.  The default client only accepts redirects to
+    ports 8000/18000, which other engineers' tests may hold for a moment: retry a few times, bounded."""
+    last = ""
+    for attempt in range(attempts):
+        done = daemon.shim(args, timeout=90)
+        if done.returncode == 0:
+            return
+        last = done.stderr.strip()
+        time.sleep(1.0 + attempt)
+    raise BenchError(f"login through the browser stand-in failed {attempts} times: {last}\n{daemon.log()[-2000:]}")
+
+
+def wait_gone(pid: int, timeout: float = 20.0) -> None:
+    """Wait (bounded) until a process that is not our child has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.01)
+    raise BenchError(f"process {pid} did not exit within {timeout} s")
+
+
+@contextlib.contextmanager
+def echo_server(path: Path, reply_bytes: int) -> Iterator[subprocess.Popen[bytes]]:
+    """bench/echo_server.py as its own process; stopped by PID on exit."""
+    proc = subprocess.Popen([PY, str(ROOT / "bench" / "echo_server.py"), str(path), str(reply_bytes)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 15.0)  # bounded: never block on a hung child
+        line = os.read(proc.stdout.fileno(), 64) if ready else b""
+        if line.strip() != b"ready":
+            raise BenchError("the echo server did not start")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
