@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import pty
 import selectors
 import signal
 import socket
@@ -309,6 +310,14 @@ def test_background_poller_gets_no_new_tab_until_the_retry_interval_allows(
         assert daemon.browser_openings() == 1
         assert _grants(provider)[0] - before[0] == 1
 
+        # A person at a terminal (stdin is a tty) is not held back: they asked, so the browser opens again now.
+        at_terminal = _shim_on_a_terminal(daemon, args, bad)
+        assert at_terminal.returncode != 0 and "not opening the browser again" not in at_terminal.stderr
+        assert daemon.browser_openings() == 2
+        _wait_until(lambda: not any(s["login_pending"] for s in _status(daemon)), "the second login to end")
+        assert "not opening the browser again" in daemon.shim(args, env=bad).stderr
+        assert daemon.browser_openings() == 2
+
         # The interval is configuration: drop it to zero (SIGHUP reload) and the next call may log in again.
         daemon.config_path.write_text("[daemon]\nlogin_retry_interval = 0\n")
         assert daemon.proc is not None
@@ -316,9 +325,19 @@ def test_background_poller_gets_no_new_tab_until_the_retry_interval_allows(
         _wait_until(lambda: "config reloaded" in daemon.log(), "the config reload")
         result = daemon.shim(login_args(provider.issuer, scope))
         assert _token(result)
-        assert daemon.browser_openings() == 2
+        assert daemon.browser_openings() == 3
         after = _grants(provider)
-        assert after[0] - before[0] == 2 and after[1] - before[1] == 1
+        assert after[0] - before[0] == 3 and after[1] - before[1] == 1
+
+
+def _shim_on_a_terminal(daemon: Daemon, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    primary, secondary = pty.openpty()
+    try:
+        return subprocess.run(daemon.shim_argv(args), env={**daemon.env, **env}, stdin=secondary,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(secondary)
+        os.close(primary)
 
 
 # -- several sessions side by side -----------------------------------------------------------------------------------
