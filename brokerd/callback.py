@@ -112,6 +112,7 @@ class Lease:
         self._server = server
         self._listener = listener
         self._states: list[str] = []
+        self._released = False
 
     @property
     def port(self) -> int:
@@ -130,6 +131,10 @@ class Lease:
         return future
 
     async def release(self) -> None:
+        """Idempotent: a second call must not take away another login's share of the listener."""
+        if self._released:
+            return
+        self._released = True
         for state in self._states:
             pending = self._listener.pending.pop(state, None)
             if pending is not None and not pending.future.done():

@@ -188,6 +188,7 @@ async def test_two_logins_share_one_listener_routed_by_state_and_it_closes_after
     assert (await _get(http, f"http://127.0.0.1:{port}/?code=code-b&state=state-of-login-b"))[0] == 200
     assert (await b).code == "code-b" and not a.done()
     await two.release()
+    await two.release()  # twice (an error path and a finally): must not close the listener under the first login
     # Still open for the first login; the released login's state is gone.
     assert (await _get(http, f"http://127.0.0.1:{port}/?code=late&state=state-of-login-b"))[0] == 400
     assert (await _get(http, f"http://127.0.0.1:{port}/?code=code-a&state=state-of-login-a"))[0] == 200
