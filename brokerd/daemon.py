@@ -145,6 +145,7 @@ class Daemon:
             await sessions.start()
             stack.push_async_callback(sessions.close)
             api = Server(sessions, config.limits, config.profiles)
+            api.oidc_for = clients.for_options
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=config.limits.max_request)
             self._on_hup = lambda: self._reload(api, sessions, notifier)
             if notifier.enabled:
