@@ -14,7 +14,8 @@ from tests.support.provider import TestProvider
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (scripts/test installs it as root)")
+@pytest.mark.skipif(not CHROMIUM.exists(),
+                    reason="Debian's chromium is not installed (scripts/test installs it as root)")
 def test_login_with_headless_chromium(provider: TestProvider, tmp_path: Path) -> None:
     shot = tmp_path / "callback.png"
     browser = f"{sys.executable} {ROOT / 'tests/support/chromium_login.py'} --screenshot {shot}"
