@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.daemon import stop_daemons_holding
 from tests.support.provider import ProviderFactory, TestProvider, node_modules_missing, start_provider
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep every test away from the user's own daemon, socket, sessions and config.
+
+    A test that forgets to pass its own BROKERD_* variables to a shim or daemon lands in this private directory
+    instead of the real `$XDG_RUNTIME_DIR/brokerd` and `~/.local/state/brokerd`.
+    """
+    base = Path(tempfile.mkdtemp(prefix="bkt", dir="/tmp"))
+    os.environ["BROKERD_SOCKET"] = str(base / "run" / "brokerd.sock")
+    os.environ["BROKERD_STATE_DIR"] = str(base / "state")
+    os.environ["BROKERD_CONFIG"] = str(base / "config.toml")
+    os.environ["BROKERD_NO_AUTOSTART"] = "1"
+    config.add_cleanup(lambda: _stop_strays(base))
+
+
+def _stop_strays(base: Path) -> None:
+    stop_daemons_holding(base / "run" / "brokerd.sock.lock")
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Daemon, login_args
+from tests.support.daemon import Daemon, login_args, stop_daemons_holding
 from tests.support.kube import EXEC_V1, ApiServer, run_kubectl, start_apiserver, write_kubeconfig
 from tests.support.provider import TestProvider
 
@@ -174,29 +174,5 @@ def test_shim_autostarts_the_daemon(provider: TestProvider) -> None:
     finally:
         # The autostarted daemon is ours: find it by the lock it holds and stop it by PID.
         d.cli("logout", "--all")
-        _stop_autostarted(d)
+        assert stop_daemons_holding(d.socket.with_name(d.socket.name + ".lock")) == 1
         d.close()
-
-
-def _stop_autostarted(d: Daemon) -> None:
-    import os
-    import signal
-    import time
-
-    lock = d.socket.with_name(d.socket.name + ".lock")
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            fds = list((pid_dir / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(fd) == str(lock):
-                    os.kill(int(pid_dir.name), signal.SIGTERM)
-            except OSError:
-                continue
-    deadline = time.monotonic() + 10
-    while d.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
