@@ -1,0 +1,221 @@
+"""Provider faults injected into the real test provider while a real daemon serves real shims: each gives the
+caller one clear line and a non-zero exit (or a late success), the daemon keeps serving other sessions, refreshes
+back off, and a still-valid session is never dropped for a transient fault.
+
+Every test uses its own session (extra auth request params are part of the session key), so one test's failed login or
+refresh does not leak into the next.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import Daemon, login_args
+from tests.support.hostile import exchange, request, tracebacks
+from tests.support.provider import ProviderFactory, TestProvider
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PORT = _free_port()
+TTL = 12  # ID/access token life: refresh due at 6 s, served until 10.8 s (10% margin)
+PROVIDER_CONFIG: dict[str, Any] = {
+    "default_client": {"redirect_uris": [f"http://localhost:{PORT}"]},
+    "id_token_ttl": TTL, "access_token_ttl": TTL,
+}
+# Fast back-off so a test can watch it; no lockout after a failed login, so a test can retry at once.
+DAEMON_CONFIG = "[daemon]\nretry_initial = 1\nretry_max = 4\nlogin_retry_interval = 0\n"
+
+
+@pytest.fixture(scope="module")
+def idp(provider_factory: ProviderFactory) -> TestProvider:
+    return provider_factory(PROVIDER_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with Daemon(config=DAEMON_CONFIG) as d:
+        yield d
+        assert tracebacks(d.log()) == []
+
+
+@pytest.fixture(autouse=True)
+def _clear(idp: TestProvider) -> Iterator[None]:
+    idp.clear_faults()
+    yield
+    idp.clear_faults()
+
+
+def args(issuer: str, name: str, *extra: str) -> list[str]:
+    return login_args(issuer, f"--listen-address=127.0.0.1:{PORT}", f"--oidc-auth-request-extra-params=case={name}",
+                      *extra)
+
+
+def token_of(result: Any) -> str:
+    assert result.returncode == 0, result.stderr
+    return str(json.loads(result.stdout)["status"]["token"])
+
+
+def one_error_line(result: Any) -> str:
+    """The caller's stderr: at most the login URL line, then exactly one error line."""
+    assert result.returncode != 0 and result.stdout == "", result
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("Open this URL to log in:") for line in lines[:-1]), lines
+    assert lines[-1].startswith("brokerd: ") and "Traceback" not in result.stderr
+    return str(lines[-1])
+
+
+def faults_applied(idp: TestProvider) -> int:
+    return int(idp.counters()["faults_applied"])
+
+
+def test_500_on_the_token_endpoint(idp: TestProvider, daemon: Daemon) -> None:
+    idp.fault("token", status=500, grant_type="authorization_code")
+    line = one_error_line(daemon.shim(args(idp.issuer, "t500")))
+    assert line == (f"brokerd: token endpoint at {idp.issuer} answered server_error (injected fault)"), line
+    assert token_of(daemon.shim(args(idp.issuer, "t500")))  # the fault is gone: the next call logs in
+
+
+def test_slow_token_endpoint_succeeds_and_other_sessions_are_served(idp: TestProvider, daemon: Daemon) -> None:
+    other = token_of(daemon.shim(args(idp.issuer, "slow-other")))
+    idp.fault("token", kind="delay", seconds=5, grant_type="authorization_code")
+    started = time.monotonic()
+    slow = daemon.shim_async(args(idp.issuer, "slow"))
+    try:
+        time.sleep(1.5)
+        quick_started = time.monotonic()
+        assert token_of(daemon.shim(args(idp.issuer, "slow-other"))) == other
+        assert time.monotonic() - quick_started < 2  # not queued behind the slow login
+        out, err = slow.communicate(timeout=60)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+            slow.communicate()
+    assert slow.returncode == 0, err
+    assert json.loads(out)["status"]["token"]
+    assert time.monotonic() - started >= 5
+
+
+def test_provider_down_then_back_on_the_same_port(provider_factory: ProviderFactory, daemon: Daemon) -> None:
+    port = _free_port()
+    first = provider_factory(PROVIDER_CONFIG, port=port)
+    valid = token_of(daemon.shim(_offline(first.issuer, "down-valid")))
+    first.stop()
+    # Connection refused: a session that is still valid is served from memory ...
+    assert token_of(daemon.shim(_offline(first.issuer, "down-valid"))) == valid
+    # ... a forced refresh says why it cannot refresh, in one line, and keeps the session ...
+    line = one_error_line(daemon.shim(_offline(first.issuer, "down-valid", "--force-refresh")))
+    assert line == f"brokerd: cannot reach http://127.0.0.1:{port}: connection refused", line
+    assert token_of(daemon.shim(_offline(first.issuer, "down-valid"))) == valid
+    # ... and a daemon that has not seen the provider yet fails a login at discovery, before any browser.
+    with Daemon(config=DAEMON_CONFIG) as fresh:
+        line = one_error_line(fresh.shim(args(first.issuer, "down-new")))
+        assert line == f"brokerd: cannot reach http://127.0.0.1:{port}: connection refused", line
+        assert fresh.browser_openings() == 0
+    second = provider_factory(PROVIDER_CONFIG, port=port)  # back (new signing key, new state)
+    assert token_of(daemon.shim(args(second.issuer, "down-new")))
+    assert token_of(daemon.shim(_offline(second.issuer, "down-valid"))) == valid
+
+
+@pytest.mark.parametrize(("target", "words"), [
+    ("discovery", "discovery at {issuer} answered HTTP 500"),
+    ("jwks", "JWKS at {issuer} answered HTTP 500"),
+], ids=["discovery", "jwks"])
+def test_discovery_or_jwks_failing(idp: TestProvider, target: str, words: str) -> None:
+    # A daemon of its own: discovery and keys are cached for an hour once fetched.
+    with Daemon(config=DAEMON_CONFIG) as d:
+        idp.fault(target, status=500, count=None)
+        line = one_error_line(d.shim(args(idp.issuer, f"fail-{target}")))
+        assert line == "brokerd: " + words.format(issuer=idp.issuer), line
+        assert exchange(d.socket, request("status")) == b'O{"sessions": []}\n'  # nothing cached
+        idp.clear_faults()
+        assert token_of(d.shim(args(idp.issuer, f"fail-{target}")))
+        d.stop()
+        assert tracebacks(d.log()) == []
+
+
+def _offline(issuer: str, name: str, *extra: str) -> list[str]:
+    return args(issuer, name, "--oidc-extra-scope=offline_access", *extra)
+
+
+def test_transient_refresh_fault_keeps_the_session_and_backs_off(idp: TestProvider, daemon: Daemon) -> None:
+    started = time.monotonic()
+    first = token_of(daemon.shim(_offline(idp.issuer, "flaky")))
+    openings = daemon.browser_openings()
+    idp.fault("token", status=500, count=None, grant_type="refresh_token")
+    applied = faults_applied(idp)
+    time.sleep(max(0.0, started + 9.5 - time.monotonic()))  # the refresh came due at ~6 s and kept failing
+    attempts = faults_applied(idp) - applied
+    # Backed off (1 s, 2 s, ...): a handful of attempts, not a tight loop.
+    assert 1 <= attempts <= 4, attempts
+    assert token_of(daemon.shim(_offline(idp.issuer, "flaky"))) == first  # still valid: still served
+    idp.clear_faults()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        renewed = token_of(daemon.shim(_offline(idp.issuer, "flaky")))
+        if renewed != first:
+            break
+        time.sleep(0.5)
+    assert renewed != first, "the session was not refreshed after the fault cleared"
+    assert daemon.browser_openings() == openings  # refreshed, never a new login
+    assert "background refresh failed" in daemon.log()
+
+
+def test_signing_key_rotated(idp: TestProvider, daemon: Daemon) -> None:
+    first = token_of(daemon.shim(_offline(idp.issuer, "rotate")))
+    idp.rotate_keys(keep_old=False)
+    before = idp.counters()
+    openings = daemon.browser_openings()
+    renewed = token_of(daemon.shim(_offline(idp.issuer, "rotate", "--force-refresh")))
+    after = idp.counters()
+    assert renewed != first
+    assert after["jwks"] - before["jwks"] == 1  # the unknown kid made it fetch the keys once
+    assert after["token_grants"]["refresh_token"] - before["token_grants"]["refresh_token"] == 1
+    assert daemon.browser_openings() == openings
+
+
+def test_refresh_token_revoked_leads_to_a_new_login(idp: TestProvider, daemon: Daemon) -> None:
+    first = token_of(daemon.shim(_offline(idp.issuer, "revoked")))
+    idp.revoke_all("alice")
+    openings = daemon.browser_openings()
+    # Nobody finishes the new login in the browser: the caller is told so in one line, in time ...
+    failing = daemon.shim(_offline(idp.issuer, "revoked", "--force-refresh", "--authentication-timeout-sec=3"),
+                          env={"BROWSER": "true"})
+    line = one_error_line(failing)
+    # The caller's wait and the login's own deadline are both 3 s; whichever fires first, the line is clear.
+    assert line in ("brokerd: no login was completed in the browser within 3 s",
+                    "brokerd: a login for this cluster is still waiting in your browser; finish it there, then run "
+                    "the command again"), line
+    time.sleep(1)  # let the abandoned login reach its own deadline
+    assert "dropped the refresh token (token endpoint at" in daemon.log()
+    # The ID token is still good, so it is still served (dropping the refresh token is no reason to drop it) ...
+    assert token_of(daemon.shim(_offline(idp.issuer, "revoked"))) == first
+    # ... and with a browser that logs in, a forced renewal logs in again.
+    renewed = token_of(daemon.shim(_offline(idp.issuer, "revoked", "--force-refresh")))
+    assert renewed != first
+    assert daemon.browser_openings() > openings
+
+
+def test_daemon_still_serves_after_all_faults(idp: TestProvider, daemon: Daemon) -> None:
+    results: list[str] = []
+
+    def call() -> None:
+        results.append(token_of(daemon.shim(args(idp.issuer, "t500"))))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4 and len(set(results)) == 1
