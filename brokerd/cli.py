@@ -130,7 +130,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  groups:        {', '.join(s.get('groups') or []) or '-'}")
         print(f"  expires:       {_when(s.get('expires_at'), now)}")
         print(f"  refresh token: {'yes' if s.get('refresh_token') else 'no'}")
-        print(f"  next refresh:  {_when(s.get('next_refresh_at'), now)}")
+        retry = "  (retrying after a failed refresh)" if s.get("refresh_retrying") else ""
+        print(f"  next refresh:  {_when(s.get('next_refresh_at'), now)}{retry}")
         if s.get("login_pending"):
             print("  login:         pending in the browser")
     return 0

@@ -48,7 +48,14 @@ class ConfigError(BrokerError):
 
 
 class ProviderError(BrokerError):
-    """The provider is unreachable or answered something we cannot use.  Transient unless a subclass says not."""
+    """The provider is unreachable or answered something we cannot use.  Transient unless a subclass says not.
+
+    ``maybe_delivered`` is False only when the request certainly never reached the provider (no connection could
+    be made).  Anything else may have been processed, which decides whether a single-use grant such as a rotating
+    refresh token may be sent again (see ``brokerd.refresh.refresh_token_lost``).
+    """
+
+    maybe_delivered: bool = True
 
 
 class DiscoveryError(ProviderError):

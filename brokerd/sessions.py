@@ -1,10 +1,28 @@
 """The use case: hand out a valid token for a session, renewing it at most once at a time.
 
-For each session (keyed by ProviderSettings.key) there is at most one renewal task, a refresh or a login, and
-every caller that needs a token meanwhile waits on that same task (single flight).  The task belongs to the
-manager, not to a caller: a caller that gives up does not cancel a login others wait for, or that the person is
-still finishing in the browser.  A new refresh token is saved to the store before the task completes, so nothing
-can use the session with a refresh token that is not on disk yet.  A timer per session refreshes ahead of expiry.
+Single flight.  For each session (keyed by ProviderSettings.key) there is at most one renewal task, a refresh or a
+login, and every caller that needs a token meanwhile waits on that same task.  The task belongs to the manager, not
+to a caller: a caller that gives up does not cancel a login others wait for, or that the person is still finishing
+in the browser.
+
+Ahead of time.  A timer per session refreshes in the background at ``refresh.refresh_due`` (80% of the served
+token's life, at the latest 60 s before exp, never in the first half of the life), so callers are served from
+cache.  When that refresh fails with a transient error it is retried with exponential back-off
+(``retry_initial`` .. ``retry_max``) until the token stops being served; a failure streak logs one warning, the
+retries log at debug.  Meanwhile a caller is served the cached token while it is valid; a caller that arrives
+after it has expired starts (or joins) one renewal of its own, which may log in.
+
+Rotation.  A refresh token is never sent twice.  New tokens are written to the store (fsynced) before the session
+in memory points at them, so nothing uses a rotated session whose refresh token is not on disk.  When a refresh
+fails, ``refresh.refresh_token_lost`` decides whether the provider may have processed it: only a request that
+never left (connection refused, connect timeout: ``ProviderError.maybe_delivered`` is False) or one the provider
+answered with an error status leaves the refresh token usable; a timeout or a dropped connection after sending,
+an unusable 2xx answer, or invalid_grant drops it.  The ID token is then still served until it expires, and the
+next caller after that logs in once.  A refresh that returns no new ID token (kubelogin #536) keeps the old one
+and stops the timer (refreshing again cannot extend it); one that returns no new refresh token keeps the old one.
+
+A login is never retried in a loop: a renewal logs in at most once, and after a failed login non-interactive
+callers are refused for ``login_retry_interval`` instead of opening the browser again.
 """
 
 from __future__ import annotations
@@ -18,47 +36,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from brokerd.clock import Clock
-from brokerd.errors import (
-    BrokerError,
-    InvalidGrant,
-    LoginError,
-    LoginInterrupted,
-    LoginPending,
-    ProviderError,
-    StoreError,
-)
+from brokerd.errors import BrokerError, LoginError, LoginInterrupted, LoginPending, StoreError
 from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Session, SessionKey, TokenSet
 from brokerd.oidc import OIDCClient
+from brokerd.refresh import Policy, describe, margin, refresh_due, refresh_token_lost, serve_until
+
+__all__ = ["Policy", "SessionManager", "Store", "margin", "refresh_due"]
 
 log = logging.getLogger("brokerd.sessions")
+
+MAX_RETRIES = 100  # background refresh attempts per token; the back-off reaches exp long before this
+LOGOUT_REFRESH_WAIT = 10.0  # logout lets a refresh in flight land, so it revokes the newest refresh token
 
 
 class Store(Protocol):
     def load(self) -> dict[SessionKey, Session]: ...
     def save(self, sessions: Mapping[SessionKey, Session]) -> None: ...
-
-
-@dataclass(frozen=True)
-class Policy:
-    refresh_ratio: float = 0.8  # refresh when this share of the token's life has passed ...
-    refresh_lead: float = 60.0  # ... and never later than this many seconds before exp
-    serve_margin: float = 10.0  # tell kubectl the token expires this much early (at most 10% of its life)
-    login_retry_interval: float = 30.0  # after a failed login, non-interactive callers wait this long to retry
-    retry_initial: float = 2.0  # background refresh back-off
-    retry_max: float = 60.0
-
-
-def margin(policy: Policy, tokens: TokenSet) -> float:
-    life = max(0.0, tokens.expires_at - tokens.issued_at)
-    return min(policy.serve_margin, life * 0.1)
-
-
-def refresh_due(policy: Policy, tokens: TokenSet) -> float:
-    life = max(0.0, tokens.expires_at - tokens.issued_at)
-    due = min(tokens.issued_at + life * policy.refresh_ratio, tokens.expires_at - policy.refresh_lead)
-    # Short-lived tokens (tests, strict providers): do not refresh in the first half of the life.
-    return max(due, tokens.issued_at + life * 0.5)
 
 
 @dataclass
@@ -87,18 +81,21 @@ class _Entry:
     options: LoginOptions = field(default_factory=LoginOptions)
     renewal: _Renewal | None = None
     timer: asyncio.Task[None] | None = None
+    next_refresh_at: float | None = None
+    retrying: bool = False
+    closed: bool = False  # logged out: nothing may schedule work on it any more
     login_failed_at: float | None = None
     login_failure: str = ""
 
 
 class SessionManager:
     def __init__(self, oidc_for: Callable[[LoginOptions], OIDCClient], flows: LoginFlows, store: Store | None,
-                 clock: Clock, policy: Policy = Policy()) -> None:
+                 clock: Clock, policy: Policy | None = None) -> None:
         self._oidc_for = oidc_for
         self._flows = flows
         self._store = store
         self._clock = clock
-        self.policy = policy
+        self.policy = policy or Policy()
         self._entries: dict[SessionKey, _Entry] = {}
         self._save_lock = asyncio.Lock()
         self._closing = False
@@ -153,18 +150,19 @@ class SessionManager:
     def _servable(self, tokens: TokenSet | None, use_access_token: bool) -> bool:
         if tokens is None or not tokens.token_for(use_access_token):
             return False
-        return self._clock.now() < tokens.serve_expiry(use_access_token) - margin(self.policy, tokens)
+        return self._clock.now() < serve_until(self.policy, tokens, use_access_token)
 
     def serve_expiry(self, tokens: TokenSet, use_access_token: bool) -> float:
         """The expirationTimestamp to give kubectl: a little before the real exp (kube-apiserver allows no leeway)."""
-        return tokens.serve_expiry(use_access_token) - margin(self.policy, tokens)
+        return serve_until(self.policy, tokens, use_access_token)
 
     async def get_token(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
         key = settings.key
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry(settings=settings)
-        entry.options = options
+        # Remembered for background refreshes (TLS, headers); --force-refresh is this caller's wish only.
+        entry.options = replace(options, force_refresh=False)
         force = options.force_refresh
         # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
         for _ in range(2):
@@ -222,30 +220,43 @@ class SessionManager:
         oidc = self._oidc_for(options)
         tokens = entry.tokens
         if tokens is not None and tokens.refresh_token:
+            # Discovery first, on its own: a failure here certainly sent nothing, so the refresh token stays.
+            await oidc.metadata(entry.settings.issuer)
             try:
                 return await self._refresh(entry, oidc, tokens)
-            except InvalidGrant as exc:
-                log.warning("session %s: the provider rejected the refresh token (%s); a login is needed",
-                            entry.settings.key.short(), exc.error or "invalid_grant")
-                entry.tokens = replace(tokens, refresh_token=None)
-                await self._save()
-                if not allow_login:
+            except BrokerError as exc:
+                if not refresh_token_lost(exc):
+                    # Transient and unspent: keep the session as it is; the caller or the timer tries again.
+                    if not force and self._servable(tokens, entry.settings.use_access_token):
+                        return tokens
                     raise
-            except ProviderError:
-                # A transient fault must not cost a still-valid session: serve what we have, retry later.
-                if not force and self._servable(tokens, entry.settings.use_access_token):
-                    return tokens
-                raise
+                await self._drop_refresh_token(entry, tokens, exc)
+                if not allow_login or caller is None:
+                    raise
         if not allow_login or caller is None:
             raise LoginError("the session has no refresh token; a login is needed")
         return await self._login(entry, oidc, options, caller, holder[0])
 
+    async def _drop_refresh_token(self, entry: _Entry, tokens: TokenSet, exc: BrokerError) -> None:
+        log.warning("session %s: dropped the refresh token (%s); the ID token is served until it expires, then "
+                    "the next call logs in", entry.settings.key.short(), exc)
+        await self._save(entry, replace(tokens, refresh_token=None))
+        self._cancel_timer(entry)
+
     async def _refresh(self, entry: _Entry, oidc: OIDCClient, tokens: TokenSet) -> TokenSet:
         new = await oidc.refresh(entry.settings, tokens)
-        entry.tokens = new
-        await self._save()  # before anyone can use the session with the new refresh token
-        log.info("session %s refreshed; token valid until %s", entry.settings.key.short(), _fmt(new.expires_at))
-        self._schedule(entry)
+        await self._save(entry, new)  # on disk before anything can use the session with the new refresh token
+        use_access = entry.settings.use_access_token
+        if new.serve_expiry(use_access) <= tokens.serve_expiry(use_access):
+            # No new ID token (kubelogin #536), or one no longer-lived: refreshing ahead again cannot extend it.
+            # The next caller after its exp renews (a refresh, else one login).
+            log.info("session %s refreshed but its token was not extended; it stays valid until %s",
+                     entry.settings.key.short(), _fmt(new.serve_expiry(use_access)))
+            self._cancel_timer(entry)
+        else:
+            log.info("session %s refreshed; token valid until %s", entry.settings.key.short(),
+                     _fmt(new.serve_expiry(use_access)))
+            self._schedule(entry)
         return new
 
     async def _login(self, entry: _Entry, oidc: OIDCClient, options: LoginOptions, caller: Caller,
@@ -266,29 +277,36 @@ class SessionManager:
             entry.login_failure = str(exc)
             raise
         entry.login_failed_at = None
-        entry.tokens = tokens
-        await self._save()
-        log.info("session %s logged in; token valid until %s", entry.settings.key.short(), _fmt(tokens.expires_at))
+        await self._save(entry, tokens)
+        log.info("session %s logged in; token valid until %s", entry.settings.key.short(),
+                 _fmt(tokens.serve_expiry(entry.settings.use_access_token)))
         self._schedule(entry)
         return tokens
 
     # -- ahead-of-time refresh ------------------------------------------------------------------------------------
 
-    def _schedule(self, entry: _Entry) -> None:
+    def _cancel_timer(self, entry: _Entry) -> None:
         if entry.timer is not None and entry.timer is not asyncio.current_task():
             entry.timer.cancel()
         entry.timer = None
-        if self._closing or entry.tokens is None or not entry.tokens.refresh_token:
-            return
-        entry.timer = asyncio.create_task(self._refresh_ahead(entry))
+        entry.next_refresh_at = None
+        entry.retrying = False
 
-    async def _refresh_ahead(self, entry: _Entry) -> None:
-        tokens = entry.tokens
-        assert tokens is not None
-        await self._clock.sleep(refresh_due(self.policy, tokens) - self._clock.now())
+    def _schedule(self, entry: _Entry) -> None:
+        self._cancel_timer(entry)
+        if self._closing or entry.closed or entry.tokens is None or not entry.tokens.refresh_token:
+            return
+        entry.next_refresh_at = refresh_due(self.policy, entry.tokens, entry.settings.use_access_token)
+        entry.timer = asyncio.create_task(self._refresh_ahead(entry, entry.tokens))
+
+    async def _refresh_ahead(self, entry: _Entry, tokens: TokenSet) -> None:
+        assert entry.next_refresh_at is not None
+        await self._clock.sleep(entry.next_refresh_at - self._clock.now())
+        short = entry.settings.key.short()
+        until = serve_until(self.policy, tokens, entry.settings.use_access_token)
         delay = self.policy.retry_initial
-        for attempt in range(1, 100):
-            if entry.tokens is not tokens:
+        for attempt in range(1, MAX_RETRIES + 1):
+            if entry.tokens is not tokens or entry.closed:
                 return  # renewed meanwhile; that renewal scheduled the next timer
             renewal = entry.renewal
             if renewal is None or renewal.task.done():
@@ -296,33 +314,59 @@ class SessionManager:
             try:
                 await asyncio.shield(renewal.task)
                 return
-            except InvalidGrant:
-                return
             except BrokerError as exc:
+                if entry.tokens is not tokens or entry.tokens is None or not entry.tokens.refresh_token:
+                    return  # the refresh token was dropped (and that was logged), or another renewal won
                 # One warning per failure streak; the retries go to debug so a dead provider does not flood logs.
-                level = logging.WARNING if attempt == 1 else logging.DEBUG
-                log.log(level, "session %s: refresh failed, will retry: %s", entry.settings.key.short(), exc)
-            remaining = tokens.expires_at - self._clock.now()
+                if attempt == 1:
+                    log.warning("session %s: background refresh failed (%s); retrying with back-off until the "
+                                "token expires at %s", short, exc, _fmt(until))
+                else:
+                    log.debug("session %s: background refresh attempt %d failed: %s", short, attempt, exc)
+            remaining = until - self._clock.now()
             if remaining <= 0:
-                log.warning("session %s: could not refresh before the token expired; the next kubectl call will "
-                            "try again", entry.settings.key.short())
+                log.debug("session %s: no refresh before the token expired; the next call renews", short)
+                entry.next_refresh_at, entry.retrying = None, False
                 return
-            await self._clock.sleep(min(delay, remaining))
+            wait = min(delay, remaining)
+            entry.next_refresh_at, entry.retrying = self._clock.now() + wait, True
+            await self._clock.sleep(wait)
             delay = min(delay * 2, self.policy.retry_max)
 
     # -- persistence ----------------------------------------------------------------------------------------------
 
-    async def _save(self) -> None:
-        if self._store is None:
-            return
-        snapshot = {key: Session(key, e.settings, e.tokens) for key, e in self._entries.items()
-                    if e.tokens is not None}
+    async def _save(self, entry: _Entry | None = None, tokens: TokenSet | None = None) -> None:
+        """Persist every session, with ``entry`` holding ``tokens``, then point ``entry`` at them.
+
+        The snapshot is taken under the lock, so saves land in order and an older snapshot never overwrites a
+        newer one.  The write is not abandoned half way when the task is cancelled (logout, shutdown): the
+        provider may already have rotated the refresh token being written.
+        """
+        cancelled = False
         async with self._save_lock:
-            try:
-                await asyncio.to_thread(self._store.save, snapshot)
-            except StoreError as exc:
-                # Keep serving from memory: losing persistence is bad, losing the running session is worse.
-                log.error("sessions not saved: %s", exc)
+            if self._store is not None:
+                snapshot = {key: Session(key, e.settings, e.tokens) for key, e in self._entries.items()
+                            if e.tokens is not None}
+                if entry is not None and tokens is not None and self._entries.get(entry.settings.key) is entry:
+                    snapshot[entry.settings.key] = Session(entry.settings.key, entry.settings, tokens)
+                write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
+                for _ in range(1000):  # bounded by the write finishing; a cancel only defers
+                    try:
+                        await asyncio.shield(write)
+                        break
+                    except asyncio.CancelledError:
+                        cancelled = True
+                        if write.done():
+                            break
+                try:
+                    write.result()
+                except StoreError as exc:
+                    # Keep serving from memory: losing persistence is bad, losing the running session is worse.
+                    log.error("sessions not saved: %s", exc)
+            if entry is not None and tokens is not None:
+                entry.tokens = tokens
+        if cancelled:
+            raise asyncio.CancelledError
 
     # -- admin ----------------------------------------------------------------------------------------------------
 
@@ -332,57 +376,47 @@ class SessionManager:
         for key, entry in sorted(self._entries.items()):
             if entry.tokens is None and entry.renewal is None:
                 continue
-            out.append(describe(key, entry.settings, entry.tokens, now, self.policy,
-                                login_pending=entry.renewal is not None and entry.renewal.allow_login))
+            out.append(describe(key, entry.settings, entry.tokens, now, next_refresh_at=entry.next_refresh_at,
+                                retrying=entry.retrying,
+                                login_pending=entry.renewal is not None and entry.renewal.logging_in))
         return out
 
     async def logout(self, issuer: str | None = None, client_id: str | None = None) -> list[dict[str, Any]]:
-        results = []
-        for key, entry in list(self._entries.items()):
-            if issuer is not None and entry.settings.issuer != issuer:
-                continue
-            if client_id is not None and entry.settings.client_id != client_id:
-                continue
-            if entry.timer is not None:
-                entry.timer.cancel()
-            if entry.renewal is not None and not entry.renewal.task.done():
-                entry.renewal.task.cancel()
-            revoked = "no refresh token"
-            tokens = entry.tokens
-            if tokens is not None and tokens.refresh_token:
-                try:
-                    ok = await self._oidc_for(entry.options).revoke(entry.settings, tokens.refresh_token)
-                    revoked = "refresh token revoked" if ok else "the provider has no revocation endpoint"
-                except BrokerError as exc:
-                    revoked = f"revocation failed: {exc}"
+        """End the matching sessions: revoke the refresh token (RFC 7009), forget them in memory and on disk."""
+        ended = [(key, entry) for key, entry in self._entries.items()
+                 if (issuer is None or entry.settings.issuer == issuer)
+                 and (client_id is None or entry.settings.client_id == client_id)]
+        for key, entry in ended:
+            # Out of the table first: a caller arriving now starts a fresh session instead of reviving this one.
             del self._entries[key]
+            entry.closed = True
+            self._cancel_timer(entry)
+        results = []
+        for key, entry in ended:
+            renewal = entry.renewal
+            if renewal is not None and not renewal.task.done():
+                if not renewal.logging_in:
+                    # A refresh in flight may rotate the token: let it land so the newest one is revoked.
+                    await asyncio.wait({renewal.task}, timeout=LOGOUT_REFRESH_WAIT)
+                renewal.task.cancel()
             results.append({"session": key.short(), "issuer": entry.settings.issuer,
-                            "client_id": entry.settings.client_id, "result": revoked})
+                            "client_id": entry.settings.client_id, "result": await self._revoke(entry)})
         await self._save()
         return results
+
+    async def _revoke(self, entry: _Entry) -> str:
+        tokens = entry.tokens
+        if tokens is None or not tokens.refresh_token:
+            return "no refresh token to revoke; session forgotten"
+        try:
+            ok = await self._oidc_for(entry.options).revoke(entry.settings, tokens.refresh_token)
+        except BrokerError as exc:
+            log.warning("session %s: revocation failed: %s", entry.settings.key.short(), exc)
+            return f"revocation failed ({exc}); session forgotten"
+        if ok:
+            return "refresh token revoked; session forgotten"
+        return "the provider has no revocation endpoint; session forgotten"
 
 
 def _fmt(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def describe(key: SessionKey, settings: ProviderSettings, tokens: TokenSet | None, now: float, policy: Policy,
-             *, login_pending: bool = False) -> dict[str, Any]:
-    claims = dict(tokens.claims) if tokens is not None else {}
-    sub = claims.get("sub")
-    groups = claims.get("groups")
-    return {
-        "session": key.short(),
-        "issuer": settings.issuer,
-        "client_id": settings.client_id,
-        "session_name": settings.username,
-        "scopes": list(settings.scopes),
-        "username": f"{settings.issuer}#{sub}" if sub is not None else None,
-        "email": claims.get("email"),
-        "groups": list(groups) if isinstance(groups, list) else [],
-        "expires_at": tokens.expires_at if tokens is not None else None,
-        "expires_in": round(tokens.expires_at - now) if tokens is not None else None,
-        "refresh_token": bool(tokens is not None and tokens.refresh_token),
-        "next_refresh_at": refresh_due(policy, tokens) if tokens is not None and tokens.refresh_token else None,
-        "login_pending": login_pending,
-    }

@@ -1,0 +1,95 @@
+"""Refresh policy of a session, as pure functions: when to refresh, how long to serve, what a failure means.
+
+``sessions.py`` drives the tasks; everything here is arithmetic on a ``TokenSet`` and an error, so it is tested
+without time or I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from brokerd.errors import InvalidGrant, ProviderError, TokenEndpointError
+from brokerd.models import ProviderSettings, SessionKey, TokenSet
+
+# A gateway that says it timed out waiting for the provider has forwarded the request: it may have been processed.
+_GATEWAY_TIMEOUT = 504
+
+
+@dataclass(frozen=True)
+class Policy:
+    refresh_ratio: float = 0.8  # refresh when this share of the token's life has passed ...
+    refresh_lead: float = 60.0  # ... and never later than this many seconds before exp
+    serve_margin: float = 10.0  # tell kubectl the token expires this much early (at most 10% of its life)
+    login_retry_interval: float = 30.0  # after a failed login, non-interactive callers wait this long to retry
+    retry_initial: float = 2.0  # background refresh back-off
+    retry_max: float = 60.0
+
+
+def _life(tokens: TokenSet, use_access_token: bool) -> float:
+    return max(0.0, tokens.serve_expiry(use_access_token) - tokens.issued_at)
+
+
+def margin(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
+    return min(policy.serve_margin, _life(tokens, use_access_token) * 0.1)
+
+
+def serve_until(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
+    """The expirationTimestamp given to kubectl, and the moment the daemon stops serving this token: a little
+    before the real exp, because kube-apiserver allows no leeway."""
+    return tokens.serve_expiry(use_access_token) - margin(policy, tokens, use_access_token)
+
+
+def refresh_due(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
+    """When the background refresh runs: at ``refresh_ratio`` of the served token's life, at the latest
+    ``refresh_lead`` before its exp, but never in the first half of its life.  That floor decides for short
+    lifetimes (tests, strict providers): a 10 s token is refreshed after 5 s, not 50 s before it was issued."""
+    life = _life(tokens, use_access_token)
+    expiry = tokens.serve_expiry(use_access_token)
+    due = min(tokens.issued_at + life * policy.refresh_ratio, expiry - policy.refresh_lead)
+    return max(due, tokens.issued_at + life * 0.5)
+
+
+def refresh_token_lost(exc: BaseException) -> bool:
+    """Is the refresh token unusable after a refresh request failed with ``exc``?
+
+    True when the grant is dead (invalid_grant) and whenever the provider may have processed the request: a
+    rotating provider then has spent the token, and sending it again makes it revoke the whole grant.  Only two
+    failures prove the token unspent: the request never left (``ProviderError.maybe_delivered`` is False: no
+    connection could be made), or the provider answered with an error status (it refused the request; a 504 is
+    a gateway that gave up waiting for the provider, so that one is not proof).  A 2xx answer we cannot use, a
+    dropped connection, a timeout after sending, and an ID token that fails verification all count as spent.
+    """
+    if isinstance(exc, InvalidGrant):
+        return True
+    if isinstance(exc, TokenEndpointError) and exc.status is not None:
+        return 200 <= exc.status < 300 or exc.status == _GATEWAY_TIMEOUT
+    if isinstance(exc, ProviderError):
+        return exc.maybe_delivered
+    return True
+
+
+def describe(key: SessionKey, settings: ProviderSettings, tokens: TokenSet | None, now: float, *,
+             next_refresh_at: float | None, retrying: bool = False, login_pending: bool = False) -> dict[str, Any]:
+    """One session for ``brokerd status``: who, until when, what happens next.  Never a token value."""
+    claims = dict(tokens.claims) if tokens is not None else {}
+    sub = claims.get("sub")
+    groups = claims.get("groups")
+    expires_at = tokens.serve_expiry(settings.use_access_token) if tokens is not None else None
+    return {
+        "session": key.short(),
+        "issuer": settings.issuer,
+        "client_id": settings.client_id,
+        "session_name": settings.username,
+        "scopes": list(settings.scopes),
+        # kube-apiserver's default username mapping for OIDC: "<issuer>#<sub>".
+        "username": f"{settings.issuer}#{sub}" if sub is not None else None,
+        "email": claims.get("email"),
+        "groups": [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else [],
+        "expires_at": expires_at,
+        "expires_in": round(expires_at - now) if expires_at is not None else None,
+        "refresh_token": bool(tokens is not None and tokens.refresh_token),
+        "next_refresh_at": next_refresh_at,
+        "refresh_retrying": retrying,
+        "login_pending": login_pending,
+    }
