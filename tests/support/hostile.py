@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 MAGIC = b"brokerd1"
 TERMINAL = (b"O", b"X")
 LINE_KINDS = (b"M", b"O", b"X", b"Q", b"S")
+INTERNAL_ERROR = b"brokerd: internal error in brokerd (details in its log)"
+LOGGED_INTERNAL_ERRORS = ("internal error while serving a request", "internal error on a client connection")
 
 
 def dead_issuer() -> str:
@@ -95,7 +97,7 @@ def check_answer(data: bytes, raw: bytes, *, max_request: int = 64 * 1024) -> An
         if line[:1] == b"X":
             code, _, text = line[1:].partition(b" ")
             assert code.isdigit() and int(code) > 0 and text.startswith(b"brokerd: "), line
-            assert b"internal error" not in text, f"request {data[:300]!r} caused {line!r}"
+            assert text != INTERNAL_ERROR, f"request {data[:300]!r} caused {line!r}"
     answer = Answer(lines)
     end = data.find(b"\0\0")
     complete = end >= 0 and end + 2 <= max_request
