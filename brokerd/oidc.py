@@ -104,7 +104,8 @@ class OIDCClient:
         try:
             async with self._http.request(
                 method, url, data=data, headers=hdrs, allow_redirects=method == "GET",
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                # sock_connect: a connect that times out is reported as such (ConnectionTimeoutError), not sent.
+                timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._timeout / 2),
             ) as resp:
                 body = bytearray()
                 async for chunk in resp.content.iter_chunked(65536):
@@ -113,7 +114,11 @@ class OIDCClient:
                         raise ProviderError(f"{origin(url)} sent more than {MAX_BODY} bytes")
                 return resp.status, resp.headers.get("Content-Type", ""), bytes(body)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ProviderError(f"cannot reach {origin(url)}: {_network_reason(exc, self._timeout)}") from exc
+            err = ProviderError(f"cannot reach {origin(url)}: {_network_reason(exc, self._timeout)}")
+            # Only a connection never made proves the request unsent; a timeout or a dropped connection after
+            # sending may have reached the provider (a rotating refresh token is then spent).
+            err.maybe_delivered = not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+            raise err from exc
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
         status, _, body = await self._send("GET", url)
