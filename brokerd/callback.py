@@ -105,6 +105,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _listening(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)  # loopback: a listener answers at once, a free port refuses at once
+        try:
+            probe.connect((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class Lease:
     """One login's use of a listener.  ``redirect_uri`` is what goes into the authorization request."""
 
@@ -217,9 +228,10 @@ class CallbackServer:
                 try:
                     socks.append(_bind(extra, chosen))
                 except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE and port:
+                    if exc.errno == errno.EADDRINUSE and port and _listening(extra, chosen):
                         # Another program listens on [::1]:port: a browser that resolves localhost to ::1 would
-                        # hand it our code.  The port counts as busy.
+                        # hand it our code.  The port counts as busy.  (In use without a listener -- the local
+                        # end of some connection -- is harmless: the browser is refused there and uses IPv4.)
                         raise
                     # No IPv6 on this machine (or an ephemeral port taken on ::1 only): IPv4 alone serves.
                     log.debug("not listening on [%s]:%d: %s", extra, chosen, exc.strerror)

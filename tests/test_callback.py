@@ -238,6 +238,27 @@ async def test_a_port_held_on_ipv6_only_counts_as_busy(blockers: list[socket.soc
     await server.close()
 
 
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_a_port_bound_but_not_listening_on_ipv6_is_still_used(blockers: list[socket.socket],
+                                                                     http: aiohttp.ClientSession) -> None:
+    """The local end of some connection on [::1]:port: nobody can receive the redirect there, IPv4 serves."""
+    port = _free_port()
+    bound = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    bound.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    bound.bind(("::1", port))  # no listen()
+    blockers.append(bound)
+    server = CallbackServer(busy_wait=0)
+    lease = await server.acquire([f"127.0.0.1:{port}"])
+    try:
+        assert lease.port == port
+        waiter = lease.expect(STATE)
+        assert (await _get(http, f"http://127.0.0.1:{port}/?code=c&state={STATE}"))[0] == 200
+        assert (await waiter).code == "c"
+    finally:
+        await lease.release()
+        await server.close()
+
+
 async def test_all_ports_busy_waits_for_one_to_free_up(blockers: list[socket.socket],
                                                        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="brokerd.callback")
