@@ -76,6 +76,12 @@ class DeviceAuthorization:
 def _network_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:g} s"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        # Checked before ClientConnectorError: its errno (1) would read as "operation not permitted".
+        cert_error = exc.certificate_error
+        detail = getattr(cert_error, "verify_message", "") or type(cert_error).__name__
+        return (f"TLS certificate verification failed ({safe_text(str(detail), 80)}); trust its CA with "
+                "--certificate-authority or --certificate-authority-data")
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
         return os.strerror(exc.os_error.errno).lower()  # "connection refused", not asyncio's wording
     return safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
@@ -85,8 +91,10 @@ class OIDCClient:
     """One per daemon; caches discovery per issuer and JWKS per URI.  Safe to share between tasks."""
 
     def __init__(self, http: aiohttp.ClientSession, clock: Clock, *, discovery_ttl: float = 3600,
-                 request_timeout: float = 30, jwks_refetch_interval: float = JWKS_REFETCH_INTERVAL) -> None:
+                 request_timeout: float = 30, jwks_refetch_interval: float = JWKS_REFETCH_INTERVAL,
+                 request_headers: Mapping[str, str] | None = None) -> None:
         self._http = http
+        self._request_headers = dict(request_headers or {})  # --oidc-request-header, sent on every request
         self._clock = clock
         self._discovery_ttl = discovery_ttl
         self._timeout = request_timeout
@@ -96,11 +104,15 @@ class OIDCClient:
         self._jwks_refetched_at: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        return self._http
+
     # ---- HTTP -------------------------------------------------------------------------------------------------
 
     async def _send(self, method: str, url: str, *, data: Mapping[str, str] | None = None,
                     headers: Mapping[str, str] | None = None) -> tuple[int, str, bytes]:
-        hdrs = {"Accept": "application/json", **(headers or {})}
+        hdrs = {"Accept": "application/json", **self._request_headers, **(headers or {})}
         try:
             async with self._http.request(
                 method, url, data=data, headers=hdrs, allow_redirects=method == "GET",
@@ -328,6 +340,11 @@ class OIDCClient:
             raise ProviderError(f"{meta.issuer} offers no device authorization endpoint")
         verifier = generate_token(64) if pkce else None
         form = {"client_id": settings.client_id, "scope": " ".join(settings.scopes)}
+        # The same groups rule and extra parameters as the code flow: a device login must see the same claims.
+        extras = {k: v for k, v in settings.extra_params if k not in PROTECTED_PARAMS}
+        if "groups" in settings.scopes and meta.claims_parameter_supported and "claims" not in extras:
+            form["claims"] = GROUPS_CLAIMS_REQUEST
+        form.update(extras)
         if verifier is not None:
             form["code_challenge"] = create_s256_code_challenge(verifier)
             form["code_challenge_method"] = "S256"
