@@ -40,6 +40,8 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
     root.setLevel(level)
     # aiohttp's access log would print request lines of the loopback listener, query strings (codes) included.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Junk sent to the loopback listener by any local process would otherwise log a traceback per request.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
 def _run_loop(main: Callable[[], Any]) -> Any:

@@ -23,6 +23,7 @@ from brokerd.oidc import OIDCClient
 log = logging.getLogger("brokerd.flows")
 
 Announce = Callable[[str], None]
+LOGIN_DISCOVERY_MAX_AGE = 0.0  # every login: one cheap GET, and a dead provider fails before the browser opens
 # kubelogin's default for authcode-keyboard: the provider shows the code on its own page.
 OOB_REDIRECT = "urn:ietf:wg:oauth:2.0:oob"
 
@@ -89,6 +90,8 @@ class LoginFlows:
 
     async def _authcode(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                         announce: Announce) -> TokenSet:
+        # Fresh discovery first: opening a browser at a provider that is down only makes the person wait.
+        await oidc.metadata(settings.issuer, max_age=LOGIN_DISCOVERY_MAX_AGE)
         lease = await self._callbacks.acquire(options.listen_addresses, _callback_ssl(options))
         try:
             redirect_uri = settings.redirect_url or lease.default_redirect_uri

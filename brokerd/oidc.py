@@ -170,13 +170,16 @@ class OIDCClient:
 
     # ---- discovery and keys -----------------------------------------------------------------------------------
 
-    async def metadata(self, issuer: str) -> ProviderMetadata:
+    async def metadata(self, issuer: str, *, max_age: float | None = None) -> ProviderMetadata:
+        """Discovery, cached for ``discovery_ttl`` (or ``max_age`` when given: a login passes a short one, so a
+        provider that went down fails at once instead of after the person gave up waiting in the browser)."""
+        ttl = self._discovery_ttl if max_age is None else min(max_age, self._discovery_ttl)
         cached = self._metadata.get(issuer)
-        if cached and self._clock.now() - cached[0] < self._discovery_ttl:
+        if cached and self._clock.now() - cached[0] < ttl:
             return cached[1]
         async with self._lock("discovery " + issuer):
             cached = self._metadata.get(issuer)
-            if cached and self._clock.now() - cached[0] < self._discovery_ttl:
+            if cached and self._clock.now() - cached[0] < ttl:
                 return cached[1]
             doc = await self._get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", "discovery")
             found = doc.get("issuer")

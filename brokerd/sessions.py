@@ -46,6 +46,8 @@ __all__ = ["Policy", "SessionManager", "Store", "margin", "refresh_due"]
 
 log = logging.getLogger("brokerd.sessions")
 
+CALLER_GRACE = 2.0
+
 MAX_RETRIES = 100  # background refresh attempts per token; the back-off reaches exp long before this
 LOGOUT_REFRESH_WAIT = 10.0  # logout lets a refresh in flight land, so it revokes the newest refresh token
 
@@ -175,7 +177,10 @@ class SessionManager:
             force = False
             renewal.join(caller)
             try:
-                tokens = await asyncio.wait_for(asyncio.shield(renewal.task), options.authentication_timeout)
+                # A little longer than the login's own deadline, so the caller hears why it ended ("no login was
+                # completed within N s") rather than that it is still pending.
+                tokens = await asyncio.wait_for(asyncio.shield(renewal.task),
+                                                options.authentication_timeout + CALLER_GRACE)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if renewal.task.cancelled() and not (task is not None and task.cancelling()):
