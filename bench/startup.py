@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import py_compile
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,19 +37,6 @@ def _token(stdout: str) -> str:
     return str(doc["status"]["token"])
 
 
-def _bytecode_launcher(workdir: Path) -> str:
-    """A copy of the shim as an importable module (bytecode cached) behind a 3-line launcher: what `python -I -S
-    shim.py` costs without compiling the script's source on every run.  Bench-only; not what ships."""
-    pkg = workdir / "shimcache"
-    pkg.mkdir(exist_ok=True)
-    (pkg / "brokerd_shim_body.py").write_text(Path(SHIM).read_text())
-    py_compile.compile(str(pkg / "brokerd_shim_body.py"), doraise=True)
-    launcher = pkg / "launch.py"
-    launcher.write_text(f"import sys\nsys.path.insert(0, {str(pkg)!r})\nfrom brokerd_shim_body import main\n"
-                        "sys.exit(main())\n")
-    return str(launcher)
-
-
 def shim_start(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdir: Path, rounds: int) -> Table:
     """Section 1: the shim with a cached token vs the bare interpreter (the target's base) vs a C client (floor)."""
     args = login_args(issuer)
@@ -61,10 +47,7 @@ def shim_start(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdir:
     shim = Variant("shim, direct form: `python -I -S shim.py get-token ...`", [PY, "-I", "-S", SHIM, *args], env)
     floor = Variant("C client of the same socket (floor)", [helpers["client"], *args], env)
     script = Variant("`kubectl-oidc_login get-token ...` (pip console script)", [console_script, *args], env)
-    launcher = _bytecode_launcher(workdir)
-    cached = Variant("same shim code run from bytecode (prototype of the fix, see docs)",
-                     [PY, "-I", "-S", launcher, *args], env)
-    variants = [bare, shim, cached, floor, script]
+    variants = [bare, shim, floor, script]
     tokens = {_token(check_output(v.argv, v.env)) for v in variants[1:]}
     if len(tokens) != 1:
         raise BenchError("the shim, the C client and the console script were served different tokens")
@@ -94,8 +77,6 @@ def kubectl_call(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdi
                                   exec_command=PY, kubectl=kubectl)
         dropin = write_kubeconfig(workdir / "kc-dropin", api.url, api.ca_file, ["oidc-login", *args],
                                   exec_command="kubectl", kubectl=kubectl)
-        cached = write_kubeconfig(workdir / "kc-cached", api.url, api.ca_file,
-                                  ["-I", "-S", _bytecode_launcher(workdir), *args], exec_command=PY, kubectl=kubectl)
         floor = write_kubeconfig(workdir / "kc-floor", api.url, api.ca_file, args, exec_command=helpers["client"],
                                  kubectl=kubectl)
         static = write_static_token_kubeconfig(workdir / "kc-static", api.url, api.ca_file, static_token,
@@ -115,14 +96,13 @@ def kubectl_call(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdi
         v_static = variant("static token in the kubeconfig", static)
         v_direct = variant("shim, direct form (`/abs/python -I -S /abs/shim.py`)", direct)
         v_dropin = variant("shim, drop-in form (`kubectl oidc-login get-token`)", dropin)
-        v_cached = variant("shim code from bytecode (prototype of the fix)", cached)
         v_floor = variant("C client of the socket as the exec plugin (floor)", floor)
-        variants = [v_static, v_direct, v_dropin, v_cached, v_floor]
+        variants = [v_static, v_direct, v_dropin, v_floor]
         api.reset()
         for v in variants:
             if '"gitVersion"' not in check_output(v.argv, v.env):
                 raise BenchError(f"{v.name}: kubectl printed no version")
-        _check_users(api.log(), ["static", *[f"{issuer}#"] * 4])
+        _check_users(api.log(), ["static", *[f"{issuer}#"] * 3])
         api.reset()
         res = round_robin(variants, rounds, max_seconds=150)
         log = api.log()
@@ -135,7 +115,6 @@ def kubectl_call(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdi
     _row(table, v_static.name, base, base, None, "")
     _row(table, v_direct.name, res[v_direct.name], base, KUBECTL_TARGET, f"<= {KUBECTL_TARGET}")
     _row(table, v_dropin.name, res[v_dropin.name], base, None, "")
-    _row(table, v_cached.name, res[v_cached.name], base, None, "")
     _row(table, v_floor.name, res[v_floor.name], base, None, "")
     table.notes.append(f"{len(base.wall)} interleaved rounds; {len(log['requests'])} authenticated requests, "
                        f"0 refused. client-go caches exec credentials only inside one process, so every call runs "

@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _ask_daemon(argv: list[str]) -> Any:
     """Send a command to the running daemon (no autostart) and decode its JSON answer."""
-    from client_shim import shim
+    from client_shim import core as shim
 
     env = dict(os.environb)
     env[b"BROKERD_NO_AUTOSTART"] = b"1"
@@ -196,7 +196,7 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
 
 def _passthrough(argv: list[str]) -> int:
     """``brokerd get-token|setup ...``: the same request the shim sends, from the full CLI."""
-    from client_shim import shim
+    from client_shim import core as shim
 
     env = dict(os.environb)
     env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
@@ -214,7 +214,7 @@ def _setup(argv: list[str]) -> int:
     """``brokerd setup`` / ``kubectl oidc-login setup``: the daemon logs in and checks; the report is rendered here,
     where the interpreter and shim paths for the direct kubeconfig form are known."""
     from brokerd.setup import render_report
-    from client_shim import shim
+    from client_shim import core as shim
 
     env = dict(os.environb)
     env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
@@ -230,7 +230,8 @@ def _setup(argv: list[str]) -> int:
     if code:
         return code
     doc = json.loads(out[0])
-    shim_path = os.path.abspath(shim.__file__ or "shim.py")
+    # The launcher beside core.py: the file kubectl should run (it imports core from cached bytecode).
+    shim_path = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or ".")), "shim.py")
     print(render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path))
     return 0 if doc.get("logged_in") else 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from brokerd.errors import UsageError
 from brokerd.models import EXEC_API_V1, EXEC_API_V1BETA1
@@ -40,6 +41,7 @@ def rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@lru_cache(maxsize=64)  # the same token goes to every caller until it is renewed
 def render(api_version: str, token: str, expires_at: float) -> str:
     """One line of JSON; ``expires_at`` is already the time kubectl should stop using the token."""
     doc = {

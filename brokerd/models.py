@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 DEFAULT_LISTEN = ("127.0.0.1:8000", "127.0.0.1:18000")
@@ -39,7 +40,7 @@ class ProviderSettings:
         object.__setattr__(self, "scopes", tuple(sorted(scopes)))
         object.__setattr__(self, "extra_params", tuple(sorted(self.extra_params)))
 
-    @property
+    @cached_property
     def key(self) -> SessionKey:
         secret_hash = (
             hashlib.sha256(self.client_secret.encode()).hexdigest() if self.client_secret is not None else None

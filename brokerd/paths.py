@@ -19,7 +19,7 @@ SOCKET_NAME = "brokerd.sock"
 def socket_path(environ: Mapping[str, str]) -> Path:
     """``$BROKERD_SOCKET``, else ``brokerd.sock`` in the platformdirs user runtime dir (``$XDG_RUNTIME_DIR/brokerd``).
 
-    client_shim/shim.py computes the same path without platformdirs; tests/test_paths.py keeps the two in step.
+    client_shim/core.py computes the same path without platformdirs; tests/test_paths.py keeps the two in step.
     """
     if value := environ.get("BROKERD_SOCKET"):
         return Path(value)

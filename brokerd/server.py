@@ -10,20 +10,21 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from brokerd import __version__, execcred
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
-from brokerd.flags import FLAGS, SETUP_FLAGS, build_request, parse_flags
-from brokerd.models import LoginOptions
+from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, build_request, parse_flags
+from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import OIDCClient
 from brokerd.sessions import SessionManager
 
 log = logging.getLogger("brokerd.server")
 
 MAGIC = b"brokerd1"
+PARSE_CACHE_SIZE = 256
 FORWARDED_ENV = frozenset({"KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "BROKERD_PROFILE"})
 
 
@@ -108,9 +109,10 @@ class ShimCaller:
     """The Caller of sessions.py, speaking the socket protocol to one client."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: Mapping[str, str],
-                 interactive: bool, limits: Limits) -> None:
+                 exec_info: execcred.ExecInfo, limits: Limits) -> None:
         self.env = env
-        self.interactive = interactive
+        self.exec_info = exec_info
+        self.interactive = exec_info.interactive
         self._reader = reader
         self._writer = writer
         self._limits = limits
@@ -144,7 +146,10 @@ class Server:
                  profiles: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self._sessions = sessions
         self._limits = limits or Limits()
-        self.profiles: Mapping[str, tuple[str, ...]] = profiles or {}
+        self._profiles: Mapping[str, tuple[str, ...]] = profiles or {}
+        self._requests: dict[bytes, tuple[Request, execcred.ExecInfo]] = {}
+        self._parsed: dict[tuple[str | None, tuple[str, ...]],
+                           tuple[ProviderSettings, LoginOptions, tuple[str, ...]]] = {}
         self._uid = os.getuid()
         self._active = 0
         self._cap = self._limits.connection_cap()
@@ -160,6 +165,15 @@ class Server:
         }
         # The daemon sets this to its per-TLS-options client cache; `setup` needs it for its own checks.
         self.oidc_for: Callable[[LoginOptions], OIDCClient] | None = None
+
+    @property
+    def profiles(self) -> Mapping[str, tuple[str, ...]]:
+        return self._profiles
+
+    @profiles.setter
+    def profiles(self, profiles: Mapping[str, tuple[str, ...]]) -> None:
+        self._profiles = profiles
+        self._parsed.clear()
 
     @property
     def active(self) -> int:
@@ -210,7 +224,8 @@ class Server:
             return
         self._reading[writer] = None
         try:
-            data = await asyncio.wait_for(reader.readuntil(b"\0\0"), self._limits.read_timeout)
+            async with asyncio.timeout(self._limits.read_timeout):  # no extra task per request, unlike wait_for
+                data = await reader.readuntil(b"\0\0")
         except (asyncio.LimitOverrunError, ValueError):
             # ValueError: StreamReader's own limit check when the buffer overflows without a separator.
             self._write_error(writer, ProtocolError(f"request larger than {self._limits.max_request} bytes"))
@@ -222,14 +237,13 @@ class Server:
         finally:
             self._reading.pop(writer, None)
         try:
-            request = parse_request(data[:-2])
+            request, info = self._parse(data)
             command = request.argv[0] if request.argv else ""
             handler = self.handlers.get(command)
             if handler is None:
                 raise UsageError(f"unknown command {command!r} (commands: {', '.join(sorted(self.handlers))})"
                                  if command else "no command given (try get-token)")
-            info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
-            caller = ShimCaller(reader, writer, request.env, info.interactive, self._limits)
+            caller = ShimCaller(reader, writer, request.env, info, self._limits)
             result = await handler(request, caller)
         except BrokerError as exc:
             self._write_error(writer, exc)
@@ -248,25 +262,55 @@ class Server:
         text = " ".join(str(exc).splitlines())
         writer.write(f"X{exc.exit_code} brokerd: {text}\n".encode("utf-8", "backslashreplace"))
 
+    def _parse(self, data: bytes) -> tuple[Request, execcred.ExecInfo]:
+        # kubectl sends the same bytes on every call from one kubeconfig: parse them once (bounded cache).
+        cached = self._requests.get(data)
+        if cached is None:
+            request = parse_request(data[:-2])
+            info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
+            cached = (request, info)
+            if len(self._requests) >= PARSE_CACHE_SIZE:
+                self._requests.clear()
+            self._requests[data] = cached
+        return cached
+
+    def _flags(self, args: Sequence[str], env: Mapping[str, str],
+                known: Mapping[str, Kind] = FLAGS) -> ParsedFlags:
+        """The request's flags over its profile's (``--profile`` or BROKERD_PROFILE): the command line wins."""
+        flags = parse_flags(args, known)
+        profile = flags.str_("profile") or env.get("BROKERD_PROFILE")
+        if not profile:
+            return flags
+        if profile not in self._profiles:
+            known_profiles = ", ".join(sorted(self._profiles)) or "none configured"
+            raise UsageError(f"unknown profile {profile!r} (profiles: {known_profiles})")
+        return parse_flags([*self._profiles[profile], *args], known)
+
+    def _request_settings(self, args: tuple[str, ...],
+                          env: Mapping[str, str]) -> tuple[ProviderSettings, LoginOptions, tuple[str, ...]]:
+        # Every kubectl call repeats the same argv: parse it once.  Bounded; emptied when profiles change.
+        cache_key = (env.get("BROKERD_PROFILE"), args)
+        cached = self._parsed.get(cache_key)
+        if cached is None:
+            flags = self._flags(args, env)
+            settings, options = build_request(flags)
+            cached = (settings, options, tuple(flags.notes))
+            if len(self._parsed) >= PARSE_CACHE_SIZE:
+                self._parsed.clear()
+            self._parsed[cache_key] = cached
+        return cached
+
     async def _get_token(self, request: Request, caller: ShimCaller) -> str:
-        args = request.argv[1:]
-        flags = parse_flags(args)
-        profile = flags.str_("profile") or request.env.get("BROKERD_PROFILE")
-        if profile:
-            if profile not in self.profiles:
-                known = ", ".join(sorted(self.profiles)) or "none configured"
-                raise UsageError(f"unknown profile {profile!r} (profiles: {known})")
-            flags = parse_flags([*self.profiles[profile], *args])  # the command line overrides the profile
-        settings, options = build_request(flags)
-        for note in flags.notes:
+        settings, options, notes = self._request_settings(request.argv[1:], request.env)
+        for note in notes:
             caller.tell(note)
-        info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
         tokens = await self._sessions.get_token(settings, options, caller)
         token = tokens.token_for(settings.use_access_token)
-        return execcred.render(info.api_version, token, self._sessions.serve_expiry(tokens, settings.use_access_token))
+        expiry = self._sessions.serve_expiry(tokens, settings.use_access_token)
+        return execcred.render(caller.exec_info.api_version, token, expiry)
 
     async def _version(self, request: Request, caller: ShimCaller) -> str:
-        return json.dumps({"brokerd": __version__})
+        return f"brokerd {__version__}"  # as `brokerd version` prints it
 
     async def _status(self, request: Request, caller: ShimCaller) -> str:
         return json.dumps({"sessions": self._sessions.status()})
@@ -294,13 +338,7 @@ class Server:
         args = request.argv[1:]
         known = {**FLAGS, **SETUP_FLAGS}
         own = parse_flags(args, known)
-        profile = own.str_("profile") or request.env.get("BROKERD_PROFILE")
-        flags = own
-        if profile:
-            if profile not in self.profiles:
-                known_profiles = ", ".join(sorted(self.profiles)) or "none configured"
-                raise UsageError(f"unknown profile {profile!r} (profiles: {known_profiles})")
-            flags = parse_flags([*self.profiles[profile], *args], known)
+        flags = self._flags(args, request.env, known)
         report = await run_setup(flags, self.oidc_for, self._sessions.get_token, caller)
         for note in flags.notes:
             caller.tell(note)

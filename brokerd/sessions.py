@@ -164,7 +164,10 @@ class SessionManager:
         if entry is None:
             entry = self._entries[key] = _Entry(settings=settings)
         # Remembered for background refreshes (TLS, headers); --force-refresh is this caller's wish only.
-        entry.options = replace(options, force_refresh=False)
+        if options.force_refresh:
+            entry.options = replace(options, force_refresh=False)
+        elif entry.options is not options:
+            entry.options = options
         force = options.force_refresh
         # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
         for _ in range(2):

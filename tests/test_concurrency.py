@@ -463,7 +463,7 @@ def test_shims_racing_to_autostart_start_exactly_one_daemon(tmp_path: Path, stal
             pids = [int(line) for line in started.read_text().split()]
         for r in shims:
             assert r.proc.returncode == 0, r.stderr
-            assert "brokerd" in json.loads(r.out)
+            assert r.out.startswith(b"brokerd ")
         assert len(pids) == 1, f"{len(pids)} daemons were started"
         assert d.alive()
     finally:

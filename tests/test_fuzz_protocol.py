@@ -48,7 +48,7 @@ def _fds(pid: int) -> int:
 def _assert_healthy(d: Daemon) -> None:
     assert d.proc is not None and d.proc.poll() is None, d.log()[-3000:]
     answer = check_answer(request("version"), exchange(d.socket, request("version")))
-    assert answer.terminal is not None and answer.terminal.startswith(b'O{"brokerd"')
+    assert answer.terminal is not None and answer.terminal.startswith(b"Obrokerd ")
     log = d.log()
     assert "Traceback" not in log and not any(words in log for words in LOGGED_INTERNAL_ERRORS), log[-3000:]
 
@@ -200,7 +200,7 @@ async def test_slowloris_is_cut_off_at_the_request_deadline(small_server: tuple[
 async def test_request_size_limit(small_server: tuple[Path, Server]) -> None:
     path, _ = small_server
     ok = request("version", "x" * 3000)
-    assert (await _raw(path, ok)).startswith(b'O{"brokerd"')
+    assert (await _raw(path, ok)).startswith(b"Obrokerd ")
     raw = await _raw(path, request("version", "x" * 5000))
     assert raw.startswith(b"X2 brokerd: request larger than 4096 bytes"), raw
 

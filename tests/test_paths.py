@@ -17,8 +17,8 @@ from tests.support.daemon import SHIM
 
 SHIM_SIDE = (
     "import posix, sys\n"
-    f"sys.path.insert(0, {str(SHIM.parent)!r})\n"
-    "import shim\n"
+    f"sys.path.insert(0, {str(SHIM.parent.parent)!r})\n"
+    "from client_shim import core as shim\n"
     "sys.stdout.buffer.write(shim.socket_path(posix.environ))\n"
 )
 DAEMON_SIDE = (

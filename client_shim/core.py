@@ -1,0 +1,317 @@
+"""kubectl's exec credential plugin: ask the brokerd daemon for a token and print the ExecCredential.
+
+(client_shim/shim.py is the file kubectl runs; it imports this module so that its bytecode is cached.)
+
+This runs on every kubectl call, so it imports almost nothing: ``posix`` and ``_socket`` are built in and already
+loaded, ``os``/``json``/``subprocess`` are not (each costs milliseconds).  Run it as
+``/abs/python3 -I -S /abs/path/shim.py get-token ...`` for the fastest start.  The daemon does all the work,
+including parsing the flags and building the ExecCredential; the shim relays bytes.  stdout carries only the
+ExecCredential; everything for the person goes to stderr.  Protocol: docs/architecture.md.
+"""
+
+import _socket
+import posix
+import sys
+
+FORWARDED = (b"KUBERNETES_EXEC_INFO", b"BROWSER", b"DISPLAY", b"WAYLAND_DISPLAY", b"BROKERD_PROFILE")
+DESKTOP = (b"BROWSER", b"DISPLAY", b"WAYLAND_DISPLAY")  # not forwarded by a remote shim: its desktop is elsewhere
+CONNECT_WAIT = 10.0  # seconds to wait for an autostarted daemon's socket
+REPLY_TIMEOUT = 3600.0  # the daemon bounds every login itself; this only guards against a wedged daemon
+
+
+def _err(text: str) -> None:
+    data = (text + "\n").encode("utf-8", "replace")
+    while data:
+        data = data[posix.write(2, data):]
+
+
+S_IFMT = 0o170000
+S_IFDIR = 0o040000
+S_IFLNK = 0o120000
+
+
+def _dir_ok(path: bytes, uid: int) -> bool:
+    """An ancestor platformdirs accepts: owned by root or us, a directory, not writable by others unless sticky."""
+    try:
+        st = posix.lstat(path)
+        if st.st_mode & S_IFMT == S_IFLNK:
+            if st.st_uid not in (0, uid):
+                return False
+            st = posix.stat(path)
+    except FileNotFoundError:
+        return True  # a missing ancestor is created private later; nobody else can have planted anything below it
+    except OSError:
+        return False
+    return st.st_uid in (0, uid) and st.st_mode & S_IFMT == S_IFDIR and not (
+        st.st_mode & 0o022 and not st.st_mode & 0o1000)
+
+
+def _runtime_dir_ok(path: bytes, missing_ok: bool) -> bool:
+    """platformdirs' test of a runtime dir: ours, mode 0700, not a symlink, below ancestors nobody else controls.
+
+    The daemon takes its socket path from platformdirs, which falls back elsewhere when XDG_RUNTIME_DIR fails this
+    test; the shim must come to the same answer or it would knock on a door nobody opens.
+    """
+    uid = posix.geteuid()
+    prefix = b""
+    for part in path.split(b"/")[1:-1]:
+        if part:
+            prefix += b"/" + part
+            if not _dir_ok(prefix, uid):
+                return False
+    try:
+        st = posix.lstat(path)
+    except FileNotFoundError:
+        return missing_ok
+    except OSError:
+        return False
+    return st.st_mode & S_IFMT == S_IFDIR and st.st_uid == uid and st.st_mode & 0o777 == 0o700
+
+
+def _clean(path: bytes, resolve_dotdot: bool = False) -> bytes:
+    """pathlib's spelling of a path (no empty or "." parts), which is what the daemon binds; with
+    ``resolve_dotdot`` also os.path.normpath's (tempfile.gettempdir() normalizes its answer that way)."""
+    parts: list[bytes] = []
+    for part in path.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b".." and resolve_dotdot:
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    joined = b"/".join(parts)
+    if path.startswith(b"/"):
+        return b"/" + joined
+    return joined or b"."
+
+
+def _tempdir(env: "dict[bytes, bytes]") -> bytes:
+    """tempfile.gettempdir() as platformdirs uses it: the first usable of $TMPDIR, $TEMP, $TMP, /tmp, /var/tmp."""
+    candidates = [env.get(name, b"") for name in (b"TMPDIR", b"TEMP", b"TMP")]
+    for candidate in [*candidates, b"/tmp", b"/var/tmp", b"/usr/tmp"]:
+        if candidate.startswith(b"/"):
+            candidate = _clean(candidate, resolve_dotdot=True)
+            try:
+                if posix.stat(candidate).st_mode & S_IFMT == S_IFDIR and posix.access(candidate, posix.W_OK):
+                    return candidate
+            except OSError:
+                continue
+    return _clean(posix.getcwdb(), resolve_dotdot=True)
+
+
+def socket_path(env: "dict[bytes, bytes]") -> bytes:
+    """brokerd.paths.socket_path without platformdirs (tests/test_paths.py checks they agree).
+
+    $BROKERD_SOCKET; else brokerd/brokerd.sock in $XDG_RUNTIME_DIR if that is absolute and private; else in
+    /run/user/<uid> if that exists and is private; else in <tempdir>/runtime-<uid>.
+    """
+    explicit = env.get(b"BROKERD_SOCKET")
+    if explicit:
+        return _clean(explicit)
+    runtime = _clean(env.get(b"XDG_RUNTIME_DIR", b""))
+    if runtime.startswith(b"/") and runtime != b"/" and _runtime_dir_ok(runtime, missing_ok=True):
+        return runtime + b"/brokerd/brokerd.sock"
+    uid = posix.geteuid()
+    base = b"/run/user/%d" % uid
+    if not _runtime_dir_ok(base, missing_ok=False):
+        base = _tempdir(env) + b"/runtime-%d" % uid
+    return base + b"/brokerd/brokerd.sock"
+
+
+def _remote(env: "dict[bytes, bytes]") -> bool:
+    """BROKERD_REMOTE=1: this shim talks to a daemon on another host through a forwarded socket (docs/remote.md)."""
+    return env.get(b"BROKERD_REMOTE", b"") not in (b"", b"0")
+
+
+def build_request(argv: "list[str]", env: "dict[bytes, bytes]", program: str) -> bytes:
+    fields = [b"brokerd1", b"N" + program.encode("utf-8", "surrogateescape")]
+    fields += [b"A" + a.encode("utf-8", "surrogateescape") for a in argv]
+    remote = _remote(env)
+    fields += [b"E" + name + b"=" + env[name] for name in FORWARDED
+               if name in env and not (remote and name in DESKTOP)]
+    fields.append(b"T1" if posix.isatty(0) else b"T0")
+    return b"\0".join(fields) + b"\0\0"
+
+
+def _connect(path: bytes) -> "_socket.socket":
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
+    # Cold path: a daemon must be started.  Heavier imports are fine here.
+    import fcntl
+    import os
+    import time
+
+    directory = os.path.dirname(path)
+    missing = []
+    parent = directory
+    while parent not in (b"", b"/") and not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for level in reversed(missing):  # every level private, not just the last (os.makedirs applies mode to the leaf)
+        try:
+            os.mkdir(level, 0o700)
+        except FileExistsError:
+            continue  # another shim won the race to create it
+    # One starter at a time: shims that lose the race wait here, then find the winner's socket.
+    lock = os.open(directory + b"/autostart.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _connect(path)
+        except OSError:
+            pass
+        command = env.get(b"BROKERD_DAEMON_COMMAND")
+        argv = command.split() if command else [sys.executable.encode(), b"-m", b"brokerd", b"serve"]
+        argv.append(b"--autostarted")
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            # Own session, stdio on /dev/null: kubectl waits for our stdout to close, so the daemon must not hold it.
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+                (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, null, 2),
+            ], setsid=True)
+        finally:
+            os.close(null)
+        deadline = time.monotonic() + CONNECT_WAIT
+        while time.monotonic() < deadline:
+            try:
+                return _connect(path)
+            except OSError:
+                pass
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                raise SystemExit(_fail(3, "brokerd: the daemon exited at start (status "
+                                          f"{os.waitstatus_to_exitcode(status)}); run `brokerd serve` to see why"))
+            time.sleep(0.02)
+        raise SystemExit(_fail(3, f"brokerd: started the daemon but it did not answer within {CONNECT_WAIT:.0f} s"))
+    finally:
+        os.close(lock)
+
+
+def _fail(code: int, text: str) -> int:
+    _err(text)
+    return code
+
+
+def connect(env: "dict[bytes, bytes]") -> "_socket.socket":
+    path = socket_path(env)
+    try:
+        return _connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if _remote(env):
+            # Never start a daemon on the remote host: the one that can open the browser is at the other end.
+            where = path.decode("utf-8", "replace")
+            raise SystemExit(_fail(3, f"brokerd: nothing answers on the forwarded socket {where}; is the ssh "
+                                      "connection with -R up? (docs/remote.md)")) from None
+        if env.get(b"BROKERD_NO_AUTOSTART", b"") not in (b"", b"0"):
+            where = path.decode("utf-8", "replace")
+            raise SystemExit(_fail(3, f"brokerd: no daemon is listening on {where} (start it with `brokerd serve`, "
+                                      "or unset BROKERD_NO_AUTOSTART)")) from None
+        return _autostart(path, env)
+    except OSError as exc:
+        where = path.decode("utf-8", "replace")
+        raise SystemExit(_fail(3, f"brokerd: cannot connect to {where}: {exc.strerror or exc}")) from None
+
+
+def _ask(sock: "_socket.socket", prompt: str, secret: bool) -> None:
+    try:
+        tty = open("/dev/tty", "r+b", buffering=0)  # noqa: SIM115 - closed below
+    except OSError:
+        sock.sendall(b"R\0")
+        return
+    with tty:
+        if not secret:
+            tty.write(prompt.encode())
+            line = tty.readline()
+        else:
+            import termios
+
+            fd = tty.fileno()
+            old = termios.tcgetattr(fd)
+            new = termios.tcgetattr(fd)
+            new[3] &= ~termios.ECHO
+            # Echo goes off before the prompt shows, and now rather than after a flush: what the person types as
+            # soon as they see the prompt is neither echoed nor thrown away.
+            termios.tcsetattr(fd, termios.TCSANOW, new)
+            try:
+                tty.write(prompt.encode())
+                line = tty.readline()
+            finally:
+                termios.tcsetattr(fd, termios.TCSANOW, old)
+                tty.write(b"\n")
+    sock.sendall(b"R" + line.rstrip(b"\r\n").replace(b"\0", b"") + b"\0")
+
+
+def converse(sock: "_socket.socket", request: bytes, out: "list[bytes] | None" = None) -> int:
+    """Send the request, relay messages, print the result.  With ``out``, the result is appended there instead."""
+    sock.settimeout(REPLY_TIMEOUT)
+    try:  # noqa: SIM105 - contextlib would cost an import on kubectl's hot path
+        sock.sendall(request)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon refused us before reading it all (a peer or load check): its answer says why
+    buf = b""
+    while True:
+        nl = buf.find(b"\n")
+        if nl < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return _fail(3, "brokerd: the daemon closed the connection without an answer (see its log)")
+            buf += chunk
+            continue
+        line, buf = buf[:nl], buf[nl + 1:]
+        kind, body = line[:1], line[1:]
+        if kind == b"O":
+            if out is not None:
+                out.append(body)
+            else:
+                data = body + b"\n"
+                while data:
+                    data = data[posix.write(1, data):]
+            return 0
+        if kind == b"M":
+            _err(body.decode("utf-8", "replace"))
+        elif kind == b"X":
+            code, _, text = body.partition(b" ")
+            _err(text.decode("utf-8", "replace"))
+            return int(code) if code.isdigit() and int(code) > 0 else 1
+        elif kind in (b"Q", b"S"):
+            _ask(sock, body.decode("utf-8", "replace"), kind == b"S")
+        else:
+            return _fail(3, "brokerd: unexpected reply from the daemon (are the shim and daemon the same version?)")
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    program = sys.argv[0].rpartition("/")[2] if sys.argv and sys.argv[0] else "brokerd-shim"
+    if args[:1] in (["clean"], ["setup"], ["install-systemd"]):
+        # Not on kubectl's hot path: these run in the full CLI (clean must work without a daemon).
+        import os
+
+        os.execv(sys.executable, [sys.executable, "-m", "brokerd", *args])
+    env = posix.environ
+    try:
+        sock = connect(env)
+        try:
+            return converse(sock, build_request(args, env, program))
+        finally:
+            sock.close()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except TimeoutError:
+        return _fail(3, "brokerd: the daemon did not answer in time")
+    except OSError as exc:
+        return _fail(3, f"brokerd: lost the connection to the daemon: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
