@@ -6,6 +6,7 @@ without time or I/O.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,9 @@ def margin(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> 
 
 def serve_until(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
     """The expirationTimestamp given to kubectl, and the moment the daemon stops serving this token: a little
-    before the real exp, because kube-apiserver allows no leeway."""
-    return tokens.serve_expiry(use_access_token) - margin(policy, tokens, use_access_token)
+    before the real exp, because kube-apiserver allows no leeway.  Whole seconds, as RFC 3339 in the
+    ExecCredential says it: the daemon must not serve a token whose stated expiry has already passed."""
+    return float(math.floor(tokens.serve_expiry(use_access_token) - margin(policy, tokens, use_access_token)))
 
 
 def refresh_due(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
