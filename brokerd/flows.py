@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.errors import LoginDenied, LoginError, LoginTimeout, UsageError
-from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
+from brokerd.models import DEFAULT_LISTEN, Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import OIDCClient
 
 log = logging.getLogger("brokerd.flows")
@@ -61,6 +61,22 @@ def _callback_ssl(options: LoginOptions) -> ssl.SSLContext | None:
     return context
 
 
+def _redirect_port(url: str) -> int:
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _listen_addresses(settings: ProviderSettings, options: LoginOptions) -> tuple[str, ...]:
+    """Where to listen for the redirect.  With --oidc-redirect-url and no --listen-address, on its port only: the
+    browser goes there and nowhere else, so falling back to another port would only lose the code."""
+    if not settings.redirect_url or options.listen_addresses != DEFAULT_LISTEN:
+        return options.listen_addresses
+    host = urlsplit(settings.redirect_url).hostname or "localhost"
+    bind = "127.0.0.1" if host == "localhost" else host
+    return (f"[{bind}]:{_redirect_port(settings.redirect_url)}" if ":" in bind
+            else f"{bind}:{_redirect_port(settings.redirect_url)}",)
+
+
 class LoginFlows:
     def __init__(self, callbacks: CallbackServer, browser: BrowserOpener) -> None:
         self._callbacks = callbacks
@@ -92,9 +108,12 @@ class LoginFlows:
                         announce: Announce) -> TokenSet:
         # Fresh discovery first: opening a browser at a provider that is down only makes the person wait.
         await oidc.metadata(settings.issuer, max_age=LOGIN_DISCOVERY_MAX_AGE)
-        lease = await self._callbacks.acquire(options.listen_addresses, _callback_ssl(options))
+        lease = await self._callbacks.acquire(_listen_addresses(settings, options), _callback_ssl(options))
         try:
             redirect_uri = settings.redirect_url or lease.default_redirect_uri
+            if settings.redirect_url and lease.port != _redirect_port(settings.redirect_url):
+                raise UsageError(f"--oidc-redirect-url sends the browser to port {_redirect_port(redirect_uri)} but "
+                                 f"brokerd listens on port {lease.port}; make --listen-address match it")
             auth = await oidc.authorization_request(
                 settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
             waiter = lease.expect(auth.state, path=urlsplit(redirect_uri).path or "/",
