@@ -237,7 +237,17 @@ def login(
     raise BrowserError(f"login took more than {max_steps} pages")
 
 
-def _append_log(path: str, url: str) -> None:
+def add_person_args(ap: argparse.ArgumentParser) -> None:
+    """The options both browsers share (this stand-in and chromium_login.py): who logs in, and the openings log."""
+    env = os.environ
+    ap.add_argument("--user")
+    ap.add_argument("--password")
+    ap.add_argument("--otp")
+    ap.add_argument("--deny", action="store_true", default=env.get("BROKERD_TEST_BROWSER_DENY") == "1")
+    ap.add_argument("--log", default=env.get("BROKERD_TEST_BROWSER_LOG"))
+
+
+def append_log(path: str, url: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(f"{time.time():.3f} pid={os.getpid()} open {redact(url)}\n")
@@ -246,11 +256,7 @@ def _append_log(path: str, url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
     ap = argparse.ArgumentParser(description="Browser stand-in for brokerd tests")
-    ap.add_argument("--user")
-    ap.add_argument("--password")
-    ap.add_argument("--otp")
-    ap.add_argument("--deny", action="store_true", default=env.get("BROKERD_TEST_BROWSER_DENY") == "1")
-    ap.add_argument("--log", default=env.get("BROKERD_TEST_BROWSER_LOG"))
+    add_person_args(ap)
     ap.add_argument(
         "--no-follow-callback",
         dest="follow",
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("url")
     args = ap.parse_args(argv)
     if args.log:
-        _append_log(args.log, args.url)
+        append_log(args.log, args.url)
     if args.delay > 0:
         time.sleep(min(args.delay, 120.0))
     try:

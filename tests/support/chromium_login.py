@@ -31,6 +31,9 @@ from typing import Any
 
 import aiohttp
 
+# Run as a script beside browser.py (its directory is sys.path[0]): the two browsers share the person's options.
+from browser import add_person_args, append_log, redact  # type: ignore[import-not-found]
+
 CHROMIUM = "/usr/bin/chromium"
 DEFAULT_OTP = "123456"
 
@@ -84,11 +87,6 @@ class Cdp:
                     if "error" in data:
                         raise ChromiumError(f"{method}: {data['error']}")
                     return data.get("result", {})
-
-
-def _redact(url: str) -> str:
-    p = urllib.parse.urlsplit(url)
-    return f"{p.scheme}://{p.netloc}{p.path}"
 
 
 async def _wait_port(profile: Path, proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -173,14 +171,14 @@ async def _steps(cdp: Cdp, cred: dict[str, Any]) -> tuple[str, int]:
                 raise ChromiumError(f"browser landed on {href.split('?')[0]} (redirect target unreachable?)")
             return href, int(value.get("status") or 0)
         if state == "error":
-            raise ChromiumError(f"provider shows an error at {_redact(href)}: {value.get('text', '').strip()}")
+            raise ChromiumError(f"provider shows an error at {redact(href)}: {value.get('text', '').strip()}")
         if state == "done":
             return href, 200
         if state == "noform":
-            raise ChromiumError(f"page without a form at {_redact(href)}: {value.get('title')!r}")
+            raise ChromiumError(f"page without a form at {redact(href)}: {value.get('title')!r}")
         last = href
         await asyncio.sleep(0.1)
-    raise ChromiumError(f"too many steps, last page {_redact(last)}")
+    raise ChromiumError(f"too many steps, last page {redact(last)}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -224,21 +222,14 @@ def login(
 
 
 def main(argv: list[str] | None = None) -> int:
-    env = os.environ
     ap = argparse.ArgumentParser(description="Headless Chromium login for brokerd tests")
-    ap.add_argument("--user")
-    ap.add_argument("--password")
-    ap.add_argument("--otp")
-    ap.add_argument("--deny", action="store_true", default=env.get("BROKERD_TEST_BROWSER_DENY") == "1")
-    ap.add_argument("--log", default=env.get("BROKERD_TEST_BROWSER_LOG"))
+    add_person_args(ap)
     ap.add_argument("--screenshot")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("url")
     args = ap.parse_args(argv)
     if args.log:
-        fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(f"{time.time():.3f} pid={os.getpid()} open {_redact(args.url)}\n")
+        append_log(args.log, args.url)
     try:
         final, status = login(
             args.url,
@@ -252,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ChromiumError, OSError, aiohttp.ClientError) as exc:
         print(f"chromium login: {exc}", file=sys.stderr)
         return 1
-    print(f"final page {_redact(final)} status {status}")
+    print(f"final page {redact(final)} status {status}")
     return 0 if status < (500 if args.deny else 400) else 1
 
 
