@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from brokerd.callback import CallbackServer
 from brokerd.errors import CallbackUnavailable, LoginDenied
+from tests.support.apiserver import make_tls
 
 STATE = "s" * 43
 
@@ -299,3 +302,26 @@ async def test_close_cancels_pending_waits() -> None:
     assert waiter.cancelled()
     assert _refused("127.0.0.1", port)
 
+
+
+async def test_https_callback_with_a_local_server_certificate(tmp_path: Path) -> None:
+    """--local-server-cert/--local-server-key: the redirect comes over HTTPS and is routed like any other."""
+    ca_file = tmp_path / "ca.pem"
+    server_tls = make_tls(str(ca_file))  # a throwaway CA and a certificate for localhost/127.0.0.1/::1
+    server = CallbackServer()
+    lease = await server.acquire(["127.0.0.1:0"], server_tls)
+    try:
+        assert lease.default_redirect_uri == f"https://localhost:{lease.port}"
+        waiter = lease.expect(STATE)
+        client_tls = ssl.create_default_context(cafile=str(ca_file))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as https:
+            async with https.get(f"https://localhost:{lease.port}/?code=c&state={STATE}", ssl=client_tls) as resp:
+                assert resp.status == 200
+            # Plain HTTP on that port is not a way around TLS.
+            with pytest.raises(aiohttp.ClientError):
+                async with https.get(f"http://127.0.0.1:{lease.port}/?code=x&state={STATE}") as resp:
+                    await resp.read()
+        assert (await waiter).code == "c"
+    finally:
+        await lease.release()
+        await server.close()

@@ -607,6 +607,8 @@ def test_brokerd_serve_under_socket_activation(short_dir: Path) -> None:
                 assert done.returncode == 0, done.stderr.decode()
                 assert done.stdout.strip()
             assert not (short_dir / "not-this.sock").exists()
+            # `systemctl status brokerd` shows how many sessions the daemon holds.
+            assert any("STATUS=serving 0 session(s)" in m.split("\n") for m in messages), messages
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
             while not any("STOPPING=1" in m.split("\n") for m in messages):
