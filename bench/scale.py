@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -141,12 +142,17 @@ def _cold(table: Table, provider: TestProvider, daemon: Daemon, n: int) -> None:
         raise BenchError(f"no cold request was served: {outcomes[0]}")
 
 
+def _serve_until(outcome: Outcome) -> float:
+    """When the daemon stops serving this token: exp - margin, in whole seconds (brokerd.refresh.serve_until)."""
+    return float(math.floor(float(jwt_claims(_token(outcome))["exp"]) - MARGIN))
+
+
 def _expiry(table: Table, provider: TestProvider, daemon: Daemon, n: int) -> None:
     request = build_request(_args(provider.issuer), {})
     first = swarm(daemon, request, [time.time()], {})[0]
     if first.kind != "O":
         raise BenchError(f"no token for the expiry test: {first}")
-    instant = float(jwt_claims(_token(first))["exp"]) - MARGIN
+    instant = _serve_until(first)
     if instant - time.time() < 3.0:
         raise BenchError("the session is too close to its expiry to set up the test")
     time.sleep(instant - 2.5 - time.time())
@@ -157,7 +163,7 @@ def _expiry(table: Table, provider: TestProvider, daemon: Daemon, n: int) -> Non
     outcomes = swarm(daemon, request, release, {})
     delta = _delta(before, provider.counters())
     served = [o for o in outcomes if o.kind == "O"]
-    stale = sum(1 for o in served if float(jwt_claims(_token(o))["exp"]) - MARGIN <= o.released)
+    stale = sum(1 for o in served if _serve_until(o) <= o.released)
     tokens = {_token(o) for o in served}
     ok = (len(served) == n and stale == 0 and delta["refresh"] == 1 and delta["token_requests"] == 1
           and delta["reuse"] == 0 and len(tokens) == 2)
