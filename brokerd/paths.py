@@ -6,11 +6,17 @@ the defaults come from platformdirs.  Nothing here runs at import.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import platformdirs
+
+log = logging.getLogger("brokerd.paths")
 
 APP = "brokerd"
 SOCKET_NAME = "brokerd.sock"
@@ -42,7 +48,13 @@ def config_file(environ: Mapping[str, str]) -> Path:
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) with mode 0700; tighten an existing one that is looser."""
+    """Create ``path`` (and parents) 0700; tighten an existing one that is looser (and say so); refuse one that
+    another user owns (PermissionError), since whoever owns it can read or replace what we put there."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != 0o700:
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, f"directory is owned by uid {st.st_uid}, not by this user", str(path))
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != 0o700:
+        log.warning("directory %s had mode %03o; tightening to 0700", path, mode)
         path.chmod(0o700)

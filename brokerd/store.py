@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import pathlib
 import secrets
@@ -37,8 +36,10 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from brokerd.codec import BadEntry, session_from_dict, session_to_dict
 from brokerd.errors import StoreError
-from brokerd.models import ProviderSettings, Session, SessionKey, TokenSet
+from brokerd.models import Session, SessionKey
+from brokerd.paths import ensure_private_dir
 
 log = logging.getLogger("brokerd.store")
 
@@ -51,24 +52,11 @@ KEY_NAME = "sessions.key"
 _TAG_SIZE = 16
 # Sessions are a few KiB; anything this large is not ours and must not be read into memory whole.
 _MAX_STORE_BYTES = 16 * 1024 * 1024
-_DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
 
 def header(version: int = FORMAT_VERSION) -> bytes:
     return MAGIC + bytes([version])
-
-
-def ensure_private_dir(path: pathlib.Path) -> None:
-    """Create ``path`` 0700, or tighten an existing one that is looser; refuse one owned by another user."""
-    path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.geteuid():
-        raise StoreError(f"state directory {path} is owned by uid {st.st_uid}, not by this user")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode != _DIR_MODE:
-        log.warning("state directory %s had mode %03o; tightening to 0700", path, mode)
-        path.chmod(_DIR_MODE)
 
 
 def _tighten_file(path: pathlib.Path, what: str) -> None:
@@ -209,91 +197,6 @@ class FileKeySource:
         return existing
 
 
-class _BadEntry(ValueError):
-    pass
-
-
-def session_to_dict(session: Session) -> dict[str, Any]:
-    s, t = session.settings, session.tokens
-    return {
-        "key": session.key.value,
-        "settings": {
-            "issuer": s.issuer,
-            "client_id": s.client_id,
-            "client_secret": s.client_secret,  # kept: the refresh grant needs it after a restart
-            "scopes": list(s.scopes),
-            "extra_params": [list(p) for p in s.extra_params],
-            "use_access_token": s.use_access_token,
-            "redirect_url": s.redirect_url,
-            "username": s.username,
-        },
-        "tokens": {
-            "id_token": t.id_token,
-            "expires_at": t.expires_at,
-            "issued_at": t.issued_at,
-            "refresh_token": t.refresh_token,
-            "access_token": t.access_token,
-            "access_expires_at": t.access_expires_at,
-            "claims": dict(t.claims),
-        },
-    }
-
-
-def _get(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
-    value = doc.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, kind):
-        raise _BadEntry(f"field {name!r} missing or of the wrong type")
-    return value
-
-
-def _number(doc: Mapping[str, Any], name: str, optional: bool = False) -> Any:
-    value = _get(doc, name, (int, float), optional)
-    if value is None:
-        return None
-    # bool is an int to isinstance; True as a timestamp is format drift, not a time.
-    if isinstance(value, bool) or not math.isfinite(value):
-        raise _BadEntry(f"field {name!r} is not a finite number")
-    return float(value)
-
-
-def session_from_dict(doc: Mapping[str, Any]) -> Session:
-    """Rebuild a session; the key is recomputed from the settings and must equal the stored one."""
-    if not isinstance(doc, Mapping):
-        raise _BadEntry("entry is not an object")
-    sd = _get(doc, "settings", dict)
-    td = _get(doc, "tokens", dict)
-    scopes, pairs = _get(sd, "scopes", list), _get(sd, "extra_params", list)
-    if not all(isinstance(v, str) for v in scopes):
-        raise _BadEntry("field 'scopes' must be a list of strings")
-    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
-        raise _BadEntry("field 'extra_params' must be a list of [name, value] string pairs")
-    settings = ProviderSettings(
-        issuer=_get(sd, "issuer", str),
-        client_id=_get(sd, "client_id", str),
-        client_secret=_get(sd, "client_secret", str, optional=True),
-        scopes=tuple(scopes),
-        extra_params=tuple((p[0], p[1]) for p in pairs),
-        use_access_token=_get(sd, "use_access_token", bool),
-        redirect_url=_get(sd, "redirect_url", str, optional=True),
-        username=_get(sd, "username", str, optional=True),
-    )
-    tokens = TokenSet(
-        id_token=_get(td, "id_token", str),
-        expires_at=_number(td, "expires_at"),
-        issued_at=_number(td, "issued_at"),
-        refresh_token=_get(td, "refresh_token", str, optional=True),
-        access_token=_get(td, "access_token", str, optional=True),
-        access_expires_at=_number(td, "access_expires_at", optional=True),
-        claims=dict(_get(td, "claims", dict, optional=True) or {}),
-    )
-    stored_key = _get(doc, "key", str)
-    if settings.key.value != stored_key:
-        raise _BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
-    return Session(key=settings.key, settings=settings, tokens=tokens)
-
-
 class _Unreadable(Exception):
     """The store file exists but cannot be used; the message is safe to log."""
 
@@ -423,7 +326,7 @@ class SessionStore:
         for index, entry in enumerate(entries):
             try:
                 session = session_from_dict(entry)
-            except _BadEntry as exc:
+            except BadEntry as exc:
                 log.warning("%s: skipping session entry %d: %s", self._path, index, exc)
                 continue
             except Exception as exc:  # a surprise must cost one entry, not the store; its text may hold values

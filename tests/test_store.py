@@ -22,6 +22,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from brokerd.codec import session_from_dict, session_to_dict
 from brokerd.errors import StoreError
 from brokerd.models import ProviderSettings, Session, SessionKey, TokenSet
 from brokerd.store import (
@@ -32,8 +33,6 @@ from brokerd.store import (
     STORE_NAME,
     SessionStore,
     header,
-    session_from_dict,
-    session_to_dict,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

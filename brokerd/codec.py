@@ -1,0 +1,98 @@
+"""Sessions as JSON documents for the store, and back.  Pure: no I/O, no crypto.
+
+Unknown fields are ignored (an older brokerd reads a newer layout); a wrong type or a key that does not match its
+settings makes that one entry unusable (``BadEntry``), never the whole store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from brokerd.models import ProviderSettings, Session, TokenSet
+
+
+class BadEntry(ValueError):
+    pass
+
+
+def session_to_dict(session: Session) -> dict[str, Any]:
+    s, t = session.settings, session.tokens
+    return {
+        "key": session.key.value,
+        "settings": {
+            "issuer": s.issuer,
+            "client_id": s.client_id,
+            "client_secret": s.client_secret,  # kept: the refresh grant needs it after a restart
+            "scopes": list(s.scopes),
+            "extra_params": [list(p) for p in s.extra_params],
+            "use_access_token": s.use_access_token,
+            "redirect_url": s.redirect_url,
+            "username": s.username,
+        },
+        "tokens": {
+            "id_token": t.id_token,
+            "expires_at": t.expires_at,
+            "issued_at": t.issued_at,
+            "refresh_token": t.refresh_token,
+            "access_token": t.access_token,
+            "access_expires_at": t.access_expires_at,
+            "claims": dict(t.claims),
+        },
+    }
+
+
+def _get(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    value = doc.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind):
+        raise BadEntry(f"field {name!r} missing or of the wrong type")
+    return value
+
+
+def _number(doc: Mapping[str, Any], name: str, optional: bool = False) -> Any:
+    value = _get(doc, name, (int, float), optional)
+    if value is None:
+        return None
+    # bool is an int to isinstance; True as a timestamp is format drift, not a time.
+    if isinstance(value, bool) or not math.isfinite(value):
+        raise BadEntry(f"field {name!r} is not a finite number")
+    return float(value)
+
+
+def session_from_dict(doc: Mapping[str, Any]) -> Session:
+    """Rebuild a session; the key is recomputed from the settings and must equal the stored one."""
+    if not isinstance(doc, Mapping):
+        raise BadEntry("entry is not an object")
+    sd = _get(doc, "settings", dict)
+    td = _get(doc, "tokens", dict)
+    scopes, pairs = _get(sd, "scopes", list), _get(sd, "extra_params", list)
+    if not all(isinstance(v, str) for v in scopes):
+        raise BadEntry("field 'scopes' must be a list of strings")
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+        raise BadEntry("field 'extra_params' must be a list of [name, value] string pairs")
+    settings = ProviderSettings(
+        issuer=_get(sd, "issuer", str),
+        client_id=_get(sd, "client_id", str),
+        client_secret=_get(sd, "client_secret", str, optional=True),
+        scopes=tuple(scopes),
+        extra_params=tuple((p[0], p[1]) for p in pairs),
+        use_access_token=_get(sd, "use_access_token", bool),
+        redirect_url=_get(sd, "redirect_url", str, optional=True),
+        username=_get(sd, "username", str, optional=True),
+    )
+    tokens = TokenSet(
+        id_token=_get(td, "id_token", str),
+        expires_at=_number(td, "expires_at"),
+        issued_at=_number(td, "issued_at"),
+        refresh_token=_get(td, "refresh_token", str, optional=True),
+        access_token=_get(td, "access_token", str, optional=True),
+        access_expires_at=_number(td, "access_expires_at", optional=True),
+        claims=dict(_get(td, "claims", dict, optional=True) or {}),
+    )
+    stored_key = _get(doc, "key", str)
+    if settings.key.value != stored_key:
+        raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
+    return Session(key=settings.key, settings=settings, tokens=tokens)
