@@ -15,7 +15,7 @@ import html
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -164,11 +164,13 @@ class CallbackServer:
         self._busy_wait = busy_wait
         self._busy_poll = busy_poll
 
-    async def acquire(self, addresses: Sequence[str], ssl_context: ssl.SSLContext | None = None) -> Lease:
+    async def acquire(self, addresses: Sequence[str], ssl_context: ssl.SSLContext | None = None,
+                      on_wait: Callable[[str], None] | None = None) -> Lease:
         """Lease a listener on the first address that is ours already or can be bound now.
 
         When every address is held by other programs, look again every ``busy_poll`` seconds for at most
         ``busy_wait`` seconds (the holder's login ends soon, one way or the other), then raise CallbackUnavailable.
+        ``on_wait`` hears once, in words for the person, that the login is waiting for a port.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._busy_wait
@@ -183,6 +185,9 @@ class CallbackServer:
                     "available (free one or pass --listen-address)")
             if not announced:
                 log.warning("waiting for a login redirect port: %s in use by other programs", ", ".join(busy))
+                if on_wait is not None:
+                    on_wait(f"waiting up to {self._busy_wait:.0f} s for a login redirect port: {', '.join(busy)} "
+                            "in use by other programs")
                 announced = True
             await asyncio.sleep(min(self._busy_poll, max(0.0, deadline - loop.time())))
 

@@ -108,7 +108,8 @@ class LoginFlows:
                         announce: Announce) -> TokenSet:
         # Fresh discovery first: opening a browser at a provider that is down only makes the person wait.
         await oidc.metadata(settings.issuer, max_age=LOGIN_DISCOVERY_MAX_AGE)
-        lease = await self._callbacks.acquire(_listen_addresses(settings, options), _callback_ssl(options))
+        lease = await self._callbacks.acquire(_listen_addresses(settings, options), _callback_ssl(options),
+                                              on_wait=announce)
         try:
             redirect_uri = settings.redirect_url or lease.default_redirect_uri
             if settings.redirect_url and lease.port != _redirect_port(settings.redirect_url):
