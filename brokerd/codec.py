@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from brokerd.models import ProviderSettings, Session, TokenSet
+from brokerd.models import LoginOptions, ProviderSettings, Session, TLSOptions, TokenSet
 
 
 class BadEntry(ValueError):
@@ -39,6 +39,12 @@ def session_to_dict(session: Session) -> dict[str, Any]:
             "access_token": t.access_token,
             "access_expires_at": t.access_expires_at,
             "claims": dict(t.claims),
+        },
+        "options": {
+            "ca_files": list(session.options.tls.ca_files),
+            "ca_data": list(session.options.tls.ca_data),
+            "insecure_skip_verify": session.options.tls.insecure_skip_verify,
+            "request_headers": [list(h) for h in session.options.request_headers],
         },
     }
 
@@ -95,4 +101,25 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
     stored_key = _get(doc, "key", str)
     if settings.key.value != stored_key:
         raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
-    return Session(key=settings.key, settings=settings, tokens=tokens)
+    return Session(key=settings.key, settings=settings, tokens=tokens, options=_options(doc.get("options")))
+
+
+def _strings(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    values = _get(doc, name, list, optional=True) or []
+    if not all(isinstance(v, str) for v in values):
+        raise BadEntry(f"field {name!r} must be a list of strings")
+    return tuple(values)
+
+
+def _options(doc: Any) -> LoginOptions:
+    """How to reach the provider; absent in stores written before it was kept (then: the defaults)."""
+    if doc is None:
+        return LoginOptions()
+    if not isinstance(doc, Mapping):
+        raise BadEntry("field 'options' is not an object")
+    headers = _get(doc, "request_headers", list, optional=True) or []
+    if not all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in headers):
+        raise BadEntry("field 'request_headers' must be a list of [name, value] string pairs")
+    tls = TLSOptions(ca_files=_strings(doc, "ca_files"), ca_data=_strings(doc, "ca_data"),
+                     insecure_skip_verify=bool(_get(doc, "insecure_skip_verify", bool, optional=True)))
+    return LoginOptions(request_headers=tuple((h[0], h[1]) for h in headers), tls=tls)

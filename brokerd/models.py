@@ -95,11 +95,13 @@ class TokenSet:
 
 @dataclass(frozen=True)
 class Session:
-    """A persisted session: the settings it was made for and its current tokens."""
+    """A persisted session: the settings it was made for, its current tokens, and how to reach the provider
+    (``LoginOptions.for_refresh``: CA and request headers, so a restarted daemon can refresh before anyone asks)."""
 
     key: SessionKey
     settings: ProviderSettings
     tokens: TokenSet
+    options: LoginOptions = field(default_factory=lambda: LoginOptions())
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,11 @@ class LoginOptions:
     local_server_key: str | None = None
     tls: TLSOptions = field(default_factory=TLSOptions)
     verbosity: int = 0
+
+    def for_refresh(self) -> LoginOptions:
+        """What a background refresh needs (how to reach the provider), and nothing of this caller's (no password,
+        no --force-refresh): what is remembered, and persisted, for the session."""
+        return LoginOptions(request_headers=self.request_headers, tls=self.tls)
 
 
 class Caller(Protocol):

@@ -113,7 +113,7 @@ class SessionManager:
             log.error("sessions not loaded, starting empty: %s", exc)
             return
         for key, session in sessions.items():
-            entry = _Entry(settings=session.settings, tokens=session.tokens)
+            entry = _Entry(settings=session.settings, tokens=session.tokens, options=session.options)
             self._entries[key] = entry
             self._schedule(entry)
         log.info("loaded %d session(s) from the store", len(sessions))
@@ -164,10 +164,8 @@ class SessionManager:
         if entry is None:
             entry = self._entries[key] = _Entry(settings=settings)
         # Remembered for background refreshes (TLS, headers); --force-refresh is this caller's wish only.
-        if options.force_refresh:
-            entry.options = replace(options, force_refresh=False)
-        elif entry.options is not options:
-            entry.options = options
+        if entry.options.tls != options.tls or entry.options.request_headers != options.request_headers:
+            entry.options = options.for_refresh()
         force = options.force_refresh
         # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
         for _ in range(2):
@@ -353,10 +351,10 @@ class SessionManager:
         cancelled = False
         async with self._save_lock:
             if self._store is not None:
-                snapshot = {key: Session(key, e.settings, e.tokens) for key, e in self._entries.items()
+                snapshot = {key: Session(key, e.settings, e.tokens, e.options) for key, e in self._entries.items()
                             if e.tokens is not None}
                 if entry is not None and tokens is not None and self._entries.get(entry.settings.key) is entry:
-                    snapshot[entry.settings.key] = Session(entry.settings.key, entry.settings, tokens)
+                    snapshot[entry.settings.key] = Session(entry.settings.key, entry.settings, tokens, entry.options)
                 write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
                 for _ in range(1000):  # bounded by the write finishing; a cancel only defers
                     try:

@@ -373,3 +373,31 @@ async def test_status_shows_the_session_but_no_token(idp: TestProvider, tmp_path
     text = json.dumps(st)
     for secret in (tokens.id_token, tokens.refresh_token, tokens.access_token, "insecure_secret"):
         assert secret and secret not in text
+
+
+async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_options(idp: TestProvider,
+                                                                                  tmp_path: Path) -> None:
+    """A custom CA or request header is kept with the session: the refresh-ahead after a restart, before any
+    caller has come back, reaches the provider the way the logins did."""
+    s = settings_for(idp)
+    used: list[LoginOptions] = []
+    headers = (("X-Gateway", "on"),)
+    async with manager(tmp_path) as mgr:
+        await mgr.get_token(s, replace(OPTIONS, request_headers=headers), Caller())
+    before = grants(idp, "refresh_token")
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
+
+        def oidc_for(options: LoginOptions) -> OIDCClient:
+            used.append(options)
+            return oidc
+
+        mgr = SessionManager(oidc_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
+                             SystemClock(), FAST)
+        await mgr.start()
+        try:
+            await wait_for(lambda: grants(idp, "refresh_token") > before, TTL, "the refresh ahead of expiry")
+        finally:
+            await mgr.close(refresh_grace=5.0)
+    assert used and all(o.request_headers == headers for o in used)
+    assert all(o.password is None for o in used)  # the caller's password is never kept
