@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -191,7 +191,7 @@ def launch_provider(config: dict[str, Any] | None = None, port: int = 0) -> Test
             stdin=subprocess.DEVNULL,
             cwd=PROVIDER_DIR,
         )
-    issuer = _read_issuer(proc, START_TIMEOUT)
+    issuer, problem = _read_issuer(proc, START_TIMEOUT)
     config_path.unlink()
     if issuer is None:
         with contextlib.suppress(ProcessLookupError):
@@ -199,24 +199,33 @@ def launch_provider(config: dict[str, Any] | None = None, port: int = 0) -> Test
         proc.wait(timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
-        raise ProviderError(f"test provider did not start within {START_TIMEOUT} s: {log_path.read_text()[-2000:]}")
+        raise ProviderError(f"test provider did not start: {problem}; its log: {log_path.read_text()[-2000:]}")
     return TestProvider(proc, issuer, log_path, config)
 
 
-def _read_issuer(proc: subprocess.Popen[bytes], timeout: float) -> str | None:
-    # readline() blocks; a helper thread keeps the wait bounded even if node hangs before printing.
-    box: list[str] = []
+def _read_issuer(proc: subprocess.Popen[bytes], timeout: float) -> tuple[str | None, str]:
+    """(the issuer line, or None; what happened, for the error message).  Bounded by ``timeout``."""
     assert proc.stdout is not None
-    stdout = proc.stdout
-    reader = threading.Thread(target=lambda: box.append(stdout.readline().decode().strip()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    deadline = time.monotonic() + 0.1
-    while not box and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if box and box[0].startswith("http://127.0.0.1:"):
-        return box[0]
-    return None
+    fd = proc.stdout.fileno()
+    got = b""
+    started = time.monotonic()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in got:
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                return None, f"no issuer line after {timeout:g} s (stdout so far: {got[:200]!r})"
+            if sel.select(min(left, 0.5)):
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    return None, f"node closed stdout (exit status {proc.wait(timeout=5)}) after {got[:200]!r}"
+                got += chunk
+            elif proc.poll() is not None:
+                return None, f"node exited with status {proc.returncode} before printing its issuer"
+    line = got.split(b"\n", 1)[0].decode(errors="replace").strip()
+    if line.startswith("http://127.0.0.1:"):
+        return line, ""
+    return None, f"unexpected first line on stdout: {line[:200]!r}"
 
 
 def start_provider(config: dict[str, Any] | None = None, port: int = 0) -> TestProvider:
