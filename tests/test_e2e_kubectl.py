@@ -90,6 +90,8 @@ def test_redirect_falls_back_to_18000_when_8000_is_taken(provider: TestProvider,
     blockers = []
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         s = socket.socket(family, socket.SOCK_STREAM)
+        # Past a TIME_WAIT left by an earlier login on 8000; a live listener still keeps the daemon off the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, 8000))
             s.listen(1)
