@@ -1,8 +1,9 @@
 """Opening the login URL in the caller's desktop session.
 
-Order: ``--browser-command`` (run with the URL as its one argument, no shell), else the caller's ``BROWSER``
-(Python's webbrowser convention: ``:``-separated commands, ``%s`` stands for the URL, else it is appended), else
-the platform's opener.  The browser never gets the caller's stdout: kubectl reads the ExecCredential from it.
+Order: ``--browser-command`` (run with the URL as its one argument, no shell), else ``BROWSER`` (the caller's, or
+the daemon's own when the caller sends none; Python's webbrowser convention: ``:``-separated commands, ``%s``
+stands for the URL, else it is appended), else the platform's opener.  The browser never gets the caller's
+stdout: kubectl reads the ExecCredential from it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ log = logging.getLogger("brokerd.browser")
 FORWARDED_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY")
 
 
-def candidate_commands(url: str, command: str | None, caller_env: Mapping[str, str]) -> list[list[str]]:
+def candidate_commands(url: str, command: str | None, env: Mapping[str, str]) -> list[list[str]]:
+    """The commands to try, in order; ``env`` is the daemon's environment with the caller's desktop over it."""
     if command:
         return [[command, url]]
     commands = []
-    for entry in (caller_env.get("BROWSER") or "").split(os.pathsep):
+    for entry in (env.get("BROWSER") or "").split(os.pathsep):
         try:
             argv = shlex.split(entry)
         except ValueError:
@@ -53,9 +55,9 @@ class BrowserOpener:
 
     async def open(self, url: str, *, command: str | None, caller_env: Mapping[str, str]) -> bool:
         env = dict(self._base_env)
-        env.update({k: v for k, v in caller_env.items() if k in FORWARDED_ENV})
         forwarded = {k: v for k, v in caller_env.items() if k in FORWARDED_ENV}
-        for argv in candidate_commands(url, command, caller_env):
+        env.update(forwarded)
+        for argv in candidate_commands(url, command, env):
             if shutil.which(argv[0], path=env.get("PATH")) is None:
                 log.debug("browser command %s not found", argv[0])
                 continue

@@ -65,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config_file = paths.config_file(environ)
     settings = load_config(config_file)
     config = DaemonConfig(socket_path=paths.socket_path(environ), state_dir=state, policy=settings.policy,
-                          config_file=config_file, profiles=settings.profiles)
+                          config_file=config_file, profiles=settings.profiles,
+                          caller_browser=settings.caller_browser)
     try:
         _run_loop(Daemon(config).run)
     except AlreadyRunning as exc:

@@ -5,6 +5,7 @@
     refresh_ratio = 0.8           # refresh when this share of the ID token's life has passed
     refresh_lead = 60             # ... and at the latest this many seconds before it expires
     serve_margin = 10             # tell kubectl the token expires this much early
+    caller_browser = true         # false: ignore a caller's BROWSER/DISPLAY/--browser-command (forwarded sockets)
 
     [profiles.work]               # `--profile work` on the shim, or BROKERD_PROFILE=work
     oidc-issuer-url = "https://auth.example.com"
@@ -28,6 +29,10 @@ from brokerd.sessions import Policy
 class Config:
     policy: Policy = field(default_factory=Policy)
     profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Whether a caller may choose the browser the daemon runs (BROWSER, DISPLAY, --browser-command).  Turn it off
+    # when the socket is forwarded to other hosts (docs/remote.md): whoever reaches the socket there could
+    # otherwise have the daemon run a program of their choice on this desktop.
+    caller_browser: bool = True
 
 
 def _profile_args(name: str, table: object) -> tuple[str, ...]:
@@ -68,8 +73,14 @@ def load_config(path: Path) -> Config:
     daemon = doc.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError(f"{path}: [daemon] must be a table")
-    known = {f.name for f in fields(Policy)}
+    known = {f.name for f in fields(Policy)} | {"caller_browser"}
+    caller_browser = True
     for key, value in daemon.items():
+        if key == "caller_browser":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: [daemon] caller_browser must be true or false")
+            caller_browser = value
+            continue
         if key not in known:
             raise ConfigError(f"{path}: [daemon] unknown setting {key!r} (known: {', '.join(sorted(known))})")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -79,4 +90,4 @@ def load_config(path: Path) -> Config:
     if not isinstance(profiles_doc, dict):
         raise ConfigError(f"{path}: [profiles] must be a table of tables")
     profiles = {name: _profile_args(name, table) for name, table in profiles_doc.items()}
-    return Config(policy=policy, profiles=profiles)
+    return Config(policy=policy, profiles=profiles, caller_browser=caller_browser)

@@ -49,6 +49,7 @@ class DaemonConfig:
     persist: bool = True
     config_file: Path | None = None
     profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    caller_browser: bool = True
 
 
 def _lock_runtime_dir(path: Path) -> IO[bytes]:
@@ -145,6 +146,7 @@ class Daemon:
             await sessions.start()
             stack.push_async_callback(sessions.close)
             api = Server(sessions, config.limits, config.profiles)
+            api.caller_browser = config.caller_browser
             api.oidc_for = clients.for_options
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=config.limits.max_request)
             self._on_hup = lambda: self._reload(api, sessions, notifier)
@@ -179,6 +181,7 @@ class Daemon:
             log.error("config not reloaded, keeping the old one: %s", exc)
         else:
             api.profiles = config.profiles
+            api.caller_browser = config.caller_browser
             sessions.policy = config.policy
             log.info("config reloaded from %s (%d profile(s))", self.config.config_file, len(config.profiles))
         _notify(notifier.ready, f"serving {len(sessions)} session(s)")

@@ -11,7 +11,7 @@ import resource
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from brokerd import __version__, execcred
@@ -25,6 +25,7 @@ log = logging.getLogger("brokerd.server")
 
 MAGIC = b"brokerd1"
 PARSE_CACHE_SIZE = 256
+DESKTOP_ENV = frozenset({"BROWSER", "DISPLAY", "WAYLAND_DISPLAY"})
 FORWARDED_ENV = frozenset({"KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "BROKERD_PROFILE"})
 
 
@@ -97,6 +98,10 @@ def parse_request(data: bytes) -> Request:
     return Request(tuple(argv), env, tty, program)
 
 
+def _without_desktop(env: Mapping[str, str]) -> Mapping[str, str]:
+    return {k: v for k, v in env.items() if k not in DESKTOP_ENV}
+
+
 def peer_uid(sock: socket.socket | None) -> int | None:
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
         return None
@@ -147,6 +152,7 @@ class Server:
         self._sessions = sessions
         self._limits = limits or Limits()
         self._profiles: Mapping[str, tuple[str, ...]] = profiles or {}
+        self.caller_browser = True  # [daemon] caller_browser: may callers choose the browser the daemon runs?
         self._requests: dict[bytes, tuple[Request, execcred.ExecInfo]] = {}
         self._parsed: dict[tuple[str | None, tuple[str, ...]],
                            tuple[ProviderSettings, LoginOptions, tuple[str, ...]]] = {}
@@ -243,7 +249,8 @@ class Server:
             if handler is None:
                 raise UsageError(f"unknown command {command!r} (commands: {', '.join(sorted(self.handlers))})"
                                  if command else "no command given (try get-token)")
-            caller = ShimCaller(reader, writer, request.env, info, self._limits)
+            env = request.env if self.caller_browser else _without_desktop(request.env)
+            caller = ShimCaller(reader, writer, env, info, self._limits)
             result = await handler(request, caller)
         except BrokerError as exc:
             self._write_error(writer, exc)
@@ -304,6 +311,10 @@ class Server:
         settings, options, notes = self._request_settings(request.argv[1:], request.env)
         for note in notes:
             caller.tell(note)
+        if options.browser_command and not self.caller_browser:
+            caller.tell("note: --browser-command is ignored: this daemon opens its own browser (caller_browser = "
+                        "false in its config)")
+            options = replace(options, browser_command=None)
         tokens = await self._sessions.get_token(settings, options, caller)
         token = tokens.token_for(settings.use_access_token)
         expiry = self._sessions.serve_expiry(tokens, settings.use_access_token)
