@@ -258,6 +258,22 @@ async def test_device_code_with_pkce_through_http_proxy_honours_slow_down(provid
     assert proxy.paths("/.well-known/openid-configuration")  # HTTP_PROXY from the daemon's environment is used
 
 
+async def test_device_code_without_pkce_when_asked(provider: TestProvider) -> None:
+    """--oidc-pkce-method=no: for a provider that refuses PKCE on the device flow, none is sent."""
+    provider.clear_faults()
+    async with RecordingProxy().running() as proxy:
+        d = await asyncio.to_thread(_proxied_daemon, proxy.url)
+        try:
+            args = login_args(provider.issuer, "--grant-type=device-code", "--oidc-pkce-method=no",
+                              "--oidc-extra-scope=email")
+            _token(await asyncio.to_thread(d.shim, args, timeout=90))
+        finally:
+            await asyncio.to_thread(d.close)
+    (start,) = proxy.paths("/device/auth")
+    assert "code_challenge" not in start.form and "code_challenge_method" not in start.form
+    assert all("code_verifier" not in p.form for p in proxy.paths("/token"))
+
+
 # ---- authcode-keyboard ------------------------------------------------------------------------------------------
 
 KEYBOARD_CLIENT = {
