@@ -6,7 +6,6 @@ provider (tests/provider/server.mjs), logins go through the browser stand-in or 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -18,7 +17,6 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from bench.harness import BenchError
 from tests.support.daemon import Daemon, login_args
@@ -119,11 +117,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def jwt_claims(token: str) -> dict[str, Any]:
-    """The payload of a JWT, unverified: the benchmark only reads exp/iat of tokens the daemon handed out."""
-    payload = token.split(".")[1]
-    doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    return doc
 
 
 def start_daemon(config: str | None = None) -> Daemon:

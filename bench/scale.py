@@ -18,7 +18,8 @@ from typing import Any
 import uvloop
 
 from bench.harness import BenchError, Table, verdict
-from bench.rig import Daemon, build_request, jwt_claims, login_args
+from bench.rig import Daemon, build_request, login_args
+from tests.support.daemon import jwt_claims
 from tests.support.provider import USERS, TestProvider, start_provider
 
 TTL = 10  # ID token life at the provider, seconds

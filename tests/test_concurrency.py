@@ -7,7 +7,6 @@ creates it only once every caller has shown the login URL on its stderr (that is
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -27,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from brokerd.models import ProviderSettings
-from tests.support.daemon import BROWSER, SHIM, Daemon, login_args
+from tests.support.daemon import BROWSER, SHIM, Daemon, exec_token, jwt_claims, login_args
 from tests.support.kube import ApiServer, kubectl_env, start_apiserver, versioned_kubectl, write_kubeconfig
 from tests.support.provider import ProviderFactory, TestProvider
 
@@ -181,16 +180,8 @@ def _kill(procs: Sequence[Running]) -> None:
                 os.killpg(r.proc.pid, signal.SIGKILL)
 
 
-def _claims(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    return claims
 
 
-def _token(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    token: str = json.loads(result.stdout)["status"]["token"]
-    return token
 
 
 def _grants(provider: TestProvider) -> tuple[int, int]:
@@ -286,7 +277,7 @@ def test_callers_that_cannot_wait_are_told_a_login_is_pending(tmp_path: Path, pr
         after = _grants(provider)
         assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
         # Once the login finished, the impatient callers are served from the session.
-        assert _token(daemon.shim([*args, "--authentication-timeout-sec=1"]))
+        assert exec_token(daemon.shim([*args, "--authentication-timeout-sec=1"]))
         assert _grants(provider) == after
 
 
@@ -324,7 +315,7 @@ def test_background_poller_gets_no_new_tab_until_the_retry_interval_allows(
         daemon.proc.send_signal(signal.SIGHUP)
         _wait_until(lambda: "config reloaded" in daemon.log(), "the config reload")
         result = daemon.shim(login_args(provider.issuer, scope))
-        assert _token(result)
+        assert exec_token(result)
         assert daemon.browser_openings() == 3
         after = _grants(provider)
         assert after[0] - before[0] == 3 and after[1] - before[1] == 1
@@ -374,7 +365,7 @@ def test_sessions_for_issuers_clients_and_accounts_live_side_by_side(
         tokens = {}
         for name, args, env, idp, _settings, user, client in cases:
             before = _grants(idp)
-            claims = _claims(_token(daemon.shim(args, env=env)))
+            claims = jwt_claims(exec_token(daemon.shim(args, env=env)))
             assert claims["iss"] == idp.issuer and claims["sub"] == idp.sub(user), name
             assert client in ([claims["aud"]] if isinstance(claims["aud"], str) else claims["aud"]), name
             after = _grants(idp)
@@ -394,13 +385,13 @@ def test_sessions_for_issuers_clients_and_accounts_live_side_by_side(
         counters = (provider.counters(), second.counters())
         assert {s["session"] for s in _status(daemon)} == keys
         for name, args, env, _idp, *_ in cases:
-            again = _claims(_token(daemon.shim(args, env=env)))
+            again = jwt_claims(exec_token(daemon.shim(args, env=env)))
             assert again["sub"] == tokens[name]["sub"], name
         # Flags in another order, a scope repeated: the same canonical key (kubelogin #1638).
         shuffled = ["get-token", "--oidc-extra-scope=groups", "--oidc-client-secret=insecure_secret",
                     "--oidc-extra-scope=groups", "--oidc-client-id=kube_login", f"--oidc-issuer-url={second.issuer}",
                     "--session-name=bob"]
-        assert _claims(_token(daemon.shim(shuffled)))["sub"] == second.sub("bob")
+        assert jwt_claims(exec_token(daemon.shim(shuffled)))["sub"] == second.sub("bob")
         assert (provider.counters()["token_requests"], second.counters()["token_requests"]) == (
             counters[0]["token_requests"], counters[1]["token_requests"])
         assert second.counters()["auth_requests"] == counters[1]["auth_requests"]
@@ -492,7 +483,7 @@ def test_stale_socket_is_replaced_when_the_daemon_starts(provider: TestProvider)
         dead.bind(str(d.socket))
         dead.close()
         d.start()
-        assert _token(d.shim(login_args(provider.issuer)))
+        assert exec_token(d.shim(login_args(provider.issuer)))
         assert "stale socket" in d.log()
     finally:
         d.close()
@@ -521,11 +512,11 @@ def test_a_shim_on_a_forwarded_socket_logs_in_and_sees_the_url(tmp_path: Path, p
             args = login_args(provider.issuer, "--oidc-extra-scope=email", "--authentication-timeout-sec=30")
             before = _grants(provider)
             first = daemon.shim(args, env=remote_env)
-            assert _token(first)
+            assert exec_token(first)
             assert f"Open this URL to log in: {provider.issuer}/auth?" in first.stderr  # on the remote terminal
             assert daemon.browser_openings() == 1  # the daemon's own browser, on this desktop
             second = daemon.shim(args, env=remote_env)
-            assert _token(second) == _token(first) and "Open this URL" not in second.stderr
+            assert exec_token(second) == exec_token(first) and "Open this URL" not in second.stderr
             after = _grants(provider)
             assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import Daemon, login_args
+from tests.support.daemon import Daemon, exec_token, login_args
 from tests.support.hostile import exchange, request, tracebacks
 from tests.support.provider import ProviderFactory, TestProvider
 
@@ -62,9 +62,6 @@ def args(issuer: str, name: str, *extra: str) -> list[str]:
                       *extra)
 
 
-def token_of(result: Any) -> str:
-    assert result.returncode == 0, result.stderr
-    return str(json.loads(result.stdout)["status"]["token"])
 
 
 def one_error_line(result: Any) -> str:
@@ -84,18 +81,18 @@ def test_500_on_the_token_endpoint(idp: TestProvider, daemon: Daemon) -> None:
     idp.fault("token", status=500, grant_type="authorization_code")
     line = one_error_line(daemon.shim(args(idp.issuer, "t500")))
     assert line == (f"brokerd: token endpoint at {idp.issuer} answered server_error (injected fault)"), line
-    assert token_of(daemon.shim(args(idp.issuer, "t500")))  # the fault is gone: the next call logs in
+    assert exec_token(daemon.shim(args(idp.issuer, "t500")))  # the fault is gone: the next call logs in
 
 
 def test_slow_token_endpoint_succeeds_and_other_sessions_are_served(idp: TestProvider, daemon: Daemon) -> None:
-    other = token_of(daemon.shim(args(idp.issuer, "slow-other")))
+    other = exec_token(daemon.shim(args(idp.issuer, "slow-other")))
     idp.fault("token", kind="delay", seconds=5, grant_type="authorization_code")
     started = time.monotonic()
     slow = daemon.shim_async(args(idp.issuer, "slow"))
     try:
         time.sleep(1.5)
         quick_started = time.monotonic()
-        assert token_of(daemon.shim(args(idp.issuer, "slow-other"))) == other
+        assert exec_token(daemon.shim(args(idp.issuer, "slow-other"))) == other
         assert time.monotonic() - quick_started < 2  # not queued behind the slow login
         out, err = slow.communicate(timeout=60)
     finally:
@@ -110,14 +107,14 @@ def test_slow_token_endpoint_succeeds_and_other_sessions_are_served(idp: TestPro
 def test_provider_down_then_back_on_the_same_port(provider_factory: ProviderFactory, daemon: Daemon) -> None:
     port = _free_port()
     first = provider_factory(PROVIDER_CONFIG, port=port)
-    valid = token_of(daemon.shim(_offline(first.issuer, "down-valid")))
+    valid = exec_token(daemon.shim(_offline(first.issuer, "down-valid")))
     first.stop()
     # Connection refused: a session that is still valid is served from memory ...
-    assert token_of(daemon.shim(_offline(first.issuer, "down-valid"))) == valid
+    assert exec_token(daemon.shim(_offline(first.issuer, "down-valid"))) == valid
     # ... a forced refresh says why it cannot refresh, in one line, and keeps the session ...
     line = one_error_line(daemon.shim(_offline(first.issuer, "down-valid", "--force-refresh")))
     assert line == f"brokerd: cannot reach http://127.0.0.1:{port}: connection refused", line
-    assert token_of(daemon.shim(_offline(first.issuer, "down-valid"))) == valid
+    assert exec_token(daemon.shim(_offline(first.issuer, "down-valid"))) == valid
     # ... a login for another session fails at once although discovery is cached: no browser tab for nothing ...
     openings = daemon.browser_openings()
     line = one_error_line(daemon.shim(args(first.issuer, "down-other")))
@@ -129,8 +126,8 @@ def test_provider_down_then_back_on_the_same_port(provider_factory: ProviderFact
         assert line == f"brokerd: cannot reach http://127.0.0.1:{port}: connection refused", line
         assert fresh.browser_openings() == 0
     second = provider_factory(PROVIDER_CONFIG, port=port)  # back (new signing key, new state)
-    assert token_of(daemon.shim(args(second.issuer, "down-new")))
-    assert token_of(daemon.shim(_offline(second.issuer, "down-valid"))) == valid
+    assert exec_token(daemon.shim(args(second.issuer, "down-new")))
+    assert exec_token(daemon.shim(_offline(second.issuer, "down-valid"))) == valid
 
 
 @pytest.mark.parametrize(("target", "words"), [
@@ -145,7 +142,7 @@ def test_discovery_or_jwks_failing(idp: TestProvider, target: str, words: str) -
         assert line == "brokerd: " + words.format(issuer=idp.issuer), line
         assert exchange(d.socket, request("status")) == b'O{"sessions": []}\n'  # nothing cached
         idp.clear_faults()
-        assert token_of(d.shim(args(idp.issuer, f"fail-{target}")))
+        assert exec_token(d.shim(args(idp.issuer, f"fail-{target}")))
         d.stop()
         assert tracebacks(d.log()) == []
 
@@ -156,7 +153,7 @@ def _offline(issuer: str, name: str, *extra: str) -> list[str]:
 
 def test_transient_refresh_fault_keeps_the_session_and_backs_off(idp: TestProvider, daemon: Daemon) -> None:
     started = time.monotonic()
-    first = token_of(daemon.shim(_offline(idp.issuer, "flaky")))
+    first = exec_token(daemon.shim(_offline(idp.issuer, "flaky")))
     openings = daemon.browser_openings()
     idp.fault("token", status=500, count=None, grant_type="refresh_token")
     applied = faults_applied(idp)
@@ -165,11 +162,11 @@ def test_transient_refresh_fault_keeps_the_session_and_backs_off(idp: TestProvid
     attempts = faults_applied(idp) - applied
     # Backed off (1 s, 2 s, ...): a handful of attempts, not a tight loop.
     assert 1 <= attempts <= 4, attempts
-    assert token_of(daemon.shim(_offline(idp.issuer, "flaky"))) == first  # still valid: still served
+    assert exec_token(daemon.shim(_offline(idp.issuer, "flaky"))) == first  # still valid: still served
     idp.clear_faults()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        renewed = token_of(daemon.shim(_offline(idp.issuer, "flaky")))
+        renewed = exec_token(daemon.shim(_offline(idp.issuer, "flaky")))
         if renewed != first:
             break
         time.sleep(0.5)
@@ -179,11 +176,11 @@ def test_transient_refresh_fault_keeps_the_session_and_backs_off(idp: TestProvid
 
 
 def test_signing_key_rotated(idp: TestProvider, daemon: Daemon) -> None:
-    first = token_of(daemon.shim(_offline(idp.issuer, "rotate")))
+    first = exec_token(daemon.shim(_offline(idp.issuer, "rotate")))
     idp.rotate_keys(keep_old=False)
     before = idp.counters()
     openings = daemon.browser_openings()
-    renewed = token_of(daemon.shim(_offline(idp.issuer, "rotate", "--force-refresh")))
+    renewed = exec_token(daemon.shim(_offline(idp.issuer, "rotate", "--force-refresh")))
     after = idp.counters()
     assert renewed != first
     assert after["jwks"] - before["jwks"] == 1  # the unknown kid made it fetch the keys once
@@ -192,7 +189,7 @@ def test_signing_key_rotated(idp: TestProvider, daemon: Daemon) -> None:
 
 
 def test_refresh_token_revoked_leads_to_a_new_login(idp: TestProvider, daemon: Daemon) -> None:
-    first = token_of(daemon.shim(_offline(idp.issuer, "revoked")))
+    first = exec_token(daemon.shim(_offline(idp.issuer, "revoked")))
     idp.revoke_all("alice")
     openings = daemon.browser_openings()
     # Nobody finishes the new login in the browser: the caller is told so in one line, in time ...
@@ -204,9 +201,9 @@ def test_refresh_token_revoked_leads_to_a_new_login(idp: TestProvider, daemon: D
     time.sleep(1)  # let the abandoned login reach its own deadline
     assert "dropped the refresh token (token endpoint at" in daemon.log()
     # The ID token is still good, so it is still served (dropping the refresh token is no reason to drop it) ...
-    assert token_of(daemon.shim(_offline(idp.issuer, "revoked"))) == first
+    assert exec_token(daemon.shim(_offline(idp.issuer, "revoked"))) == first
     # ... and with a browser that logs in, a forced renewal logs in again.
-    renewed = token_of(daemon.shim(_offline(idp.issuer, "revoked", "--force-refresh")))
+    renewed = exec_token(daemon.shim(_offline(idp.issuer, "revoked", "--force-refresh")))
     assert renewed != first
     assert daemon.browser_openings() > openings
 
@@ -215,7 +212,7 @@ def test_daemon_still_serves_after_all_faults(idp: TestProvider, daemon: Daemon)
     results: list[str] = []
 
     def call() -> None:
-        results.append(token_of(daemon.shim(args(idp.issuer, "t500"))))
+        results.append(exec_token(daemon.shim(args(idp.issuer, "t500"))))
 
     threads = [threading.Thread(target=call) for _ in range(4)]
     for t in threads:

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from tests.support.apiserver import make_tls
 from tests.support.browser import login as browser_login
-from tests.support.daemon import Daemon, login_args
+from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
 from tests.support.provider import ProviderFactory, TestProvider
 
 # setsid (start_new_session) happened already; adopting the pty as the controlling terminal needs an ioctl.
@@ -157,18 +157,8 @@ def _s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 
 
-def _claims(token: str) -> dict[str, object]:
-    payload = token.split(".")[1]
-    doc: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    return doc
 
 
-def _token(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    cred = json.loads(result.stdout)
-    assert cred["kind"] == "ExecCredential"
-    token: str = cred["status"]["token"]
-    return token
 
 
 @pytest.fixture
@@ -189,8 +179,8 @@ def _proxied_daemon(proxy_url: str) -> Daemon:
 
 def test_password_grant_with_flags(provider: TestProvider, daemon: Daemon) -> None:
     before = provider.counters()["token_grants"]["password"]
-    token = _token(daemon.shim(login_args(provider.issuer, "--username=bob", "--password=bob-password")))
-    assert _claims(token)["sub"] == provider.sub("bob")  # grant auto + --username: the password grant, as kubelogin
+    token = exec_token(daemon.shim(login_args(provider.issuer, "--username=bob", "--password=bob-password")))
+    assert jwt_claims(token)["sub"] == provider.sub("bob")  # grant auto + --username: the password grant, as kubelogin
     assert provider.counters()["token_grants"]["password"] == before + 1
     assert daemon.browser_openings() == 0
     assert "bob-password" not in daemon.log()
@@ -205,7 +195,7 @@ def test_password_prompted_on_the_terminal_without_echo(provider: TestProvider, 
     run.send("alice-password\n")
     code, out, terminal = run.finish()
     assert code == 0, terminal
-    assert _claims(json.loads(out)["status"]["token"])["sub"] == provider.sub("alice")
+    assert jwt_claims(json.loads(out)["status"]["token"])["sub"] == provider.sub("alice")
     assert "alice-password" not in terminal
 
 
@@ -226,8 +216,8 @@ def test_wrong_password_is_reported(provider: TestProvider, daemon: Daemon) -> N
 def test_client_credentials_serves_the_access_token(provider: TestProvider, daemon: Daemon) -> None:
     before = provider.counters()["token_grants"]["client_credentials"]
     args = login_args(provider.issuer, "--grant-type=client-credentials", scopes=())
-    token = _token(daemon.shim(args))
-    assert token and _token(daemon.shim(args)) == token  # cached in the daemon
+    token = exec_token(daemon.shim(args))
+    assert token and exec_token(daemon.shim(args)) == token  # cached in the daemon
     assert provider.counters()["token_grants"]["client_credentials"] == before + 1
     bad = daemon.shim(login_args(provider.issuer, "--grant-type=client-credentials", "--username=x", scopes=()))
     assert bad.returncode == 2 and "--username" in bad.stderr
@@ -243,7 +233,7 @@ async def test_device_code_with_pkce_through_http_proxy_honours_slow_down(provid
             provider.fault("token", status=400, body={"error": "slow_down"}, count=1)
             result = await asyncio.to_thread(d.shim, login_args(provider.issuer, "--grant-type=device-code"),
                                              timeout=90)
-            _token(result)
+            exec_token(result)
             assert re.search(r"Open http://127\.0\.0\.1:\d+/device\S* and enter the code [A-Z]{4}-[A-Z]{4}",
                              result.stderr), result.stderr
             assert d.browser_openings() == 1  # the verification page was opened too
@@ -266,7 +256,7 @@ async def test_device_code_without_pkce_when_asked(provider: TestProvider) -> No
         try:
             args = login_args(provider.issuer, "--grant-type=device-code", "--oidc-pkce-method=no",
                               "--oidc-extra-scope=email")
-            _token(await asyncio.to_thread(d.shim, args, timeout=90))
+            exec_token(await asyncio.to_thread(d.shim, args, timeout=90))
         finally:
             await asyncio.to_thread(d.close)
     (start,) = proxy.paths("/device/auth")
@@ -295,7 +285,7 @@ def test_authcode_keyboard_reads_the_pasted_redirect_from_the_terminal(provider_
         run.send(landed.callback_url + "\n")
         code, out, terminal = run.finish()
         assert code == 0, terminal + d.log()
-        assert _claims(json.loads(out)["status"]["token"])["sub"] == p.sub("alice")
+        assert jwt_claims(json.loads(out)["status"]["token"])["sub"] == p.sub("alice")
         assert d.browser_openings() == 0
         assert p.last_auth()["code_challenge_method"] == "S256"
 
@@ -330,7 +320,7 @@ async def test_tls_options_and_request_headers_apply_to_the_session(provider: Te
             for extra in ([f"--certificate-authority={ca_file}"],
                           [f"--certificate-authority-data={ca_b64}", "--session-name=data"],
                           ["--insecure-skip-tls-verify", "--session-name=insecure"]):
-                _token(await asyncio.to_thread(shim, *extra))
+                exec_token(await asyncio.to_thread(shim, *extra))
         finally:
             await asyncio.to_thread(d.close)
     tokens = proxy.paths("/token")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import signal
@@ -12,11 +14,28 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / "client_shim" / "shim.py"
 BROWSER = ROOT / "tests" / "support" / "browser.py"
 BIN = Path(sys.executable).parent  # the venv's bin: brokerd, kubectl-oidc_login
+
+
+def exec_token(result: subprocess.CompletedProcess[str]) -> str:
+    """The token in a successful shim run's ExecCredential (asserts the run succeeded and printed one)."""
+    assert result.returncode == 0, result.stderr
+    cred = json.loads(result.stdout)
+    assert cred["kind"] == "ExecCredential", cred
+    token: str = cred["status"]["token"]
+    return token
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """A JWT's payload, unverified: for reading what the daemon handed out (sub, exp, groups)."""
+    payload = token.split(".")[1]
+    doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return doc
 
 
 def login_args(issuer: str, *extra: str, client_id: str = "kube_login", secret: str | None = "insecure_secret",
