@@ -49,9 +49,12 @@ const subFor = (name) => {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-4${h.slice(13, 16)}-a${h.slice(17, 20)}-${h.slice(20, 32)}`;
 };
 
-function newSigningKey() {
-  const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-  return { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' };
+// Signing keys come from the test harness (tests/support/provider.py makes them with Python's cryptography):
+// node 20's generateKeyPairSync can deadlock when a garbage collection runs the key job's destructor while the job
+// still holds its lock (seen as a provider that hangs at start, every thread waiting on a futex).
+function newSigningKey(jwk) {
+  const key = jwk ?? generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
+  return { ...key, kid: randomUUID(), alg: 'RS256', use: 'sig' };
 }
 
 // A tiny Map-backed adapter: oidc-provider's bundled one is an LRU that may evict under long tests, and
@@ -114,7 +117,7 @@ async function main() {
   const raw = args.configFile ? readFileSync(args.configFile, 'utf8') : (process.env.BROKERD_TEST_PROVIDER_CONFIG || '{}');
   const cfg = { ...DEFAULTS, ...JSON.parse(raw) };
   const users = new Map(Object.entries(cfg.users).map(([n, u]) => [n, { sub: subFor(n), ...u }]));
-  const state = { counters: freshCounters(), faults: new Map(), lastAuth: null, keys: [newSigningKey()],
+  const state = { counters: freshCounters(), faults: new Map(), lastAuth: null, keys: [newSigningKey(cfg.signing_key)],
     cookieKeys: [randomBytes(32).toString('hex')] };
   const pending = new Map(); // interaction uid -> username that passed the password step
   const store = new Map();
@@ -378,7 +381,8 @@ async function main() {
       case 'POST faults/clear': case 'DELETE faults/clear': case 'DELETE faults':
         state.faults.clear(); return send(res, 200, { ok: true });
       case 'POST rotate_keys': {
-        state.keys = json.keep_old ? [newSigningKey(), ...state.keys] : [newSigningKey()];
+        const fresh = newSigningKey(json.key);
+        state.keys = json.keep_old ? [fresh, ...state.keys] : [fresh];
         state.counters.key_rotations += 1;
         provider = build();
         handler = provider.callback();

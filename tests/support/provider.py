@@ -6,6 +6,7 @@ blocking calls in ``asyncio.to_thread`` when the event loop must keep serving so
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -20,6 +21,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider"
 SERVER = PROVIDER_DIR / "server.mjs"
@@ -108,7 +111,7 @@ class TestProvider:
         """New signing key (new kid); the old one stays in the JWKS only when keep_old.
 
         Returns {"kid": new kid, "kids": every kid now in the JWKS}."""
-        result: dict[str, Any] = self._call("POST", "rotate_keys", {"keep_old": keep_old})
+        result: dict[str, Any] = self._call("POST", "rotate_keys", {"keep_old": keep_old, "key": rsa_jwk()})
         return result
 
     def revoke_all(self, user: str) -> int:
@@ -190,7 +193,22 @@ def launch_provider(config: dict[str, Any] | None = None, port: int = 0) -> Test
     raise ProviderError("test provider did not start: " + " / then: ".join(failures))
 
 
+def rsa_jwk() -> dict[str, str]:
+    """A fresh RS256 private key as a JWK, for the provider to sign with (node's own key generation can hang)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    numbers = key.private_numbers()
+    pub = numbers.public_numbers
+
+    def b64(value: int) -> str:
+        raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    return {"kty": "RSA", "n": b64(pub.n), "e": b64(pub.e), "d": b64(numbers.d), "p": b64(numbers.p),
+            "q": b64(numbers.q), "dp": b64(numbers.dmp1), "dq": b64(numbers.dmq1), "qi": b64(numbers.iqmp)}
+
+
 def _launch_once(config: dict[str, Any], port: int) -> TestProvider | str:
+    config.setdefault("signing_key", rsa_jwk())
     workdir = Path(tempfile.mkdtemp(prefix="brokerd-provider-"))
     # The config holds passwords and client secrets: a 0600 file, never argv or the environment of others.
     config_path = workdir / "config.json"
