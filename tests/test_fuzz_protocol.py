@@ -188,10 +188,9 @@ async def _raw(path: Path, data: bytes, *, trickle: float = 0.0, timeout: float 
 
 async def test_slowloris_is_cut_off_at_the_request_deadline(small_server: tuple[Path, Server]) -> None:
     path, api = small_server
-    started = time.monotonic()
-    # One byte every 0.1 s: never idle for long, but never done within the 0.5 s deadline either.
+    # One byte every 0.1 s: never idle for long, but never done within the 0.5 s deadline either.  Finishing the
+    # request would have been answered; being cut off at the deadline says "incomplete".
     raw = await _raw(path, request("version"), trickle=0.1)
-    assert time.monotonic() - started < 3
     assert raw.startswith(b"X2 brokerd: incomplete request"), raw
     assert api.active == 0
 
