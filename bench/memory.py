@@ -24,6 +24,7 @@ from bench.rig import (
     wait_gone,
 )
 from tests.support.provider import TestProvider
+from tests.support.wait import poll
 
 RSS_TARGET_MB = 50.0
 SERVE = [PY, "-m", "brokerd", "serve", "-v"]  # as tests/support/daemon.py starts it
@@ -82,14 +83,11 @@ def _import_floor() -> str:
 
 
 def _wait_listening(daemon: Daemon, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"brokerd exited with {proc.returncode}:\n{daemon.log()[-2000:]}")
-        if daemon.alive():
-            return
-        time.sleep(0.001)
-    raise BenchError(f"brokerd did not listen within {timeout} s")
+    poll(lambda: proc.poll() is not None or daemon.alive(), timeout, interval=0.001)
+    if proc.poll() is not None:
+        raise BenchError(f"brokerd exited with {proc.returncode}:\n{daemon.log()[-2000:]}")
+    if not daemon.alive():
+        raise BenchError(f"brokerd did not listen within {timeout} s")
 
 
 def _restart(daemon: Daemon, request: bytes) -> tuple[float, float]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.harness import BenchError
 from tests.support.daemon import Daemon, login_args
+from tests.support.wait import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable  # the venv's interpreter, absolute: the one the direct form of the shim names
@@ -139,17 +140,17 @@ def login_with_browser(daemon: Daemon, args: Sequence[str], attempts: int = 6) -
 
 def wait_gone(pid: int, timeout: float = 20.0) -> None:
     """Wait (bounded) until a process that is not our child has exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return
-        if state == "Z":
-            return
-        time.sleep(0.01)
-    raise BenchError(f"process {pid} did not exit within {timeout} s")
+    if not poll(lambda: _gone(pid), timeout, interval=0.01):
+        raise BenchError(f"process {pid} did not exit within {timeout} s")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
 
 
 @contextlib.contextmanager

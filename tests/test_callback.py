@@ -14,34 +14,9 @@ import pytest
 from brokerd.callback import CallbackServer
 from brokerd.errors import CallbackUnavailable, LoginDenied
 from tests.support.apiserver import make_tls
+from tests.support.net import free_port, ipv6_loopback
 
 STATE = "s" * 43
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def _free_port() -> int:
-    """A port free on both loopback addresses right now (the listener binds it right after)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
-            s4.bind(("127.0.0.1", 0))
-            port = int(s4.getsockname()[1])
-            if not _ipv6_loopback():
-                return port
-            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                try:
-                    s6.bind(("::1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port on both loopback addresses")
 
 
 def _occupy(host: str, port: int) -> socket.socket:
@@ -163,10 +138,10 @@ async def test_open_url_after_authentication_redirects(http: aiohttp.ClientSessi
         await server.close()
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
 async def test_localhost_listens_on_both_loopback_addresses(http: aiohttp.ClientSession) -> None:
     server = CallbackServer()
-    port = _free_port()
+    port = free_port(both_loopbacks=True)
     lease = await server.acquire([f"127.0.0.1:{port}"])
     try:
         assert lease.default_redirect_uri == f"http://localhost:{port}"
@@ -182,7 +157,7 @@ async def test_localhost_listens_on_both_loopback_addresses(http: aiohttp.Client
 async def test_two_logins_share_one_listener_routed_by_state_and_it_closes_after_the_last_release(
         http: aiohttp.ClientSession) -> None:
     server = CallbackServer()
-    port = _free_port()
+    port = free_port(both_loopbacks=True)
     one = await server.acquire([f"127.0.0.1:{port}"])
     two = await server.acquire([f"127.0.0.1:{port}"])  # no "address already in use": the same listener
     assert one.port == two.port == port
@@ -197,7 +172,7 @@ async def test_two_logins_share_one_listener_routed_by_state_and_it_closes_after
     assert (await a).code == "code-a"
     await one.release()
     assert _refused("127.0.0.1", port)
-    if _ipv6_loopback():
+    if ipv6_loopback():
         assert _refused("::1", port)
     await server.close()
 
@@ -218,7 +193,7 @@ async def test_release_cancels_a_pending_wait_and_closes_the_port() -> None:
 
 
 async def test_a_port_held_by_another_program_falls_back_to_the_next(blockers: list[socket.socket]) -> None:
-    taken, free = _free_port(), _free_port()
+    taken, free = free_port(both_loopbacks=True), free_port(both_loopbacks=True)
     blockers.append(_occupy("127.0.0.1", taken))
     server = CallbackServer(busy_wait=0)
     lease = await server.acquire([f"127.0.0.1:{taken}", f"127.0.0.1:{free}"])
@@ -227,10 +202,10 @@ async def test_a_port_held_by_another_program_falls_back_to_the_next(blockers: l
     await server.close()
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
 async def test_a_port_held_on_ipv6_only_counts_as_busy(blockers: list[socket.socket]) -> None:
     """A browser resolving localhost to ::1 would hand the code to whoever listens there."""
-    taken, free = _free_port(), _free_port()
+    taken, free = free_port(both_loopbacks=True), free_port(both_loopbacks=True)
     blockers.append(_occupy("::1", taken))
     server = CallbackServer(busy_wait=0)
     lease = await server.acquire([f"127.0.0.1:{taken}", f"127.0.0.1:{free}"])
@@ -240,11 +215,11 @@ async def test_a_port_held_on_ipv6_only_counts_as_busy(blockers: list[socket.soc
     await server.close()
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
 async def test_a_port_bound_but_not_listening_on_ipv6_is_still_used(blockers: list[socket.socket],
                                                                      http: aiohttp.ClientSession) -> None:
     """The local end of some connection on [::1]:port: nobody can receive the redirect there, IPv4 serves."""
-    port = _free_port()
+    port = free_port(both_loopbacks=True)
     bound = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     bound.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     bound.bind(("::1", port))  # no listen()
@@ -262,7 +237,7 @@ async def test_a_port_bound_but_not_listening_on_ipv6_is_still_used(blockers: li
 
 
 async def test_all_ports_busy_waits_for_one_to_free_up(blockers: list[socket.socket]) -> None:
-    port = _free_port()
+    port = free_port(both_loopbacks=True)
     blocker = _occupy("127.0.0.1", port)
     blockers.append(blocker)
     with pytest.raises(CallbackUnavailable, match="in use"):

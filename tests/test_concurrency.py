@@ -29,6 +29,7 @@ from brokerd.models import ProviderSettings
 from tests.support.daemon import BROWSER, SHIM, Daemon, exec_token, jwt_claims, login_args
 from tests.support.kube import ApiServer, kubectl_env, start_apiserver, versioned_kubectl, write_kubeconfig
 from tests.support.provider import ProviderFactory, TestProvider
+from tests.support.wait import wait_until
 
 PY = sys.executable
 HAVE_KUBECTL = Path("/usr/bin/kubectl").exists()
@@ -196,14 +197,6 @@ def _status(daemon: Daemon) -> list[dict[str, Any]]:
     return sessions
 
 
-def _wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def apiserver(provider: TestProvider) -> Iterator[ApiServer]:
     if not HAVE_KUBECTL:
@@ -292,7 +285,7 @@ def test_background_poller_gets_no_new_tab_until_the_retry_interval_allows(
         first = daemon.shim(args, env=bad)
         assert first.returncode != 0 and first.stdout == ""
         # The first login may outlive its caller by a moment (the caller's wait and the login's are separate).
-        _wait_until(lambda: not any(s["login_pending"] for s in _status(daemon)), "the failed login to end")
+        wait_until(lambda: not any(s["login_pending"] for s in _status(daemon)), "the failed login to end", 60)
         for _ in range(4):  # a poller, calling again and again while nobody is at the screen
             again = daemon.shim(args, env=bad)
             assert again.returncode != 0 and again.stdout == ""
@@ -305,7 +298,7 @@ def test_background_poller_gets_no_new_tab_until_the_retry_interval_allows(
         at_terminal = _shim_on_a_terminal(daemon, args, bad)
         assert at_terminal.returncode != 0 and "not opening the browser again" not in at_terminal.stderr
         assert daemon.browser_openings() == 2
-        _wait_until(lambda: not any(s["login_pending"] for s in _status(daemon)), "the second login to end")
+        wait_until(lambda: not any(s["login_pending"] for s in _status(daemon)), "the second login to end", 60)
         assert "not opening the browser again" in daemon.shim(args, env=bad).stderr
         assert daemon.browser_openings() == 2
 
@@ -313,7 +306,7 @@ def test_background_poller_gets_no_new_tab_until_the_retry_interval_allows(
         daemon.config_path.write_text("[daemon]\nlogin_retry_interval = 0\n")
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
-        _wait_until(lambda: "config reloaded" in daemon.log(), "the config reload")
+        wait_until(lambda: "config reloaded" in daemon.log(), "the config reload", 60)
         result = daemon.shim(login_args(provider.issuer, scope))
         assert exec_token(result)
         assert daemon.browser_openings() == 3
@@ -463,7 +456,7 @@ def test_shims_racing_to_autostart_start_exactly_one_daemon(tmp_path: Path, stal
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-            _wait_until(lambda: not _running(pid), f"daemon {pid} to exit", timeout=20)  # noqa: B023
+            wait_until(lambda: not _running(pid), f"daemon {pid} to exit", timeout=20)  # noqa: B023
         d.close()
 
 

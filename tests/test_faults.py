@@ -9,7 +9,6 @@ refresh does not leak into the next.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,28 +18,29 @@ import pytest
 
 from tests.support.daemon import Daemon, exec_token, login_args
 from tests.support.hostile import exchange, request, tracebacks
+from tests.support.net import free_port, module_port
 from tests.support.provider import ProviderFactory, TestProvider
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-PORT = _free_port()
 TTL = 12  # ID/access token life: refresh due at 6 s, served until 10.8 s (10% margin)
-PROVIDER_CONFIG: dict[str, Any] = {
-    "default_client": {"redirect_uris": [f"http://localhost:{PORT}"]},
-    "id_token_ttl": TTL, "access_token_ttl": TTL,
-}
+
+
+def redirect_port() -> int:
+    """This module's own redirect port, so other tests' use of 8000/18000 cannot interfere (picked at first use)."""
+    return module_port(__name__)
+
+
+def provider_config() -> dict[str, Any]:
+    return {"default_client": {"redirect_uris": [f"http://localhost:{redirect_port()}"]},
+            "id_token_ttl": TTL, "access_token_ttl": TTL}
+
+
 # Fast back-off so a test can watch it; no lockout after a failed login, so a test can retry at once.
 DAEMON_CONFIG = "[daemon]\nretry_initial = 1\nretry_max = 4\nlogin_retry_interval = 0\n"
 
 
 @pytest.fixture(scope="module")
 def idp(provider_factory: ProviderFactory) -> TestProvider:
-    return provider_factory(PROVIDER_CONFIG)
+    return provider_factory(provider_config())
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def _clear(idp: TestProvider) -> Iterator[None]:
 
 
 def args(issuer: str, name: str, *extra: str) -> list[str]:
-    return login_args(issuer, f"--listen-address=127.0.0.1:{PORT}", f"--oidc-auth-request-extra-params=case={name}",
+    return login_args(issuer, f"--listen-address=127.0.0.1:{redirect_port()}",
+                      f"--oidc-auth-request-extra-params=case={name}",
                       *extra)
 
 
@@ -104,8 +105,8 @@ def test_slow_token_endpoint_succeeds_and_other_sessions_are_served(idp: TestPro
 
 
 def test_provider_down_then_back_on_the_same_port(provider_factory: ProviderFactory, daemon: Daemon) -> None:
-    port = _free_port()
-    first = provider_factory(PROVIDER_CONFIG, port=port)
+    port = free_port()
+    first = provider_factory(provider_config(), port=port)
     valid = exec_token(daemon.shim(_offline(first.issuer, "down-valid")))
     first.stop()
     # Connection refused: a session that is still valid is served from memory ...
@@ -124,7 +125,7 @@ def test_provider_down_then_back_on_the_same_port(provider_factory: ProviderFact
         line = one_error_line(fresh.shim(args(first.issuer, "down-new")))
         assert line == f"brokerd: cannot reach http://127.0.0.1:{port}: connection refused", line
         assert fresh.browser_openings() == 0
-    second = provider_factory(PROVIDER_CONFIG, port=port)  # back (new signing key, new state)
+    second = provider_factory(provider_config(), port=port)  # back (new signing key, new state)
     assert exec_token(daemon.shim(args(second.issuer, "down-new")))
     assert exec_token(daemon.shim(_offline(second.issuer, "down-valid"))) == valid
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -17,26 +16,23 @@ import pytest
 
 from brokerd.store import SessionStore
 from tests.support.daemon import Daemon, login_args
+from tests.support.net import module_port
 from tests.support.provider import ProviderFactory, TestProvider
+from tests.support.wait import wait_until
 
 TTL = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# A redirect port of this module's own, so these tests never wait for 8000/18000 that other tests use.
-PORT = _free_port()
 NO_BACKGROUND_REFRESH = "[daemon]\nrefresh_ratio = 1.0\nrefresh_lead = 0\n"  # the timer fires only at exp
+
+
+def redirect_port() -> int:
+    """This module's own redirect port, so other tests' use of 8000/18000 cannot interfere (picked at first use)."""
+    return module_port(__name__)
 
 
 @pytest.fixture(scope="module")
 def idp(provider_factory: ProviderFactory) -> TestProvider:
     return provider_factory({"id_token_ttl": TTL, "access_token_ttl": TTL,
-                             "default_client": {"redirect_uris": [f"http://localhost:{PORT}"]}})
+                             "default_client": {"redirect_uris": [f"http://localhost:{redirect_port()}"]}})
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +48,7 @@ def daemon() -> Iterator[Daemon]:
 
 
 def args(p: TestProvider, *extra: str) -> list[str]:
-    return login_args(p.issuer, f"--listen-address=127.0.0.1:{PORT}", *extra,
+    return login_args(p.issuer, f"--listen-address=127.0.0.1:{redirect_port()}", *extra,
                       scopes=("groups", "email", "offline_access"))
 
 
@@ -70,14 +66,6 @@ def delta(before: dict[str, Any], after: dict[str, Any], name: str) -> int:
     if name in before["token_grants"]:
         return int(after["token_grants"][name] - before["token_grants"][name])
     return int(after[name] - before[name])
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_refresh_ahead_rotates_with_nobody_waiting_and_no_reuse(idp: TestProvider, daemon: Daemon) -> None:
@@ -124,8 +112,8 @@ def test_fifty_callers_at_expiry_cause_one_refresh(idp: TestProvider) -> None:
 def test_sigkill_and_restart_keep_the_rotated_session(idp: TestProvider, daemon: Daemon) -> None:
     before = idp.counters()
     first, _ = get(daemon, idp)
-    wait_for(lambda: delta(before, idp.counters(), "refresh_token") == 1, TTL, "the background refresh")
-    wait_for(lambda: "refreshed; token valid until" in daemon.log(), 2, "the refresh to be saved")
+    wait_until(lambda: delta(before, idp.counters(), "refresh_token") == 1, "the background refresh", TTL)
+    wait_until(lambda: "refreshed; token valid until" in daemon.log(), "the refresh to be saved", 2)
     refreshed, expires = get(daemon, idp)
     assert refreshed != first
     daemon.kill()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from brokerd.errors import (
 from brokerd.models import ProviderSettings, TokenSet
 from brokerd.oidc import AuthRequest, OIDCClient
 from tests.support import browser
+from tests.support.net import free_port
 from tests.support.provider import ProviderFactory, TestProvider
 
 # Odd characters on purpose: client_secret_basic must form-encode id and secret before base64.
@@ -36,12 +36,6 @@ CLIENT_SECRET = "odd secret/with:+&%="
 PUBLIC_ID = "brokerd_public"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SCOPES = ("openid", "email", "groups", "offline_access")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Env:
@@ -59,7 +53,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(provider_factory: ProviderFactory) -> Env:
-    port = _free_port()
+    port = free_port()
     redirect_uri = f"http://127.0.0.1:{port}/callback"
     grants = ["authorization_code", "refresh_token", DEVICE_GRANT, "password", "client_credentials"]
     clients = [

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 
-from tests.conftest import ProviderFactory
 from tests.support.daemon import Daemon, login_args
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.net import free_port
+from tests.support.provider import ProviderFactory
 
 
 def test_redirect_url_with_a_path_and_port_is_listened_on(provider_factory: ProviderFactory) -> None:
-    port = _free_port()
+    port = free_port()
     redirect = f"http://localhost:{port}/callback"
     idp = provider_factory({"default_client": {"redirect_uris": [redirect]}})
     with Daemon() as daemon:
@@ -25,7 +19,7 @@ def test_redirect_url_with_a_path_and_port_is_listened_on(provider_factory: Prov
         assert json.loads(ok.stdout)["kind"] == "ExecCredential"
         assert idp.last_auth()["redirect_uri"] == redirect
         # A --listen-address that cannot receive that redirect is refused in one line, before any browser opens.
-        other = _free_port()
+        other = free_port()
         bad = daemon.shim(login_args(idp.issuer, f"--oidc-redirect-url={redirect}", "--oidc-extra-scope=email",
                                      f"--listen-address=127.0.0.1:{other}"))
         assert bad.returncode == 2 and bad.stdout == ""

@@ -24,24 +24,21 @@ import pytest
 
 from tests.support.daemon import SHIM, Daemon, login_args
 from tests.support.hostile import Proxy, exchange, proxy_env, request, tracebacks
+from tests.support.net import module_port
 from tests.support.provider import ProviderFactory, TestProvider
 
 NOBODY = 65534
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-PORT = _free_port()  # this module's own redirect port, so other tests' use of 8000/18000 cannot interfere
+def redirect_port() -> int:
+    """This module's own redirect port, so other tests' use of 8000/18000 cannot interfere (picked at first use)."""
+    return module_port(__name__)
 
 
 @pytest.fixture(scope="module")
 def idp(provider_factory: ProviderFactory) -> TestProvider:
-    return provider_factory({"default_client": {"redirect_uris": [f"http://localhost:{PORT}"]}})
+    return provider_factory({"default_client": {"redirect_uris": [f"http://localhost:{redirect_port()}"]}})
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +54,7 @@ def daemon(proxy: Proxy) -> Iterator[Daemon]:
 
 
 def args(idp: TestProvider, *extra: str) -> list[str]:
-    return login_args(idp.issuer, f"--listen-address=127.0.0.1:{PORT}", *extra)
+    return login_args(idp.issuer, f"--listen-address=127.0.0.1:{redirect_port()}", *extra)
 
 
 def status(d: Daemon) -> list[dict[str, Any]]:
@@ -120,7 +117,7 @@ LOOPBACK_V6 = "00000000000000000000000001000000"
 
 def _get(url: str, method: str = "GET") -> int:
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", redirect_port(), timeout=5)
     try:
         conn.request(method, parts.path + ("?" + parts.query if parts.query else ""))
         return conn.getresponse().status
@@ -129,7 +126,7 @@ def _get(url: str, method: str = "GET") -> int:
 
 
 def _raw_http(data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", redirect_port()), timeout=5) as s:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
         out = b""
@@ -160,10 +157,11 @@ def test_callback_listener_is_loopback_only_ignores_junk_and_closes(idp: TestPro
         url = _login_url(proc)
         query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
         state = query["state"]
-        assert query["redirect_uri"] == f"http://localhost:{PORT}"
+        assert query["redirect_uri"] == f"http://localhost:{redirect_port()}"
         # Bound to loopback only: 127.0.0.1 and ::1, never a wildcard or another interface.
-        assert _listeners(PORT) and _listeners(PORT) <= {LOOPBACK_V4, LOOPBACK_V6}, _listeners(PORT)
-        base = f"http://127.0.0.1:{PORT}"
+        listening = _listeners(redirect_port())
+        assert listening and listening <= {LOOPBACK_V4, LOOPBACK_V6}, listening
+        base = f"http://127.0.0.1:{redirect_port()}"
         hostile = {
             f"{base}/?code=stolen&state=not-the-state": 400,
             f"{base}/?code=stolen": 400,
@@ -191,11 +189,11 @@ def test_callback_listener_is_loopback_only_ignores_junk_and_closes(idp: TestPro
     assert json.loads(out)["status"]["token"]
     # The listener closed when the login ended.
     deadline = time.monotonic() + 5
-    while _listeners(PORT) and time.monotonic() < deadline:
+    while _listeners(redirect_port()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _listeners(PORT)
+    assert not _listeners(redirect_port())
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
+        socket.create_connection(("127.0.0.1", redirect_port()), timeout=2).close()
     # The code went to the token endpoint exactly once, through the proxy we can read.
     codes = proxy.recorder.secrets()["code"]
     assert codes
@@ -215,7 +213,8 @@ def test_replayed_callback_during_another_login_is_ignored(idp: TestProvider, da
                              env={"BROWSER": slow})
     try:
         _login_url(proc)
-        replay = f"http://127.0.0.1:{PORT}/?code={urllib.parse.quote(old_code)}&state={old_query['state']}"
+        replay = (f"http://127.0.0.1:{redirect_port()}/?code={urllib.parse.quote(old_code)}"
+                  f"&state={old_query['state']}")
         assert _get(replay) == 400
         _out, err = proc.communicate(timeout=60)
     finally:
@@ -235,7 +234,7 @@ def test_access_denied_shows_the_providers_message(idp: TestProvider, daemon: Da
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == ("brokerd: the provider refused the login (access_denied: The resource owner denied "
                          "the request)"), result.stderr
-    assert not _listeners(PORT)
+    assert not _listeners(redirect_port())
 
 
 # ---- a tampered ID token from the real provider -----------------------------------------------------------------

@@ -7,15 +7,7 @@ import time
 
 from tests.support.daemon import Daemon, login_args
 from tests.support.provider import TestProvider
-
-
-def _wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.support.wait import wait_until
 
 
 def test_sigterm_during_a_login_tells_the_waiting_caller(provider: TestProvider) -> None:
@@ -24,7 +16,7 @@ def test_sigterm_during_a_login_tells_the_waiting_caller(provider: TestProvider)
         stuck = f"{daemon.env['BROWSER']} --no-follow-callback"
         caller = daemon.shim_async(login_args(provider.issuer, "--oidc-extra-scope=address"), env={"BROWSER": stuck})
         assert caller.stderr is not None
-        assert _wait_for(lambda: daemon.browser_openings() == 1), daemon.log()
+        wait_until(lambda: daemon.browser_openings() == 1, lambda: f"the browser to open:\n{daemon.log()}")
         started = time.monotonic()
         assert daemon.stop() == 0
         out, err = caller.communicate(timeout=20)
@@ -43,7 +35,7 @@ def test_sigterm_lets_a_refresh_in_flight_finish_and_persists_it(provider: TestP
         provider.fault("token", "delay", seconds=2, count=1, grant_type="refresh_token")
         before = provider.counters()["token_grants"]["refresh_token"]
         caller = daemon.shim_async([*args, "--force-refresh"])
-        assert _wait_for(lambda: provider.counters()["faults_applied"] > 0)  # the refresh is at the provider now
+        wait_until(lambda: provider.counters()["faults_applied"] > 0, "the refresh to reach the provider")
         daemon.proc.send_signal(15)  # type: ignore[union-attr]
         out, err = caller.communicate(timeout=30)
         assert daemon.stop() == 0

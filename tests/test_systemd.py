@@ -32,6 +32,7 @@ from brokerd.systemd import (
     watchdog_interval,
     watchdog_task,
 )
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -99,11 +100,8 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def wait_for_path(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"process exited early: {proc.returncode}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
+    wait_until(lambda: path.exists() or proc.poll() is not None, f"{path} to appear", timeout, interval=0.02)
+    assert path.exists(), f"process exited early: {proc.returncode}"
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -11,10 +11,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.support.wait import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / "client_shim" / "shim.py"
@@ -65,9 +66,7 @@ def stop_daemons_holding(lock: Path, timeout: float = 10.0) -> int:
             except OSError:
                 continue
             signalled.append(proc)
-    deadline = time.monotonic() + timeout
-    while any(p.exists() for p in signalled) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll(lambda: not any(p.exists() for p in signalled), timeout)
     return len(signalled)
 
 
@@ -104,14 +103,13 @@ class Daemon:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "brokerd", "serve", "-v"], env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.base)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"brokerd exited with {self.proc.returncode}:\n{self.log()}")
-            if self.alive():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"brokerd did not listen within {timeout} s:\n{self.log()}")
+        proc = self.proc
+        poll(lambda: proc.poll() is not None or self.alive(), timeout)
+        if proc.poll() is not None:
+            raise RuntimeError(f"brokerd exited with {proc.returncode}:\n{self.log()}")
+        if not self.alive():
+            raise RuntimeError(f"brokerd did not listen within {timeout} s:\n{self.log()}")
+        return self
 
     def alive(self) -> bool:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
