@@ -27,13 +27,19 @@ import pytest
 
 from brokerd.models import ProviderSettings
 from tests.support.daemon import BROWSER, SHIM, Daemon, exec_token, jwt_claims, login_args
-from tests.support.kube import ApiServer, kubectl_env, start_apiserver, versioned_kubectl, write_kubeconfig
+from tests.support.kube import (
+    ApiServer,
+    find_kubectl,
+    kubectl_env,
+    needs_kubectl,
+    start_apiserver,
+    versioned_kubectl,
+    write_kubeconfig,
+)
 from tests.support.provider import ProviderFactory, TestProvider
 from tests.support.wait import wait_until
 
 PY = sys.executable
-HAVE_KUBECTL = Path("/usr/bin/kubectl").exists()
-needs_kubectl = pytest.mark.skipif(not HAVE_KUBECTL, reason="kubectl is not installed")
 
 # Logs one line per opening, waits (bounded) for the gate file, then runs the real browser stand-in.
 GATE_BROWSER = """\
@@ -199,8 +205,8 @@ def _status(daemon: Daemon) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def apiserver(provider: TestProvider) -> Iterator[ApiServer]:
-    if not HAVE_KUBECTL:
-        pytest.skip("kubectl is not installed")
+    if find_kubectl() is None:
+        pytest.skip("kubectl is not on PATH")
     with start_apiserver(provider.issuer) as server:
         yield server
 

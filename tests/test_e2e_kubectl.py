@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon, login_args, stop_daemons_holding
-from tests.support.kube import EXEC_V1, ApiServer, run_kubectl, start_apiserver, write_kubeconfig
+from tests.support.kube import EXEC_V1, ApiServer, needs_kubectl, run_kubectl, start_apiserver, write_kubeconfig
 from tests.support.provider import TestProvider
 
-pytestmark = pytest.mark.skipif(not Path("/usr/bin/kubectl").exists(), reason="kubectl is not installed")
+pytestmark = needs_kubectl
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from aiohttp import web
 from tests.support.apiserver import make_tls
 from tests.support.browser import login as browser_login
 from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
+from tests.support.kube import needs_kubectl, run_kubectl, start_apiserver, write_kubeconfig
 from tests.support.provider import ProviderFactory, TestProvider
 
 # setsid (start_new_session) happened already; adopting the pty as the controlling terminal needs an ioctl.
@@ -330,10 +331,8 @@ async def test_tls_options_and_request_headers_apply_to_the_session(provider: Te
 
 # ---- kubectl end to end with the device flow --------------------------------------------------------------------
 
-@pytest.mark.skipif(not Path("/usr/bin/kubectl").exists(), reason="kubectl is not installed")
+@needs_kubectl
 def test_kubectl_with_device_code(provider: TestProvider, daemon: Daemon, tmp_path: Path) -> None:
-    from tests.support.kube import run_kubectl, start_apiserver, write_kubeconfig
-
     with start_apiserver(provider.issuer) as apiserver:
         exec_args = ["oidc-login", *login_args(provider.issuer, "--grant-type=device-code")]
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", apiserver.url, apiserver.ca_file, exec_args)

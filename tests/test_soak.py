@@ -22,13 +22,20 @@ import pytest
 
 from brokerd.models import ProviderSettings
 from tests.support.daemon import SHIM, Daemon, login_args
-from tests.support.kube import ApiServer, run_kubectl, start_apiserver, versioned_kubectl, write_kubeconfig
+from tests.support.kube import (
+    ApiServer,
+    needs_kubectl,
+    run_kubectl,
+    start_apiserver,
+    versioned_kubectl,
+    write_kubeconfig,
+)
 from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, ProviderFactory, TestProvider
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(420),
-    pytest.mark.skipif(not Path("/usr/bin/kubectl").exists(), reason="kubectl is not installed"),
+    needs_kubectl,
 ]
 
 LOOPS = 10

@@ -2,10 +2,10 @@
 
 Facts this module is built around (checked on the dev machines):
 
-- /usr/bin/kubectl is Google's kubectl *dispatcher*. Before running anything it GETs ``/version`` (5 s timeout,
-  ``Cache-Control: max-age=3600``) with the kubeconfig's credentials -- which runs the exec plugin -- and then
-  execve()s ``kubectl.<major>.<minor>`` beside it (same PID), or its built-in kubectl when that fails. The answer
-  is kept in ``$KUBECACHEDIR/http`` for an hour, so only the first call per API server URL and cache dir pays
+- kubectl on PATH (/usr/bin/kubectl) is Google's kubectl *dispatcher*. Before running anything it GETs ``/version``
+  (5 s timeout, ``Cache-Control: max-age=3600``) with the kubeconfig's credentials -- which runs the exec plugin --
+  and then execve()s ``kubectl.<major>.<minor>`` beside it (same PID), or its built-in kubectl when that fails. The
+  answer is kept in ``$KUBECACHEDIR/http`` for an hour, so only the first call per API server URL and cache dir pays
   for it (and runs the plugin one extra time). ``run_kubectl`` therefore always sets KUBECACHEDIR (never
   ~/.kube/cache); the API server's ``server_version`` picks which real kubectl the dispatcher runs.
 - Kubeconfigs are written with a *versioned* binary (no dispatcher, so no server round trip), with an explicit
@@ -43,21 +43,36 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-KUBECTL = "/usr/bin/kubectl"
-KUBECTL_BIN_DIR = Path("/usr/lib/google-cloud-sdk/bin")
+import pytest
+
 APISERVER_SCRIPT = Path(__file__).with_name("apiserver.py")
 EXEC_V1BETA1 = "client.authentication.k8s.io/v1beta1"
 EXEC_V1 = "client.authentication.k8s.io/v1"
 
 
-def versioned_kubectl(version: str = "1.32") -> str:
-    """Path of a real (non-dispatching) kubectl, e.g. kubectl.1.32; falls back to kubectl on PATH elsewhere."""
-    candidate = KUBECTL_BIN_DIR / f"kubectl.{version}"
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which("kubectl")
+def find_kubectl() -> str | None:
+    """kubectl on PATH: on the dev machines Google's version dispatcher (/usr/bin/kubectl), elsewhere the
+    distribution's kubectl or a Kubernetes release binary."""
+    return shutil.which("kubectl")
+
+
+needs_kubectl = pytest.mark.skipif(find_kubectl() is None, reason="kubectl is not on PATH")
+
+
+def kubectl_on_path() -> str:
+    found = find_kubectl()
     if found is None:
-        raise FileNotFoundError("no kubectl found")
+        raise FileNotFoundError("no kubectl on PATH")
+    return found
+
+
+def versioned_kubectl(version: str = "1.32") -> str:
+    """A real (non-dispatching) kubectl: kubectl.<version> beside the dispatcher that kubectl on PATH resolves to
+    (it lives beside kubectl.1.27 ... kubectl.1.33); elsewhere kubectl on PATH itself."""
+    found = kubectl_on_path()
+    candidate = Path(os.path.realpath(found)).parent / f"kubectl.{version}"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
     return found
 
 
@@ -303,7 +318,7 @@ def run_kubectl(
     kubeconfig: Path | str,
     env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
-    kubectl: str = KUBECTL,
+    kubectl: str | None = None,
     *,
     cache_dir: Path | str | None = None,
     input: str | None = None,
@@ -317,7 +332,7 @@ def run_kubectl(
     plugin starts must leave the group (setsid) to outlive the call.
     """
     full_env = kubectl_env(kubeconfig, env, cache_dir)
-    proc = subprocess.Popen([kubectl, *args], env=full_env, text=True, start_new_session=True,
+    proc = subprocess.Popen([kubectl or kubectl_on_path(), *args], env=full_env, text=True, start_new_session=True,
                             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     done, tripped = threading.Event(), threading.Event()
@@ -350,7 +365,7 @@ async def run_kubectl_async(
     kubeconfig: Path | str,
     env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
-    kubectl: str = KUBECTL,
+    kubectl: str | None = None,
     *,
     cache_dir: Path | str | None = None,
     input: str | None = None,
@@ -358,6 +373,7 @@ async def run_kubectl_async(
 ) -> subprocess.CompletedProcess[str]:
     """run_kubectl for async tests whose provider or daemon runs in the same event loop (no blocking)."""
     full_env = kubectl_env(kubeconfig, env, cache_dir)
+    kubectl = kubectl or kubectl_on_path()
     proc = await asyncio.create_subprocess_exec(
         kubectl, *args, env=full_env, start_new_session=True,
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
