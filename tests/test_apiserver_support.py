@@ -152,6 +152,7 @@ def whoami(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return info
 
 
+@kube.needs_kubectl
 def test_static_token_kubeconfig_whoami_and_version(api: kube.ApiServer, tmp_path: Path) -> None:
     kc = kube.write_static_token_kubeconfig(tmp_path / "kubeconfig", api.url, api.ca_file, STATIC_TOKEN)
     assert kc.stat().st_mode & 0o777 == 0o600
@@ -170,6 +171,7 @@ def test_static_token_kubeconfig_whoami_and_version(api: kube.ApiServer, tmp_pat
 
 @pytest.mark.parametrize(("api_version", "interactive_mode"),
                          [(kube.EXEC_V1BETA1, None), (kube.EXEC_V1, "IfAvailable")])
+@kube.needs_kubectl
 def test_exec_plugin_valid_token(api: kube.ApiServer, issuer: TinyIssuer, run: PluginRun, plugin: Path,
                                  tmp_path: Path, api_version: str, interactive_mode: str | None) -> None:
     kc = kube.write_kubeconfig(tmp_path / "kubeconfig", api.url, api.ca_file, ["--some-flag"],
@@ -194,6 +196,7 @@ def test_exec_plugin_valid_token(api: kube.ApiServer, issuer: TinyIssuer, run: P
     assert {"/api/v1/nodes", "/apis/authentication.k8s.io/v1/selfsubjectreviews"} <= paths
 
 
+@kube.needs_kubectl
 def test_missing_groups_claim_means_no_groups(api: kube.ApiServer, issuer: TinyIssuer, run: PluginRun,
                                               plugin: Path, tmp_path: Path) -> None:
     kc = kube.write_kubeconfig(tmp_path / "kubeconfig", api.url, api.ca_file, [], exec_command=str(plugin))
@@ -212,6 +215,7 @@ OTHER_KEY = RSAKey.generate_key(2048, parameters={"kid": "k1"}, private=True)
     ("wrong_iss", "iss mismatch"),
     ("bad_signature", "bad signature"),
 ])
+@kube.needs_kubectl
 def test_exec_plugin_rejected_token(api: kube.ApiServer, issuer: TinyIssuer, run: PluginRun, plugin: Path,
                                     tmp_path: Path, case: str, reason: str) -> None:
     claims = {
@@ -277,6 +281,7 @@ def test_status_bodies_and_anonymous_access(api: kube.ApiServer) -> None:
     assert (status, body["reason"]) == (403, "Forbidden")
 
 
+@kube.needs_kubectl
 def test_v1_exec_api_needs_interactive_mode(api: kube.ApiServer, run: PluginRun, plugin: Path,
                                             tmp_path: Path) -> None:
     kc = kube.write_kubeconfig(tmp_path / "kubeconfig", api.url, api.ca_file, [], exec_command=str(plugin),
@@ -288,6 +293,7 @@ def test_v1_exec_api_needs_interactive_mode(api: kube.ApiServer, run: PluginRun,
     assert run.calls() == []
 
 
+@kube.needs_kubectl
 def test_authelia_guide_kubeconfig_via_kubectl_plugin(api: kube.ApiServer, issuer: TinyIssuer,
                                                       run: PluginRun, tmp_path: Path) -> None:
     args = ["oidc-login", "get-token", f"--oidc-issuer-url={issuer.url}", f"--oidc-client-id={CLIENT_ID}",
@@ -307,6 +313,7 @@ def test_authelia_guide_kubeconfig_via_kubectl_plugin(api: kube.ApiServer, issue
     assert all(c["argv"] == args[1:] for c in run.calls())
 
 
+@kube.needs_kubectl
 def test_run_kubectl_kills_exec_plugin_recursion(api: kube.ApiServer, tmp_path: Path) -> None:
     # `kubectl oidc-login` with no kubectl-oidc_login on PATH: the dispatcher asks the server for its
     # version, which runs the plugin, which is kubectl again... run_kubectl must stop the chain.
