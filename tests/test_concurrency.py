@@ -8,6 +8,7 @@ creates it only once every caller has shown the login URL on its stderr (that is
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pty
@@ -158,7 +159,7 @@ def _read_stderr_until(procs: Sequence[Running], text: str, timeout: float = 90.
             sel.register(r.proc.stderr, selectors.EVENT_READ, r)
         while not all(text in r.stderr for r in procs) and time.monotonic() < deadline:
             for key, _ in sel.select(0.2):
-                chunk = os.read(key.fileobj.fileno(), 65536)  # type: ignore[union-attr]
+                chunk = os.read(key.fd, 65536)
                 if chunk:
                     key.data.err += chunk
                 else:
@@ -462,8 +463,12 @@ def test_shims_racing_to_autostart_start_exactly_one_daemon(tmp_path: Path, stal
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-            wait_until(lambda: not _running(pid), f"daemon {pid} to exit", timeout=20)  # noqa: B023
+            wait_until(functools.partial(_stopped, pid), f"daemon {pid} to exit", timeout=20)
         d.close()
+
+
+def _stopped(pid: int) -> bool:
+    return not _running(pid)
 
 
 def _running(pid: int) -> bool:

@@ -17,6 +17,7 @@ import os
 import pty
 import re
 import select
+import ssl
 import subprocess
 import sys
 import termios
@@ -115,7 +116,7 @@ class Seen:
 @dataclass
 class RecordingProxy:
     upstream: str | None = None  # None: a forward proxy for absolute-form requests
-    ssl: object | None = None
+    ssl: ssl.SSLContext | None = None
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
 
@@ -125,7 +126,7 @@ class RecordingProxy:
             self._client = client
             runner = web.ServerRunner(web.Server(self._handle), access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl)  # type: ignore[arg-type]
+            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl)
             await site.start()
             port = runner.addresses[0][1]
             self.url = f"{'https' if self.ssl else 'http'}://127.0.0.1:{port}"

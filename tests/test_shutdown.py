@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 from tests.support.daemon import Daemon, login_args
@@ -36,7 +37,8 @@ def test_sigterm_lets_a_refresh_in_flight_finish_and_persists_it(provider: TestP
         before = provider.counters()["token_grants"]["refresh_token"]
         caller = daemon.shim_async([*args, "--force-refresh"])
         wait_until(lambda: provider.counters()["faults_applied"] > 0, "the refresh to reach the provider")
-        daemon.proc.send_signal(15)  # type: ignore[union-attr]
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
         out, err = caller.communicate(timeout=30)
         assert daemon.stop() == 0
         assert caller.returncode == 0, err + daemon.log()

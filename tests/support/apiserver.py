@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -201,9 +202,9 @@ def token_digest(token: str) -> str:
 
 
 @web.middleware
-async def authn_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def authn_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/__test/"):
-        return await handler(request)  # type: ignore[no-any-return]
+        return await handler(request)
     settings, log = request.app[SETTINGS_KEY], request.app[LOG_KEY]
     auth = request.headers.get("Authorization", "")
     scheme, _, token = auth.partition(" ")
@@ -232,7 +233,7 @@ async def authn_middleware(request: web.Request, handler: Any) -> web.StreamResp
     log.requests.append({"path": request.path, "method": request.method, "user": user.username,
                          "groups": user.groups, "token_sha256_prefix": digest})
     request[USER_KEY] = user
-    return await handler(request)  # type: ignore[no-any-return]
+    return await handler(request)
 
 
 async def version(request: web.Request) -> web.Response:
