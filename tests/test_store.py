@@ -526,12 +526,29 @@ def run_crash_rounds(state: pathlib.Path, rounds: int, seed: int) -> None:
     assert mid_write_kills >= rounds // 2 and last_seen > rounds
 
 
+def crash_seed() -> int:
+    """BROKERD_CRASH_SEED replays a failed run; otherwise a fresh seed each run."""
+    given = os.environ.get("BROKERD_CRASH_SEED")
+    return int(given) if given else random.randrange(1 << 30)
+
+
+def run_seeded_crash_rounds(state: pathlib.Path, rounds: int) -> None:
+    """run_crash_rounds with its seed printed (pytest shows it with a failure) and in the failure message."""
+    seed = crash_seed()
+    print(f"crash test seed: BROKERD_CRASH_SEED={seed}")
+    try:
+        run_crash_rounds(state, rounds, seed)
+    except AssertionError as exc:
+        exc.add_note(f"replay with BROKERD_CRASH_SEED={seed}")
+        raise
+
+
 def test_sigkill_during_writes(state: pathlib.Path) -> None:
-    run_crash_rounds(state, rounds=20, seed=random.randrange(1 << 30))
+    run_seeded_crash_rounds(state, rounds=20)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_during_writes_long(state: pathlib.Path) -> None:
-    run_crash_rounds(state, rounds=200, seed=random.randrange(1 << 30))
+    run_seeded_crash_rounds(state, rounds=200)
 
