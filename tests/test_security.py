@@ -151,6 +151,7 @@ def _login_url(proc: subprocess.Popen[str], timeout: float = 15.0) -> str:
 
 def test_callback_listener_is_loopback_only_ignores_junk_and_closes(idp: TestProvider, daemon: Daemon,
                                                                     proxy: Proxy) -> None:
+    seen, grants = len(proxy.recorder.exchanges), idp.counters()["token_grants"]["authorization_code"]
     slow = f"{daemon.env['BROWSER']} --delay 4"
     proc = daemon.shim_async(args(idp, "--oidc-extra-scope=email"), env={"BROWSER": slow})
     try:
@@ -194,9 +195,10 @@ def test_callback_listener_is_loopback_only_ignores_junk_and_closes(idp: TestPro
     assert not _listeners(redirect_port())
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", redirect_port()), timeout=2).close()
-    # The code went to the token endpoint exactly once, through the proxy we can read.
-    codes = proxy.recorder.secrets()["code"]
-    assert codes
+    # The code went to the token endpoint exactly once, through the proxy we can read (the stolen codes never).
+    redeemed = [ex for ex in proxy.recorder.exchanges[seen:] if b"grant_type=authorization_code" in ex.request_body]
+    assert len(redeemed) == 1
+    assert idp.counters()["token_grants"]["authorization_code"] - grants == 1
     assert tracebacks(daemon.log()) == []
 
 
