@@ -3,7 +3,7 @@
 // with offline_access + consent, rotation with reuse detection, `groups` in the ID token only when asked for).
 // Usage: node server.mjs [--port N] [--config FILE]   (or JSON in env BROKERD_TEST_PROVIDER_CONFIG)
 // Prints exactly one line on stdout once listening: the issuer URL. Everything else goes to stderr.
-import { createHash, generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import Provider, { errors } from 'oidc-provider';
@@ -49,12 +49,13 @@ const subFor = (name) => {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-4${h.slice(13, 16)}-a${h.slice(17, 20)}-${h.slice(20, 32)}`;
 };
 
-// Signing keys come from the test harness (tests/support/provider.py makes them with Python's cryptography):
+// Signing keys come only from the test harness (tests/support/provider.py makes them with Python's cryptography):
 // node 20's generateKeyPairSync can deadlock when a garbage collection runs the key job's destructor while the job
-// still holds its lock (seen as a provider that hangs at start, every thread waiting on a futex).
+// still holds its lock (seen as a provider that hangs at start, every thread waiting on a futex). So there is no
+// key generation here to fall back on: a missing key is the caller's error.
 function newSigningKey(jwk) {
-  const key = jwk ?? generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
-  return { ...key, kid: randomUUID(), alg: 'RS256', use: 'sig' };
+  if (jwk?.kty !== 'RSA' || !jwk.d) throw new Error('a private RSA JWK is required (signing_key, rotate_keys key)');
+  return { ...jwk, kid: randomUUID(), alg: 'RS256', use: 'sig' };
 }
 
 // A tiny Map-backed adapter: oidc-provider's bundled one is an LRU that may evict under long tests, and
