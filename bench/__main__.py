@@ -41,7 +41,7 @@ def run(sections: set[int], quick: bool, workdir: Path) -> None:
             _say("logging in once through the browser stand-in")
             login_with_browser(main, login_args(provider.issuer))
             steps: list[tuple[int, str, Callable[[], Table]]] = [
-                (1, "shim start", lambda: startup.shim_start(main, provider.issuer, helpers, workdir, rounds1)),
+                (1, "shim start", lambda: startup.shim_start(main, provider.issuer, helpers, rounds1)),
                 (2, "kubectl calls", lambda: startup.kubectl_call(main, provider.issuer, helpers, workdir, rounds2)),
             ]
             for number, label, step in steps:

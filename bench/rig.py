@@ -120,11 +120,6 @@ def cpu_seconds(pid: int) -> float:
 
 
 
-def start_daemon(config: str | None = None) -> Daemon:
-    """A real daemon on a private socket (the browser stand-in as its BROWSER)."""
-    return Daemon(config=config).start()
-
-
 def login_with_browser(daemon: Daemon, args: Sequence[str], attempts: int = 6) -> None:
     """Log in once through the shim and the browser stand-in.  The default client only accepts redirects to
     ports 8000/18000, which other engineers' tests may hold for a moment: retry a few times, bounded."""

@@ -37,7 +37,7 @@ def _token(stdout: str) -> str:
     return str(doc["status"]["token"])
 
 
-def shim_start(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdir: Path, rounds: int) -> Table:
+def shim_start(daemon: Daemon, issuer: str, helpers: Mapping[str, str], rounds: int) -> Table:
     """Section 1: the shim with a cached token vs the bare interpreter (the target's base) vs a C client (floor)."""
     args = login_args(issuer)
     env = dict(daemon.env)

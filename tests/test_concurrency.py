@@ -255,8 +255,7 @@ def test_twenty_kubectl_processes_share_one_login(tmp_path: Path, provider: Test
         assert gate.openings() == gate.logins() == 1  # one tab for twenty waiting callers
 
 
-def test_callers_that_cannot_wait_are_told_a_login_is_pending(tmp_path: Path, provider: TestProvider,
-                                                              gate: Gate) -> None:
+def test_callers_that_cannot_wait_are_told_a_login_is_pending(provider: TestProvider, gate: Gate) -> None:
     args = login_args(provider.issuer, "--oidc-extra-scope=profile")
     with Daemon(env={"BROWSER": gate.browser()}) as daemon:
         before = _grants(provider)
@@ -283,7 +282,7 @@ def test_callers_that_cannot_wait_are_told_a_login_is_pending(tmp_path: Path, pr
 
 @pytest.mark.parametrize("failure", ["timeout", "denied"])
 def test_background_poller_gets_no_new_tab_until_the_retry_interval_allows(
-        tmp_path: Path, provider: TestProvider, failure: str) -> None:
+        provider: TestProvider, failure: str) -> None:
     scope = "--oidc-extra-scope=offline_access"  # consent screen, so the stand-in can deny
     args = login_args(provider.issuer, scope, "--authentication-timeout-sec=2")
     with Daemon(config="[daemon]\nlogin_retry_interval = 3600\n") as daemon:
@@ -342,7 +341,7 @@ OTHER_CLIENT = {
 
 
 def test_sessions_for_issuers_clients_and_accounts_live_side_by_side(
-        tmp_path: Path, provider: TestProvider, provider_factory: ProviderFactory) -> None:
+        provider: TestProvider, provider_factory: ProviderFactory) -> None:
     second = provider_factory({"clients": [OTHER_CLIENT]})
     daemon = Daemon()
     bob = {"BROWSER": daemon.env["BROWSER"] + " --user bob --password bob-password"}
@@ -400,8 +399,7 @@ def test_sessions_for_issuers_clients_and_accounts_live_side_by_side(
         daemon.close()
 
 
-def test_two_sessions_logging_in_at_once_share_the_loopback_port(tmp_path: Path, provider: TestProvider,
-                                                                 gate: Gate) -> None:
+def test_two_sessions_logging_in_at_once_share_the_loopback_port(provider: TestProvider, gate: Gate) -> None:
     with Daemon(env={"BROWSER": gate.browser()}) as daemon:
         before = _grants(provider)
         procs = [_spawn(daemon.shim_argv(login_args(provider.issuer, f"--oidc-extra-scope={scope}")), daemon.env)

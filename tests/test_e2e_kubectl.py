@@ -150,7 +150,7 @@ def test_unreachable_issuer_denied_login_and_timeout_fail_cleanly(provider: Test
     assert daemon.alive()
 
 
-def test_no_autostart_gives_a_clear_error(tmp_path: Path) -> None:
+def test_no_autostart_gives_a_clear_error() -> None:
     d = Daemon()  # never started
     try:
         result = d.shim(["get-token", "--oidc-issuer-url=http://127.0.0.1:1", "--oidc-client-id=x"])

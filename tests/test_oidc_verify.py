@@ -577,7 +577,7 @@ async def test_device_flow_errors(op: FakeOP, client: OIDCClient, error: str, ex
         await client.poll_device_token(settings(op), device)
 
 
-async def test_device_flow_gives_up_at_expiry(op: FakeOP, client: OIDCClient, clock: FakeClock) -> None:
+async def test_device_flow_gives_up_at_expiry(op: FakeOP, client: OIDCClient) -> None:
     device = await _device(op, client, interval=5, expires_in=20)
     for _ in range(10):
         op.reply(400, {"error": "authorization_pending"})

@@ -24,7 +24,6 @@ Facts this module is built around (checked on the dev machines):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -358,51 +357,3 @@ def run_kubectl(
     if tripped.is_set():
         raise ProcessChainError(f"kubectl {list(args)} grew past {max_procs} processes; killed. {stderr[-500:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-async def run_kubectl_async(
-    args: Sequence[str],
-    kubeconfig: Path | str,
-    env: Mapping[str, str] | None = None,
-    timeout: float = 30.0,
-    kubectl: str | None = None,
-    *,
-    cache_dir: Path | str | None = None,
-    input: str | None = None,
-    max_procs: int = 40,
-) -> subprocess.CompletedProcess[str]:
-    """run_kubectl for async tests whose provider or daemon runs in the same event loop (no blocking)."""
-    full_env = kubectl_env(kubeconfig, env, cache_dir)
-    kubectl = kubectl or kubectl_on_path()
-    proc = await asyncio.create_subprocess_exec(
-        kubectl, *args, env=full_env, start_new_session=True,
-        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    tripped = False
-
-    async def watch() -> None:
-        nonlocal tripped
-        while True:
-            await asyncio.sleep(0.1)
-            if _group_size(proc.pid) > max_procs:
-                tripped = True
-                _kill_group(proc.pid)
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(input.encode() if input is not None else None),
-                                          timeout)
-    except TimeoutError:
-        _kill_group(proc.pid)
-        await asyncio.wait_for(proc.wait(), 5)
-        raise subprocess.TimeoutExpired([kubectl, *args], timeout) from None
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    if tripped:
-        raise ProcessChainError(f"kubectl {list(args)} grew past {max_procs} processes; killed")
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess([kubectl, *args], proc.returncode, out.decode(errors="replace"),
-                                       err.decode(errors="replace"))
