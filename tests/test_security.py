@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -22,13 +21,11 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import SHIM, Daemon, login_args
+from tests.support.daemon import Daemon, login_args
 from tests.support.hostile import Proxy, exchange, proxy_env, request, tracebacks
 from tests.support.net import module_port
+from tests.support.other_uid import NOBODY, SYSTEM_PYTHON, readable_shim, run_as
 from tests.support.provider import ProviderFactory, TestProvider
-
-NOBODY = 65534
-SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 
 
 def redirect_port() -> int:
@@ -66,13 +63,18 @@ def status(d: Daemon) -> list[dict[str, Any]]:
 
 # ---- the socket: only our own uid ------------------------------------------------------------------------------
 
+@pytest.fixture
+def nobodys_shim() -> Iterator[Path]:
+    with readable_shim() as shim:
+        yield shim
+
+
 @pytest.mark.skipif(os.getuid() != 0 or SYSTEM_PYTHON is None, reason="needs root (to become another uid)")
-def test_other_uid_is_refused_by_the_peer_check_and_logged(daemon: Daemon) -> None:
+def test_other_uid_is_refused_by_the_peer_check_and_logged(daemon: Daemon, nobodys_shim: Path) -> None:
     def as_nobody() -> subprocess.CompletedProcess[str]:
         env = {"BROKERD_SOCKET": str(daemon.socket), "BROKERD_NO_AUTOSTART": "1", "PATH": "/usr/bin:/bin"}
-        return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
-                               str(SYSTEM_PYTHON), "-I", "-S", str(SHIM), "version"],
-                              env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        return run_as(NOBODY, [str(SYSTEM_PYTHON), "-I", "-S", str(nobodys_shim), "version"], env,
+                      cwd=nobodys_shim.parent)
 
     # As installed: the 0700 directory alone keeps the other user out.
     blocked = as_nobody()
