@@ -15,7 +15,7 @@ import pytest
 from brokerd.flags import FLAGS, SETUP_FLAGS, parse_flags
 from brokerd.models import LoginOptions
 from brokerd.setup import ApiServerView, api_groups, api_username, kubeconfig_args, redirect_variants
-from tests.support.daemon import Daemon, login_args
+from tests.support.daemon import SHIM, Daemon, login_args
 from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, ProviderFactory, TestProvider
 
 
@@ -77,7 +77,7 @@ def test_setup_reports_what_the_api_server_sees_and_its_commands_work(
     assert "problem (no-groups)" not in out
     assert "problem (no-refresh-token)" in out  # no offline_access asked for
     assert "--exec-command=kubectl" in out and "--exec-arg=oidc-login" in out
-    assert f"--exec-arg={Path('client_shim/shim.py').resolve()}" in out and "--exec-arg=-I" in out
+    assert f"--exec-arg={SHIM}" in out and "--exec-arg=-I" in out
     assert KUBE_LOGIN_CLIENT_SECRET not in out and "YOUR_CLIENT_SECRET" in out
     assert "kind: ClusterRoleBinding" in out and "kind: Group" in out and 'name: "admins"' in out
     assert daemon.browser_openings() == 1
