@@ -31,6 +31,7 @@ from tests.support.hostile import (
     exchange,
     request,
 )
+from tests.support.wait import wait_until
 
 ISSUER = dead_issuer()
 
@@ -124,10 +125,8 @@ def test_two_thousand_idle_connections(daemon: Daemon) -> None:
     finally:
         for s in idle:
             s.close()
-    deadline = time.monotonic() + 10
-    while _fds(pid) > before + 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _fds(pid) <= before + 2
+    wait_until(lambda: _fds(pid) <= before + 2, lambda: f"the dropped connections to close ({_fds(pid)} fds)", 10,
+               interval=0.1)
     _assert_healthy(daemon)
 
 

@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.support.hostile import Proxy, exchange, proxy_env, request, traceback
 from tests.support.net import module_port
 from tests.support.other_uid import NOBODY, SYSTEM_PYTHON, readable_shim, run_as
 from tests.support.provider import ProviderFactory, TestProvider
+from tests.support.wait import wait_until
 
 
 def redirect_port() -> int:
@@ -191,10 +191,7 @@ def test_callback_listener_is_loopback_only_ignores_junk_and_closes(idp: TestPro
     assert proc.returncode == 0, err + daemon.log()[-2000:]
     assert json.loads(out)["status"]["token"]
     # The listener closed when the login ended.
-    deadline = time.monotonic() + 5
-    while _listeners(redirect_port()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _listeners(redirect_port())
+    wait_until(lambda: not _listeners(redirect_port()), "the callback listener to close", 5)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", redirect_port()), timeout=2).close()
     # The code went to the token endpoint exactly once, through the proxy we can read (the stolen codes never).

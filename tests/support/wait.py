@@ -6,7 +6,6 @@ with an AssertionError that says what it waited for, so a hung daemon fails the 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
@@ -33,14 +32,3 @@ def wait_until(predicate: Callable[[], object], what: Detail, timeout: float = 2
     """Poll ``predicate`` until it is true; AssertionError after ``timeout`` seconds."""
     if not poll(predicate, timeout, interval):
         raise AssertionError(_message(what, timeout))
-
-
-async def async_wait_until(predicate: Callable[[], object], what: Detail, timeout: float = 20.0,
-                           interval: float = 0.05) -> None:
-    """``wait_until`` for code on the event loop: sleeps without blocking the loop the awaited work runs on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(_message(what, timeout))
-        await asyncio.sleep(interval)
