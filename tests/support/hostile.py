@@ -23,6 +23,8 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
+from tests.support.net import free_port
+
 MAGIC = b"brokerd1"
 TERMINAL = (b"O", b"X")
 LINE_KINDS = (b"M", b"O", b"X", b"Q", b"S")
@@ -32,11 +34,7 @@ LOGGED_INTERNAL_ERRORS = ("internal error while serving a request", "internal er
 
 def dead_issuer() -> str:
     """An http://127.0.0.1 URL where nothing listens (connection refused, no DNS, no waiting)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def exchange(path: Path | str, data: bytes, *, timeout: float = 10.0, half_close: bool = True) -> bytes:
