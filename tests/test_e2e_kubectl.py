@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.daemon import Daemon, login_args, stop_daemons_holding
 from tests.support.kube import EXEC_V1, ApiServer, needs_kubectl, run_kubectl, start_apiserver, write_kubeconfig
+from tests.support.net import free_port
 from tests.support.provider import TestProvider
 
 pytestmark = needs_kubectl
@@ -127,10 +128,7 @@ def test_bad_flags_give_one_clear_line(provider: TestProvider, daemon: Daemon, a
 
 
 def test_unreachable_issuer_denied_login_and_timeout_fail_cleanly(provider: TestProvider, daemon: Daemon) -> None:
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    port = dead.getsockname()[1]
-    dead.close()  # nothing listens there now
+    port = free_port()  # nothing listens there
     unreachable = daemon.shim(login_args(f"http://127.0.0.1:{port}"))
     assert unreachable.returncode != 0 and unreachable.stdout == ""
     lines = unreachable.stderr.strip().splitlines()

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.daemon import Daemon, login_args
 from tests.support.hostile import Proxy, proxy_env
+from tests.support.net import free_port
 from tests.support.provider import ProviderFactory, TestProvider
 
 SECRET = "s3cret-Client+Secret/with=odd&chars"
@@ -62,11 +63,7 @@ class ArgvWatcher:
 
 @pytest.fixture(scope="module")
 def idp(provider_factory: ProviderFactory) -> TestProvider:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return provider_factory({
         "default_client": {"redirect_uris": [f"http://localhost:{port}"], "client_secret": SECRET},
         "id_token_ttl": 20, "access_token_ttl": 20,
