@@ -142,12 +142,12 @@ class Daemon:
             stack.push_async_callback(browser.close)
             store = SessionStore(config.state_dir) if config.persist else None
 
-            sessions = SessionManager(clients.for_options, LoginFlows(callbacks, browser), store, clock, config.policy)
+            sessions = SessionManager(clients.client_for, LoginFlows(callbacks, browser), store, clock, config.policy)
             await sessions.start()
             stack.push_async_callback(sessions.close)
             api = Server(sessions, config.limits, config.profiles)
             api.caller_browser = config.caller_browser
-            api.oidc_for = clients.for_options
+            api.oidc_for = clients.client_for
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=config.limits.max_request)
             self._on_hup = lambda: self._reload(api, sessions, notifier)
             if notifier.enabled:

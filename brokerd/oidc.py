@@ -13,7 +13,7 @@ import base64
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
@@ -85,6 +85,11 @@ def _network_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
         return os.strerror(exc.os_error.errno).lower()  # "connection refused", not asyncio's wording
     return safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
+
+
+# How everything that talks to a provider gets its client: by awaiting this with the session's settings (their
+# TLS options and request headers pick the HTTP client).  tls.ProviderClients.client_for is the daemon's.
+ClientFactory = Callable[[ProviderSettings], Awaitable["OIDCClient"]]
 
 
 class OIDCClient:

@@ -18,7 +18,7 @@ from brokerd import __version__, execcred
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
 from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, build_request, parse_flags
 from brokerd.models import LoginOptions, ProviderSettings
-from brokerd.oidc import OIDCClient
+from brokerd.oidc import ClientFactory
 from brokerd.sessions import SessionManager
 
 log = logging.getLogger("brokerd.server")
@@ -170,7 +170,7 @@ class Server:
             "setup": self._setup,
         }
         # The daemon sets this to its per-TLS-options client cache; `setup` needs it for its own checks.
-        self.oidc_for: Callable[[LoginOptions], OIDCClient] | None = None
+        self.oidc_for: ClientFactory | None = None
 
     @property
     def profiles(self) -> Mapping[str, tuple[str, ...]]:
