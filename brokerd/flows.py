@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from urllib.parse import parse_qsl, urlsplit
 
-from brokerd.browser import BrowserOpener
+from brokerd.browser import BrowserOpener, browser_url
 from brokerd.callback import CallbackServer
 from brokerd.errors import LoginDenied, LoginError, LoginTimeout, UsageError
 from brokerd.models import DEFAULT_LISTEN, Caller, LoginOptions, ProviderSettings, TokenSet
@@ -117,6 +117,7 @@ class LoginFlows:
                                  f"brokerd listens on port {lease.port}; make --listen-address match it")
             auth = await oidc.authorization_request(
                 settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
+            browser_url(auth.url, "the login URL (the authorization endpoint)")
             waiter = lease.expect(auth.state, path=urlsplit(redirect_uri).path or "/",
                                   open_url_after=options.open_url_after_authentication)
             announce(f"Open this URL to log in: {auth.url}")
@@ -165,8 +166,12 @@ class LoginFlows:
     async def _device(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                       announce: Announce) -> TokenSet:
         device = await oidc.start_device_authorization(settings, pkce=options.pkce_method != "no")
-        url = device.verification_uri_complete or device.verification_uri
-        announce(f"Open {device.verification_uri} and enter the code {device.user_code}")
+        # Both are the provider's words: checked before they are shown or reach a browser command line.
+        shown = browser_url(device.verification_uri, "the device flow's verification_uri")
+        url = shown
+        if device.verification_uri_complete is not None:
+            url = browser_url(device.verification_uri_complete, "the device flow's verification_uri_complete")
+        announce(f"Open {shown} and enter the code {device.user_code}")
         if not options.skip_open_browser:
             await self._browser.open(url, command=options.browser_command, caller_env=caller.env)
         try:
