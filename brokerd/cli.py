@@ -56,19 +56,16 @@ def _run_loop(main: Callable[[], Any]) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from brokerd.config import load_config
-    from brokerd.daemon import AlreadyRunning, Daemon, DaemonConfig
+    from brokerd.config import Settings, load_settings
+    from brokerd.daemon import AlreadyRunning, Daemon
 
     environ = os.environ
     state = paths.state_dir(environ)
     _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
-    config_file = paths.config_file(environ)
-    settings = load_config(config_file)
-    config = DaemonConfig(socket_path=paths.socket_path(environ), state_dir=state, policy=settings.policy,
-                          config_file=config_file, profiles=settings.profiles,
-                          caller_browser=settings.caller_browser)
+    settings = load_settings(Settings(socket_path=paths.socket_path(environ), state_dir=state,
+                                      config_file=paths.config_file(environ)))
     try:
-        _run_loop(Daemon(config).run)
+        _run_loop(Daemon(settings).run)
     except AlreadyRunning as exc:
         if args.autostarted:
             return 0  # lost the start race to another shim's daemon: that one serves

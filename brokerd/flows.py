@@ -19,6 +19,7 @@ from brokerd.callback import CallbackServer
 from brokerd.errors import LoginDenied, LoginError, LoginTimeout, UsageError
 from brokerd.models import DEFAULT_LISTEN, Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import OIDCClient
+from brokerd.tls import check_regular_file, off_loop
 
 log = logging.getLogger("brokerd.flows")
 
@@ -50,15 +51,23 @@ def parse_pasted_code(answer: str, state: str) -> tuple[str, str | None]:
     return code, params.get("iss")
 
 
-def _callback_ssl(options: LoginOptions) -> ssl.SSLContext | None:
-    if not options.local_server_cert or not options.local_server_key:
-        return None
+def _load_cert_chain(cert: str, key: str) -> ssl.SSLContext:
+    """Blocking (run in a thread, with a time limit): both must be regular files, so a FIFO is refused at once."""
+    for path, flag in ((cert, "local-server-cert"), (key, "local-server-key")):
+        check_regular_file(path, flag)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(options.local_server_cert, options.local_server_key)
+        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load --local-server-cert/--local-server-key: {exc}") from exc
     return context
+
+
+async def _callback_ssl(options: LoginOptions) -> ssl.SSLContext | None:
+    if not options.local_server_cert or not options.local_server_key:
+        return None
+    return await off_loop("reading --local-server-cert/--local-server-key", _load_cert_chain,
+                          options.local_server_cert, options.local_server_key)
 
 
 def _redirect_port(url: str) -> int:
@@ -78,9 +87,12 @@ def _listen_addresses(settings: ProviderSettings, options: LoginOptions) -> tupl
 
 
 class LoginFlows:
-    def __init__(self, callbacks: CallbackServer, browser: BrowserOpener) -> None:
+    def __init__(self, callbacks: CallbackServer, browser: BrowserOpener, *,
+                 listen_non_loopback: Callable[[], bool] = lambda: False) -> None:
+        """``listen_non_loopback``: the daemon's [daemon] listen_non_loopback, read at each login."""
         self._callbacks = callbacks
         self._browser = browser
+        self._non_loopback_ok = listen_non_loopback
 
     async def login(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                     announce: Announce) -> TokenSet:
@@ -108,8 +120,9 @@ class LoginFlows:
                         announce: Announce) -> TokenSet:
         # Fresh discovery first: opening a browser at a provider that is down only makes the person wait.
         await oidc.metadata(settings.issuer, max_age=LOGIN_DISCOVERY_MAX_AGE)
-        lease = await self._callbacks.acquire(_listen_addresses(settings, options), _callback_ssl(options),
-                                              on_wait=announce)
+        addresses = _listen_addresses(settings, options)
+        lease = await self._callbacks.acquire(addresses, await _callback_ssl(options), on_wait=announce,
+                                              non_loopback_ok=self._non_loopback_ok())
         try:
             redirect_uri = settings.redirect_url or lease.default_redirect_uri
             if settings.redirect_url and lease.port != _redirect_port(settings.redirect_url):

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -91,12 +91,14 @@ class _Entry:
 
 class SessionManager:
     def __init__(self, client_for: ClientFactory, flows: LoginFlows, store: Store | None,
-                 clock: Clock, policy: Policy | None = None) -> None:
+                 clock: Clock, policy: Policy | Callable[[], Policy] | None = None) -> None:
         self._client_for = client_for
         self._flows = flows
         self._store = store
         self._clock = clock
-        self.policy = policy or Policy()
+        # A getter follows the daemon's settings (SIGHUP swaps them whole); a Policy stays as it is.
+        fixed = policy or Policy()
+        self._policy: Callable[[], Policy] = fixed if callable(fixed) else lambda: fixed
         self._entries: dict[SessionKey, _Entry] = {}
         self._save_lock = asyncio.Lock()
         self._closing = False
@@ -142,6 +144,10 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError, BrokerError):
                 await task
         await self._save()
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy()
 
     def __len__(self) -> int:
         return sum(1 for e in self._entries.values() if e.tokens is not None)

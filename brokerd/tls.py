@@ -53,6 +53,17 @@ class TrustMaterial:
     digest: str
 
 
+def check_regular_file(path: str, flag: str) -> None:
+    """Blocking: UsageError naming ``flag`` unless ``path`` is a regular file (stat does not open, so never waits
+    for a FIFO's writer)."""
+    try:
+        mode = os.stat(os.path.expanduser(path)).st_mode
+    except OSError as exc:
+        raise UsageError(f"--{flag}: cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"--{flag}: {path} is not a regular file")
+
+
 def read_regular_file(path: str, flag: str) -> bytes:
     """Blocking (run it in a thread): the bytes of a regular file, UsageError naming ``flag`` otherwise."""
     try:

@@ -9,16 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from brokerd.config import load_config
+from brokerd.config import Settings, load_settings
 from brokerd.errors import ConfigError
 from brokerd.flags import build_request, parse_flags
 from tests.support.daemon import Daemon
 from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, TestProvider
 
 
+def load_config(path: Path) -> Settings:
+    return load_settings(Settings(socket_path=path.parent / "s", state_dir=path.parent, config_file=path))
+
+
 def test_missing_file_is_an_empty_config(tmp_path: Path) -> None:
     config = load_config(tmp_path / "none.toml")
-    assert config.profiles == {}
+    assert config.profiles == {} and config.policy == Settings(tmp_path, tmp_path).policy
 
 
 def test_profiles_become_flags(tmp_path: Path) -> None:
