@@ -17,7 +17,7 @@ from typing import Any
 from brokerd import __version__, execcred
 from brokerd.config import Settings
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
-from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, build_request, parse_flags
+from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, ignored_flag_notes, parse_flags, request_from_flags
 from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import ClientFactory
 from brokerd.sessions import SessionManager
@@ -302,8 +302,7 @@ class Server:
         cached = self._parsed.get(cache_key)
         if cached is None:
             flags = self._flags(args, env)
-            settings, options = build_request(flags)
-            cached = (settings, options, tuple(flags.notes))
+            cached = request_from_flags(flags)
             if len(self._parsed) >= PARSE_CACHE_SIZE:
                 self._parsed.clear()
             self._parsed[cache_key] = cached
@@ -351,7 +350,7 @@ class Server:
         own = parse_flags(args, known)
         flags = self._flags(args, request.env, known)
         report = await run_setup(flags, self._client_for, self._sessions.get_token, caller)
-        for note in flags.notes:
+        for note in ignored_flag_notes(flags):
             caller.tell(note)
         report["kubeconfig_args"] = kubeconfig_args(own)  # the command line's flags: a profile stays a profile
         return json.dumps(report)

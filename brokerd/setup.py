@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 
 from brokerd.errors import BrokerError, DiscoveryError
-from brokerd.flags import FLAGS, SETUP_FLAGS, ParsedFlags, build_request
+from brokerd.flags import FLAGS, SETUP_FLAGS, ParsedFlags, login_options, provider_settings
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient
 from brokerd.oidc_wire import safe_text
@@ -276,8 +276,8 @@ async def run_setup(flags: ParsedFlags, client_for: ClientFactory, get_token: Ge
                     caller: Caller) -> dict[str, Any]:
     """The report (JSON-able).  ``flags`` hold get-token and setup flags, the profile already merged in."""
     view = ApiServerView.from_flags(flags)
-    token_flags = ParsedFlags({k: v for k, v in flags.values.items() if k in FLAGS}, flags.notes)
-    settings, options = build_request(token_flags)
+    token_flags = ParsedFlags({k: v for k, v in flags.values.items() if k in FLAGS})
+    settings, options = provider_settings(token_flags), login_options(token_flags)
     oidc = await client_for(settings)
     report: dict[str, Any] = {"issuer": settings.issuer, "client_id": settings.client_id, "logged_in": False,
                               "view": asdict(view), "scopes": list(settings.scopes)}

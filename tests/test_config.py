@@ -11,7 +11,7 @@ import pytest
 
 from brokerd.config import Settings, load_settings
 from brokerd.errors import ConfigError
-from brokerd.flags import build_request, parse_flags
+from brokerd.flags import parse_flags, request_from_flags
 from tests.support.daemon import Daemon
 from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, TestProvider
 
@@ -33,7 +33,7 @@ def test_profiles_become_flags(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.policy.refresh_ratio == 0.5
     args = config.profiles["work"]
-    settings, options = build_request(parse_flags(args))
+    settings, options, _ = request_from_flags(parse_flags(args))
     assert settings.issuer == "https://a" and "email" in settings.scopes
     assert options.skip_open_browser and options.authentication_timeout == 20
 
