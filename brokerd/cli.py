@@ -23,6 +23,8 @@ MAX_LOG_BYTES = 1 << 20
 
 
 def _setup_logging(verbose: int, log_file: Path | None) -> None:
+    from brokerd import callerlog
+
     level = logging.DEBUG if verbose else logging.INFO
     handler: logging.Handler
     if log_file is not None:
@@ -35,9 +37,11 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(level)  # brokerd makes debug records for callers with -v; the daemon log keeps its level
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    callerlog.install()
     # aiohttp's access log would print request lines of the loopback listener, query strings (codes) included.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # Junk sent to the loopback listener by any local process would otherwise log a traceback per request.

@@ -97,6 +97,7 @@ class LoginFlows:
     async def login(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                     announce: Announce) -> TokenSet:
         grant = options.grant_type
+        log.debug("session %s: no token to refresh; logging in (--grant-type=%s)", settings.key.short(), grant)
         if grant in ("auto", "authcode"):
             if options.password is not None and grant == "auto":
                 return await self._password(oidc, settings, options, caller)

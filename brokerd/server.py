@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from brokerd import __version__, execcred
+from brokerd.callerlog import telling
 from brokerd.config import Settings
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
 from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, ignored_flag_notes, parse_flags, request_from_flags
@@ -316,7 +317,8 @@ class Server:
             caller.tell("note: --browser-command is ignored: this daemon opens its own browser (caller_browser = "
                         "false in its config)")
             options = replace(options, browser_command=None)
-        tokens = await self._sessions.get_token(settings, options, caller)
+        with telling(caller.tell, options.verbosity):  # -v: this caller sees the log lines of its own request
+            tokens = await self._sessions.get_token(settings, options, caller)
         token = tokens.token_for(settings.use_access_token)
         expiry = self._sessions.serve_expiry(tokens, settings.use_access_token)
         return execcred.render(caller.exec_info.api_version, token, expiry)

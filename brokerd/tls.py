@@ -127,6 +127,13 @@ def ssl_context(trust: TrustMaterial) -> ssl.SSLContext | bool:
     return context
 
 
+def _describe(tls: TLSOptions) -> str:
+    if tls.insecure_skip_verify:
+        return "TLS certificates not verified (--insecure-skip-tls-verify)"
+    extra = len(tls.ca_files) + len(tls.ca_data)
+    return f"system CAs plus {extra} given" if extra else "system CAs"
+
+
 class _Retired:
     """An evicted HTTP client and the OIDCClients that may still use it (held by a renewal or a request)."""
 
@@ -167,6 +174,8 @@ class ProviderClients:
         found = self._oidc.get(oidc_key)
         if found is not None:
             return found
+        log.debug("new provider client: %s, %d request header(s)", _describe(settings.tls),
+                  len(settings.request_headers))
         http = self._http.get(trust.digest)
         if http is None:
             if len(self._http) >= self._max:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from brokerd.errors import LoginDenied, LoginError, UsageError
 from brokerd.flags import FLAGS, parse_flags, request_from_flags
 from brokerd.flows import parse_pasted_code
 from tests.support.daemon import Daemon, login_args
+from tests.support.provider import TestProvider
 
 DESIGN = Path("/work/shared/DESIGN.md")
 BASE = ["--oidc-issuer-url=https://auth.example.com", "--oidc-client-id=kube"]
@@ -179,3 +181,24 @@ def test_daemon_rejects_bad_flags_in_one_line(provider: object, daemon: Daemon, 
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("brokerd: ")
     assert args[-1].split("=")[0] in result.stderr or args[0].split("=")[0] in result.stderr
+
+
+def test_v_tells_that_caller_the_daemons_lines_about_its_own_request(provider: TestProvider) -> None:
+    """kubelogin's -v: with -v1 the caller sees discovery, the client and the grant used for its request; a caller
+    without -v, at the same daemon, sees none of it."""
+    with Daemon() as d:
+        loud = d.shim(login_args(provider.issuer, "--grant-type=client-credentials", "--session-name=v", "-v1",
+                                 scopes=()))
+        assert loud.returncode == 0, loud.stderr + d.log()
+        assert json.loads(loud.stdout)["kind"] == "ExecCredential"
+        lines = loud.stderr.splitlines()
+        assert any("brokerd [debug] new provider client: system CAs" in line for line in lines), loud.stderr
+        assert any("brokerd [debug] discovery: fetching" in line for line in lines), loud.stderr
+        assert any("logging in (--grant-type=client-credentials)" in line for line in lines), loud.stderr
+        assert any("brokerd [info]" in line and "logged in" in line for line in lines), loud.stderr
+        assert "insecure_secret" not in loud.stderr
+        # Another caller without -v (a new session, so a new login) hears none of it, nor of anyone else's.
+        quiet = d.shim(login_args(provider.issuer, "--grant-type=client-credentials", scopes=()))
+        assert quiet.returncode == 0, quiet.stderr + d.log()
+        assert "brokerd [" not in quiet.stderr
+        assert "logged in" in d.log()  # the daemon's own log has the lines either way
