@@ -11,6 +11,7 @@ The lines are the daemon's log lines, so they carry what its log may carry: neve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -19,7 +20,9 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 Tell = Callable[[str], None]
-_target: ContextVar[Callable[[], Tell | None] | None] = ContextVar("brokerd_caller_log", default=None)
+# (a weak reference to the caller's tell, the loop it must be called on)
+_target: ContextVar[tuple[Callable[[], Tell | None], asyncio.AbstractEventLoop] | None] = ContextVar(
+    "brokerd_caller_log", default=None)
 
 LOGGER = "brokerd"
 
@@ -36,7 +39,7 @@ def telling(tell: Callable[[str], None], verbosity: int) -> Iterator[None]:
         yield
         return
     ref: Callable[[], Tell | None] = weakref.WeakMethod(tell) if inspect.ismethod(tell) else weakref.ref(tell)
-    token = _target.set(ref)
+    token = _target.set((ref, asyncio.get_running_loop()))
     try:
         yield
     finally:
@@ -47,16 +50,27 @@ class CallerHandler(logging.Handler):
     """Sends each brokerd record to the caller of the current context, if it asked with -v."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        ref = _target.get()
-        tell = ref() if ref is not None else None
-        if tell is None:
+        target = _target.get()
+        tell = target[0]() if target is not None else None
+        if target is None or tell is None:
             return
         try:
             text = record.getMessage()
         except (TypeError, ValueError):
             return
         flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-        tell(f"brokerd [{record.levelname.lower()}] {flat}")
+        line = f"brokerd [{record.levelname.lower()}] {flat}"
+        loop = target[1]
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            tell(line)
+        elif not loop.is_closed():
+            # A worker thread (asyncio.to_thread copies the context): the caller's stream belongs to the loop.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(tell, line)
 
 
 def install() -> Callable[[], None]:
