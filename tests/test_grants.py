@@ -31,8 +31,9 @@ import pytest
 from aiohttp import web
 
 from brokerd.clock import SystemClock
+from brokerd.errors import UsageError
 from brokerd.models import ProviderSettings, TLSOptions
-from brokerd.tls import ProviderClients
+from brokerd.tls import ProviderClients, off_loop
 from tests.support.apiserver import make_tls
 from tests.support.browser import login as browser_login
 from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
@@ -355,6 +356,35 @@ def test_a_fifo_for_a_file_flag_fails_that_caller_alone(provider: TestProvider, 
         assert bad.returncode == 2 and bad_out == ""
         assert bad_err.strip().splitlines() == [bad_err.strip()] and f"{fifo} is not a regular file" in bad_err
         assert "Traceback" not in d.log()
+
+
+async def test_file_work_that_hangs_fails_after_its_limit_and_the_loop_keeps_running(tmp_path: Path) -> None:
+    """What a hung network file does (stood in for by a blocking open of a FIFO): that request gets one line after
+    the limit; the event loop was free meanwhile."""
+    fifo = tmp_path / "hang.fifo"
+    os.mkfifo(fifo)
+
+    def blocking_read() -> bytes:
+        with open(fifo, "rb") as fh:  # blocks until a writer comes
+            return fh.read()
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        with pytest.raises(UsageError, match=r"^reading --certificate-authority took longer than 0.5 s"):
+            await off_loop("reading --certificate-authority", blocking_read, limit=0.5)
+        assert ticks > 1  # the loop ran other work while the thread was stuck
+    finally:
+        task.cancel()
+        # Let the stuck thread go: a writer appears and closes at once, so its read ends with EOF.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
 async def test_an_evicted_http_client_is_closed_once_its_last_request_has_ended(provider: TestProvider) -> None:
