@@ -15,7 +15,7 @@ from dataclasses import replace
 from urllib.parse import parse_qsl, urlsplit
 
 from brokerd.browser import BrowserOpener, browser_url
-from brokerd.callback import CallbackServer
+from brokerd.callback import CallbackServer, check_loopback
 from brokerd.errors import LoginDenied, LoginError, LoginTimeout, UsageError
 from brokerd.models import DEFAULT_LISTEN, Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import OIDCClient
@@ -119,11 +119,14 @@ class LoginFlows:
 
     async def _authcode(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                         announce: Announce) -> TokenSet:
+        addresses = _listen_addresses(settings, options)
+        non_loopback_ok = self._non_loopback_ok()
+        if not non_loopback_ok:
+            check_loopback(addresses)  # before anything goes out: the caller's flags are wrong, not the provider
         # Fresh discovery first: opening a browser at a provider that is down only makes the person wait.
         await oidc.metadata(settings.issuer, max_age=LOGIN_DISCOVERY_MAX_AGE)
-        addresses = _listen_addresses(settings, options)
         lease = await self._callbacks.acquire(addresses, await _callback_ssl(options), on_wait=announce,
-                                              non_loopback_ok=self._non_loopback_ok())
+                                              non_loopback_ok=non_loopback_ok)
         try:
             redirect_uri = settings.redirect_url or lease.default_redirect_uri
             if settings.redirect_url and lease.port != _redirect_port(settings.redirect_url):
