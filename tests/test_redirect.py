@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import socket
 
-from tests.conftest import ProviderFactory
 from tests.support.daemon import Daemon, login_args
+from tests.support.provider import ProviderFactory
 
 
 def _free_port() -> int:
