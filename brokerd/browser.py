@@ -4,6 +4,11 @@ Order: ``--browser-command`` (run with the URL as its one argument, no shell), e
 the daemon's own when the caller sends none; Python's webbrowser convention: ``:``-separated commands, ``%s``
 stands for the URL, else it is appended), else the platform's opener.  The browser never gets the caller's
 stdout: kubectl reads the ExecCredential from it.
+
+Only an ``http(s)://`` URL with a host and no whitespace or control characters is ever passed (``browser_url``):
+the login URL and a device flow's ``verification_uri`` come from the provider, and a value such as
+``--gpu-launcher=...`` would otherwise be an option of the browser, which runs a program.  Since a checked URL
+starts with ``http``, it can never be read as an option, whichever command gets it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,28 @@ import shlex
 import shutil
 import sys
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from brokerd import systemd
+from brokerd.errors import LoginError
+from brokerd.oidc_wire import safe_text
 
 log = logging.getLogger("brokerd.browser")
 
 FORWARDED_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY")
+
+
+def browser_url(url: str, what: str = "the login URL") -> str:
+    """``url`` when it is safe to hand to a browser command: http(s), a host, no whitespace or control characters.
+    LoginError (one line, the value shortened and made printable) otherwise."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.netloc
+            or not url.startswith(("http://", "https://")) or any(c.isspace() or not c.isprintable() for c in url)):
+        raise LoginError(f"{what} from the provider is not an http(s) URL, so it is not opened: {safe_text(url, 80)!r}")
+    return url
 
 
 def candidate_commands(url: str, command: str | None, env: Mapping[str, str]) -> list[list[str]]:
@@ -54,6 +75,7 @@ class BrowserOpener:
         self._reapers: set[asyncio.Task[None]] = set()
 
     async def open(self, url: str, *, command: str | None, caller_env: Mapping[str, str]) -> bool:
+        url = browser_url(url)  # callers check first, with their own wording; this is the last line of defence
         env = dict(self._base_env)
         forwarded = {k: v for k, v in caller_env.items() if k in FORWARDED_ENV}
         env.update(forwarded)

@@ -4,6 +4,10 @@ One listener per port serves every pending login at once and routes each redirec
 sessions logging in together share port 8000 instead of fighting over it (kubelogin #389, #851).  A listener is
 bound when the first login needs it and closed when the last one using it ends.  For a ``localhost`` redirect it
 listens on 127.0.0.1 and ::1 alike, since browsers resolve ``localhost`` either way.
+
+Loopback only: whoever reaches the listener first gets the login's code, so an address from --listen-address or
+--oidc-redirect-url that is not a loopback address (0.0.0.0, a LAN address, a host name other than localhost, which
+is never resolved) is refused with one line, unless the daemon's own config allows it (``non_loopback_ok``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import html
+import ipaddress
 import logging
 import socket
 import ssl
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from brokerd.errors import CallbackUnavailable, LoginDenied
+from brokerd.errors import CallbackUnavailable, LoginDenied, UsageError
 
 log = logging.getLogger("brokerd.callback")
 
@@ -86,6 +91,25 @@ def _page(status: int, title: str, text: str) -> web.Response:
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: what it resolves to is not ours to trust
+
+
+def check_loopback(addresses: Sequence[str]) -> None:
+    """UsageError for the first address that is not a loopback one (the redirect listener's rule)."""
+    for address in addresses:
+        host = _split(address)[0]
+        if not is_loopback(host):
+            raise UsageError(f"brokerd listens for the login redirect on loopback addresses only, not {address!r} "
+                             "(use 127.0.0.1, [::1] or localhost; the daemon's config can allow others: "
+                             "[daemon] listen_non_loopback = true)")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -165,13 +189,15 @@ class CallbackServer:
         self._busy_poll = busy_poll
 
     async def acquire(self, addresses: Sequence[str], ssl_context: ssl.SSLContext | None = None,
-                      on_wait: Callable[[str], None] | None = None) -> Lease:
+                      on_wait: Callable[[str], None] | None = None, *, non_loopback_ok: bool = False) -> Lease:
         """Lease a listener on the first address that is ours already or can be bound now.
 
         When every address is held by other programs, look again every ``busy_poll`` seconds for at most
         ``busy_wait`` seconds (the holder's login ends soon, one way or the other), then raise CallbackUnavailable.
         ``on_wait`` hears once, in words for the person, that the login is waiting for a port.
         """
+        if not non_loopback_ok:
+            check_loopback(addresses)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._busy_wait
         announced = False

@@ -23,6 +23,8 @@ MAX_LOG_BYTES = 1 << 20
 
 
 def _setup_logging(verbose: int, log_file: Path | None) -> None:
+    from brokerd import callerlog
+
     level = logging.DEBUG if verbose else logging.INFO
     handler: logging.Handler
     if log_file is not None:
@@ -35,9 +37,11 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(level)  # brokerd makes debug records for callers with -v; the daemon log keeps its level
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    callerlog.install()
     # aiohttp's access log would print request lines of the loopback listener, query strings (codes) included.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # Junk sent to the loopback listener by any local process would otherwise log a traceback per request.
@@ -56,19 +60,16 @@ def _run_loop(main: Callable[[], Any]) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from brokerd.config import load_config
-    from brokerd.daemon import AlreadyRunning, Daemon, DaemonConfig
+    from brokerd.config import Settings, load_settings
+    from brokerd.daemon import AlreadyRunning, Daemon
 
     environ = os.environ
     state = paths.state_dir(environ)
     _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
-    config_file = paths.config_file(environ)
-    settings = load_config(config_file)
-    config = DaemonConfig(socket_path=paths.socket_path(environ), state_dir=state, policy=settings.policy,
-                          config_file=config_file, profiles=settings.profiles,
-                          caller_browser=settings.caller_browser)
+    settings = load_settings(Settings(socket_path=paths.socket_path(environ), state_dir=state,
+                                      config_file=paths.config_file(environ)))
     try:
-        _run_loop(Daemon(config).run)
+        _run_loop(Daemon(settings).run)
     except AlreadyRunning as exc:
         if args.autostarted:
             return 0  # lost the start race to another shim's daemon: that one serves

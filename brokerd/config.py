@@ -1,4 +1,7 @@
-"""The config file (TOML): daemon tuning and named profiles.  Parsed once by cli.py (and again on SIGHUP).
+"""The daemon's settings: one inert, frozen ``Settings`` object, built by cli.py and rebuilt whole on SIGHUP.
+
+Where the daemon lives (socket, state directory, config file) comes from the environment (``paths``); how it
+behaves comes from the config file (TOML):
 
     [daemon]
     login_retry_interval = 30     # s; non-interactive callers wait this long after a failed login
@@ -6,33 +9,49 @@
     refresh_lead = 60             # ... and at the latest this many seconds before it expires
     serve_margin = 10             # tell kubectl the token expires this much early
     caller_browser = true         # false: ignore a caller's BROWSER/DISPLAY/--browser-command (forwarded sockets)
+    listen_non_loopback = false   # true: a login may listen for its redirect on a non-loopback address
 
     [profiles.work]               # `--profile work` on the shim, or BROKERD_PROFILE=work
     oidc-issuer-url = "https://auth.example.com"
     oidc-client-id = "kube_login"
     oidc-client-secret = "..."    # keeps the secret out of kubeconfig files
     oidc-extra-scope = ["groups", "offline_access"]
+
+Nothing here does anything: the parts of the daemon are given the settings (or a way to read the current ones) in
+their constructors.  ``load_settings`` is the only I/O, and it never runs at import.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from brokerd.errors import ConfigError
 from brokerd.flags import FLAGS
-from brokerd.sessions import Policy
+from brokerd.refresh import Policy
+
+_SWITCHES = {"caller_browser": True, "listen_non_loopback": False}  # [daemon] booleans and their defaults
 
 
 @dataclass(frozen=True)
-class Config:
+class Settings:
+    socket_path: Path
+    state_dir: Path
+    config_file: Path | None = None
+    persist: bool = True  # False: sessions live in memory only (tests, --token-cache-storage none daemons)
+    shutdown_grace: float = 5.0  # s a stopping daemon lets requests in flight finish
     policy: Policy = field(default_factory=Policy)
-    profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    profiles: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     # Whether a caller may choose the browser the daemon runs (BROWSER, DISPLAY, --browser-command).  Turn it off
     # when the socket is forwarded to other hosts (docs/remote.md): whoever reaches the socket there could
     # otherwise have the daemon run a program of their choice on this desktop.
     caller_browser: bool = True
+    # The redirect listener binds loopback addresses only (a code sent to 0.0.0.0:8000 reaches anyone on the
+    # network who gets there first).  The daemon's owner may allow other addresses here; a caller never can.
+    listen_non_loopback: bool = False
 
 
 def _profile_args(name: str, table: object) -> tuple[str, ...]:
@@ -54,12 +73,39 @@ def _profile_args(name: str, table: object) -> tuple[str, ...]:
     return tuple(args)
 
 
-def load_config(path: Path) -> Config:
-    """Read the config file; a missing file is an empty config, a broken one a ConfigError naming the problem."""
+def _daemon_table(path: Path, daemon: object, base: Settings) -> Settings:
+    if not isinstance(daemon, dict):
+        raise ConfigError(f"{path}: [daemon] must be a table")
+    numbers = {f.name for f in fields(Policy)}
+    known = numbers | set(_SWITCHES)
+    policy = Policy()
+    switches = dict(_SWITCHES)
+    for key, value in daemon.items():
+        if key in _SWITCHES:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: [daemon] {key} must be true or false")
+            switches[key] = value
+            continue
+        if key not in known:
+            raise ConfigError(f"{path}: [daemon] unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e9:
+            raise ConfigError(f"{path}: [daemon] {key} must be a non-negative number")
+        policy = replace(policy, **{key: float(value)})
+    return replace(base, policy=policy, caller_browser=switches["caller_browser"],
+                   listen_non_loopback=switches["listen_non_loopback"])
+
+
+def load_settings(base: Settings) -> Settings:
+    """``base`` with everything its config file says, and the defaults for what it does not say (so a setting
+    removed from the file is reset on reload).  A missing file is an empty one; a broken one a ConfigError naming
+    the problem, and nothing of it is used."""
+    path = base.config_file
+    if path is None:
+        return base
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return Config()
+        raw = b""
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     try:
@@ -69,25 +115,9 @@ def load_config(path: Path) -> Config:
     unknown = set(doc) - {"daemon", "profiles"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
-    policy = Policy()
-    daemon = doc.get("daemon", {})
-    if not isinstance(daemon, dict):
-        raise ConfigError(f"{path}: [daemon] must be a table")
-    known = {f.name for f in fields(Policy)} | {"caller_browser"}
-    caller_browser = True
-    for key, value in daemon.items():
-        if key == "caller_browser":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{path}: [daemon] caller_browser must be true or false")
-            caller_browser = value
-            continue
-        if key not in known:
-            raise ConfigError(f"{path}: [daemon] unknown setting {key!r} (known: {', '.join(sorted(known))})")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{path}: [daemon] {key} must be a non-negative number")
-        policy = replace(policy, **{key: float(value)})
+    settings = _daemon_table(path, doc.get("daemon", {}), base)
     profiles_doc = doc.get("profiles", {})
     if not isinstance(profiles_doc, dict):
         raise ConfigError(f"{path}: [profiles] must be a table of tables")
     profiles = {name: _profile_args(name, table) for name, table in profiles_doc.items()}
-    return Config(policy=policy, profiles=profiles, caller_browser=caller_browser)
+    return replace(settings, profiles=MappingProxyType(profiles))

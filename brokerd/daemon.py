@@ -1,6 +1,14 @@
 """The composition root of ``brokerd serve``: builds the parts, owns the listening socket, runs until a signal.
 
-Every resource is opened here and closed here, in reverse order, even when start-up fails half way.
+Every resource is opened here and closed here, in reverse order, even when start-up fails half way.  Each part gets
+what it needs in its constructor; the ones that follow the config file get a way to read the current
+``config.Settings`` (``Daemon._current``), never a copy.
+
+SIGHUP re-reads the config file and swaps ``Daemon.settings`` as a whole, in one assignment: profiles, the
+[daemon] refresh policy (the next timer and the next serve decision use it), ``caller_browser`` and
+``listen_non_loopback`` change for every request from then on.  A broken file changes nothing (its error is
+logged).  The socket, the state directory, sessions, logins in progress and HTTP clients are kept: a reload never
+drops a session or interrupts a request.
 """
 
 from __future__ import annotations
@@ -13,7 +21,6 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -21,12 +28,12 @@ from brokerd import systemd
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
-from brokerd.config import load_config
+from brokerd.config import Settings, load_settings
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
 from brokerd.paths import ensure_private_dir
 from brokerd.server import Limits, Server
-from brokerd.sessions import Policy, SessionManager
+from brokerd.sessions import SessionManager
 from brokerd.store import SessionStore
 from brokerd.tls import ProviderClients
 
@@ -37,19 +44,6 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the NUL
 
 class AlreadyRunning(BrokerError):
     pass
-
-
-@dataclass(frozen=True)
-class DaemonConfig:
-    socket_path: Path
-    state_dir: Path
-    policy: Policy = field(default_factory=Policy)
-    limits: Limits = field(default_factory=Limits)
-    shutdown_grace: float = 5.0
-    persist: bool = True
-    config_file: Path | None = None
-    profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    caller_browser: bool = True
 
 
 def _lock_runtime_dir(path: Path) -> IO[bytes]:
@@ -97,8 +91,9 @@ def bind_socket(path: Path) -> socket.socket:
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
-        self.config = config
+    def __init__(self, settings: Settings, limits: Limits | None = None) -> None:
+        self.settings = settings  # swapped whole by SIGHUP; parts read it through ``self._current``
+        self._limits = limits or Limits()
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
         self._on_hup: Callable[[], None] = lambda: None
@@ -106,8 +101,11 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _current(self) -> Settings:
+        return self.settings
+
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        config = self.config
+        config = self.settings  # where to live: fixed for the daemon's life, whatever a reload says
         notifier = systemd.Notifier.from_environ(unset_environment=True)
         activated = systemd.listen_fds(unset_environment=True)
         lock: IO[bytes] | None = None
@@ -142,14 +140,13 @@ class Daemon:
             stack.push_async_callback(browser.close)
             store = SessionStore(config.state_dir) if config.persist else None
 
-            sessions = SessionManager(clients.for_options, LoginFlows(callbacks, browser), store, clock, config.policy)
+            flows = LoginFlows(callbacks, browser, listen_non_loopback=lambda: self.settings.listen_non_loopback)
+            sessions = SessionManager(clients.client_for, flows, store, clock, lambda: self.settings.policy)
             await sessions.start()
             stack.push_async_callback(sessions.close)
-            api = Server(sessions, config.limits, config.profiles)
-            api.caller_browser = config.caller_browser
-            api.oidc_for = clients.for_options
-            server = await asyncio.start_unix_server(api.handle, sock=sock, limit=config.limits.max_request)
-            self._on_hup = lambda: self._reload(api, sessions, notifier)
+            api = Server(sessions, clients.client_for, self._current, self._limits)
+            server = await asyncio.start_unix_server(api.handle, sock=sock, limit=self._limits.max_request)
+            self._on_hup = lambda: self._reload(sessions, notifier)
             if notifier.enabled:
                 status = asyncio.create_task(_report_status(notifier, sessions))
                 stack.push_async_callback(_cancel, status)
@@ -170,20 +167,18 @@ class Daemon:
             await _wait_idle(api, config.shutdown_grace)
             # the exit stack now fails pending logins (their callers are told), persists, closes
 
-    def _reload(self, api: Server, sessions: SessionManager, notifier: systemd.Notifier) -> None:
-        """SIGHUP: read the config file again.  A broken file keeps the old config (and says why)."""
-        if self.config.config_file is None:
+    def _reload(self, sessions: SessionManager, notifier: systemd.Notifier) -> None:
+        """SIGHUP: read the config file again and swap the settings whole.  A broken file keeps the old ones."""
+        if self.settings.config_file is None:
             return
         _notify(notifier.reloading)
         try:
-            config = load_config(self.config.config_file)
+            settings = load_settings(self.settings)
         except BrokerError as exc:
             log.error("config not reloaded, keeping the old one: %s", exc)
         else:
-            api.profiles = config.profiles
-            api.caller_browser = config.caller_browser
-            sessions.policy = config.policy
-            log.info("config reloaded from %s (%d profile(s))", self.config.config_file, len(config.profiles))
+            self.settings = settings
+            log.info("config reloaded from %s (%d profile(s))", settings.config_file, len(settings.profiles))
         _notify(notifier.ready, f"serving {len(sessions)} session(s)")
 
     def _remove_socket(self) -> None:

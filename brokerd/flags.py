@@ -1,4 +1,5 @@
-"""kubelogin's ``get-token`` flags, parsed into ProviderSettings and LoginOptions.
+"""kubelogin's ``get-token`` flags, parsed (``parse_flags``) and turned into ProviderSettings and LoginOptions by
+small pure steps (``provider_settings``, ``login_options``, ``ignored_flag_notes``; ``request_from_flags`` does all).
 
 pflag rules apply: ``--flag=value`` or ``--flag value``; booleans take ``--flag`` or ``--flag=true|false``;
 slice flags repeat and also split on commas.  Every error is a one-line UsageError naming the flag.
@@ -66,8 +67,9 @@ Value = str | bool | int | list[str] | list[tuple[str, str]]
 
 @dataclass
 class ParsedFlags:
+    """Flag name -> value, as given (filled by ``parse_flags``, read-only after)."""
+
     values: dict[str, Value] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
     def str_(self, name: str) -> str | None:
         v = self.values.get(name)
@@ -178,7 +180,8 @@ def parse_flags(args: Sequence[str], known: Mapping[str, Kind] = FLAGS) -> Parse
     return parsed
 
 
-def _listen_addresses(flags: ParsedFlags) -> tuple[str, ...]:
+def listen_addresses(flags: ParsedFlags) -> tuple[str, ...]:
+    """--listen-address (and kubelogin's deprecated --listen-port) as HOST:PORT strings, or the defaults."""
     addresses = flags.list_("listen-address")
     for port in flags.list_("listen-port"):  # kubelogin's deprecated form
         if not port.isdigit():
@@ -191,40 +194,38 @@ def _listen_addresses(flags: ParsedFlags) -> tuple[str, ...]:
     return tuple(addresses) or DEFAULT_LISTEN
 
 
-def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
-    issuer = flags.str_("oidc-issuer-url")
-    client_id = flags.str_("oidc-client-id")
-    if not issuer:
-        raise UsageError("--oidc-issuer-url is required")
-    if not issuer.startswith(("https://", "http://")):
-        raise UsageError(f"--oidc-issuer-url must be an http(s) URL, got {issuer!r}")
-    if not client_id:
-        raise UsageError("--oidc-client-id is required")
-    grant = flags.str_("grant-type") or "auto"
-    if grant not in GRANT_TYPES:
-        raise UsageError(f"--grant-type must be one of {', '.join(GRANT_TYPES)}; got {grant!r}")
-    pkce = flags.str_("oidc-pkce-method") or "auto"
-    if pkce not in PKCE_METHODS:
-        raise UsageError(f"--oidc-pkce-method must be one of {', '.join(PKCE_METHODS)}; got {pkce!r}")
-    storage = flags.str_("token-cache-storage")
-    if storage is not None and storage not in CACHE_STORAGES:
-        raise UsageError(f"--token-cache-storage must be one of {', '.join(CACHE_STORAGES)}; got {storage!r}")
-    timeout = flags.values.get("authentication-timeout-sec", 180)
-    assert isinstance(timeout, int)
-    if timeout <= 0:
-        raise UsageError("--authentication-timeout-sec must be positive")
-    cert = _absolute("local-server-cert", flags.str_("local-server-cert"))
-    key = _absolute("local-server-key", flags.str_("local-server-key"))
-    if (cert is None) != (key is None):
-        raise UsageError("--local-server-cert and --local-server-key go together")
+def _http_url(flags: ParsedFlags, name: str) -> str | None:
+    value = flags.str_(name)
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise UsageError(f"--{name} must be an http(s) URL, got {value!r}")
+    return value
+
+
+def _one_of(flags: ParsedFlags, name: str, allowed: Sequence[str], default: str | None) -> str | None:
+    value = flags.str_(name) or default
+    if value is not None and value not in allowed:
+        raise UsageError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def grant_type(flags: ParsedFlags) -> str:
+    """--grant-type, with kubelogin's inference (auto means the password grant when --username or --password is
+    given), checked against the flags that only some grants use."""
+    grant = _one_of(flags, "grant-type", GRANT_TYPES, "auto")
+    assert grant is not None
     password, username = flags.str_("password"), flags.str_("username")
     if grant == "auto" and (username is not None or password is not None):
-        grant = "password"  # kubelogin: auto means the password grant when --username is given
+        grant = "password"
     if password is not None and grant not in ("auto", "password"):
         raise UsageError(f"--password is only used by --grant-type=password, not --grant-type={grant}")
     if username is not None and grant == "client-credentials":
         raise UsageError("--username makes no sense with --grant-type=client-credentials (the client logs in as "
                          "itself; use --session-name to keep sessions apart)")
+    return grant
+
+
+def tls_options(flags: ParsedFlags) -> TLSOptions:
+    """How to trust the provider: --certificate-authority(-data), --insecure-skip-tls-verify (files not read)."""
     ca_files = tuple(p for p in (_absolute("certificate-authority", f)
                                  for f in flags.list_("certificate-authority")) if p)
     ca_data = tuple(flags.list_("certificate-authority-data"))
@@ -234,41 +235,72 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
     if insecure and (ca_files or ca_data):
         # kubectl refuses this pair too: trusting a CA and trusting anything cannot both be meant.
         raise UsageError("--insecure-skip-tls-verify cannot be combined with --certificate-authority(-data)")
-    redirect = flags.str_("oidc-redirect-url")
-    if redirect is not None and not redirect.startswith(("http://", "https://")):
-        raise UsageError(f"--oidc-redirect-url must be an http(s) URL, got {redirect!r}")
-    settings = ProviderSettings(
+    return TLSOptions(ca_files=ca_files, ca_data=ca_data, insecure_skip_verify=insecure)
+
+
+def provider_settings(flags: ParsedFlags) -> ProviderSettings:
+    """The settings that pick the session: issuer, client, scopes, ... and how to reach the provider."""
+    if not flags.str_("oidc-issuer-url"):
+        raise UsageError("--oidc-issuer-url is required")
+    issuer = _http_url(flags, "oidc-issuer-url")
+    assert issuer is not None
+    client_id = flags.str_("oidc-client-id")
+    if not client_id:
+        raise UsageError("--oidc-client-id is required")
+    return ProviderSettings(
         issuer=issuer,
         client_id=client_id,
         client_secret=flags.str_("oidc-client-secret"),
         scopes=tuple(flags.list_("oidc-extra-scope")),
         extra_params=tuple(flags.kv("oidc-auth-request-extra-params")),
         use_access_token=flags.bool_("oidc-use-access-token"),
-        redirect_url=redirect,
-        username=flags.str_("session-name") or username,
+        redirect_url=_http_url(flags, "oidc-redirect-url"),
+        username=flags.str_("session-name") or flags.str_("username"),
+        tls=tls_options(flags),
+        request_headers=tuple(flags.kv("oidc-request-header")),
     )
+
+
+def login_options(flags: ParsedFlags) -> LoginOptions:
+    """How this caller wants a login done when one is needed (never part of the session)."""
+    timeout = flags.values.get("authentication-timeout-sec", 180)
+    assert isinstance(timeout, int)
+    if timeout <= 0:
+        raise UsageError("--authentication-timeout-sec must be positive")
+    cert = _absolute("local-server-cert", flags.str_("local-server-cert"))
+    key = _absolute("local-server-key", flags.str_("local-server-key"))
+    if (cert is None) != (key is None):
+        raise UsageError("--local-server-cert and --local-server-key go together")
     verbosity = flags.values.get("v", 0)
     assert isinstance(verbosity, int)
-    options = LoginOptions(
-        grant_type=grant,
-        listen_addresses=_listen_addresses(flags),
+    pkce = _one_of(flags, "oidc-pkce-method", PKCE_METHODS, "auto")
+    assert pkce is not None
+    return LoginOptions(
+        grant_type=grant_type(flags),
+        listen_addresses=listen_addresses(flags),
         browser_command=flags.str_("browser-command"),
         skip_open_browser=flags.bool_("skip-open-browser"),
         authentication_timeout=float(timeout),
         pkce_method=pkce,
         open_url_after_authentication=flags.str_("open-url-after-authentication"),
-        request_headers=tuple(flags.kv("oidc-request-header")),
-        password=password,
+        password=flags.str_("password"),
         force_refresh=flags.bool_("force-refresh"),
         local_server_cert=cert,
         local_server_key=key,
-        tls=TLSOptions(
-            ca_files=ca_files, ca_data=ca_data, insecure_skip_verify=insecure,
-        ),
         verbosity=verbosity,
     )
-    if flags.str_("token-cache-dir") is not None or storage is not None:
-        flags.notes.append(
-            "note: --token-cache-dir/--token-cache-storage are ignored; brokerd keeps sessions in its encrypted store"
-        )
-    return settings, options
+
+
+def ignored_flag_notes(flags: ParsedFlags) -> tuple[str, ...]:
+    """Lines for the caller about kubelogin flags that brokerd accepts but does not need."""
+    _one_of(flags, "token-cache-storage", CACHE_STORAGES, None)
+    if flags.str_("token-cache-dir") is not None or flags.str_("token-cache-storage") is not None:
+        return ("note: --token-cache-dir/--token-cache-storage are ignored; brokerd keeps sessions in its encrypted "
+                "store",)
+    return ()
+
+
+def request_from_flags(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions, tuple[str, ...]]:
+    """A get-token request's flags as (session settings, login options, notes for the caller); ``flags`` is only
+    read.  Every error is one UsageError naming the flag."""
+    return provider_settings(flags), login_options(flags), ignored_flag_notes(flags)

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from urllib.parse import parse_qsl, urlsplit
 
-from brokerd.browser import BrowserOpener
-from brokerd.callback import CallbackServer
+from brokerd.browser import BrowserOpener, browser_url
+from brokerd.callback import CallbackServer, check_loopback
 from brokerd.errors import LoginDenied, LoginError, LoginTimeout, UsageError
 from brokerd.models import DEFAULT_LISTEN, Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import OIDCClient
+from brokerd.tls import check_regular_file, off_loop
 
 log = logging.getLogger("brokerd.flows")
 
@@ -50,15 +51,23 @@ def parse_pasted_code(answer: str, state: str) -> tuple[str, str | None]:
     return code, params.get("iss")
 
 
-def _callback_ssl(options: LoginOptions) -> ssl.SSLContext | None:
-    if not options.local_server_cert or not options.local_server_key:
-        return None
+def _load_cert_chain(cert: str, key: str) -> ssl.SSLContext:
+    """Blocking (run in a thread, with a time limit): both must be regular files, so a FIFO is refused at once."""
+    for path, flag in ((cert, "local-server-cert"), (key, "local-server-key")):
+        check_regular_file(path, flag)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(options.local_server_cert, options.local_server_key)
+        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load --local-server-cert/--local-server-key: {exc}") from exc
     return context
+
+
+async def _callback_ssl(options: LoginOptions) -> ssl.SSLContext | None:
+    if not options.local_server_cert or not options.local_server_key:
+        return None
+    return await off_loop("reading --local-server-cert/--local-server-key", _load_cert_chain,
+                          options.local_server_cert, options.local_server_key)
 
 
 def _redirect_port(url: str) -> int:
@@ -78,13 +87,17 @@ def _listen_addresses(settings: ProviderSettings, options: LoginOptions) -> tupl
 
 
 class LoginFlows:
-    def __init__(self, callbacks: CallbackServer, browser: BrowserOpener) -> None:
+    def __init__(self, callbacks: CallbackServer, browser: BrowserOpener, *,
+                 listen_non_loopback: Callable[[], bool] = lambda: False) -> None:
+        """``listen_non_loopback``: the daemon's [daemon] listen_non_loopback, read at each login."""
         self._callbacks = callbacks
         self._browser = browser
+        self._non_loopback_ok = listen_non_loopback
 
     async def login(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                     announce: Announce) -> TokenSet:
         grant = options.grant_type
+        log.debug("session %s: no token to refresh; logging in (--grant-type=%s)", settings.key.short(), grant)
         if grant in ("auto", "authcode"):
             if options.password is not None and grant == "auto":
                 return await self._password(oidc, settings, options, caller)
@@ -106,10 +119,14 @@ class LoginFlows:
 
     async def _authcode(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                         announce: Announce) -> TokenSet:
+        addresses = _listen_addresses(settings, options)
+        non_loopback_ok = self._non_loopback_ok()
+        if not non_loopback_ok:
+            check_loopback(addresses)  # before anything goes out: the caller's flags are wrong, not the provider
         # Fresh discovery first: opening a browser at a provider that is down only makes the person wait.
         await oidc.metadata(settings.issuer, max_age=LOGIN_DISCOVERY_MAX_AGE)
-        lease = await self._callbacks.acquire(_listen_addresses(settings, options), _callback_ssl(options),
-                                              on_wait=announce)
+        lease = await self._callbacks.acquire(addresses, await _callback_ssl(options), on_wait=announce,
+                                              non_loopback_ok=non_loopback_ok)
         try:
             redirect_uri = settings.redirect_url or lease.default_redirect_uri
             if settings.redirect_url and lease.port != _redirect_port(settings.redirect_url):
@@ -117,6 +134,7 @@ class LoginFlows:
                                  f"brokerd listens on port {lease.port}; make --listen-address match it")
             auth = await oidc.authorization_request(
                 settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
+            browser_url(auth.url, "the login URL (the authorization endpoint)")
             waiter = lease.expect(auth.state, path=urlsplit(redirect_uri).path or "/",
                                   open_url_after=options.open_url_after_authentication)
             announce(f"Open this URL to log in: {auth.url}")
@@ -165,8 +183,12 @@ class LoginFlows:
     async def _device(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                       announce: Announce) -> TokenSet:
         device = await oidc.start_device_authorization(settings, pkce=options.pkce_method != "no")
-        url = device.verification_uri_complete or device.verification_uri
-        announce(f"Open {device.verification_uri} and enter the code {device.user_code}")
+        # Both are the provider's words: checked before they are shown or reach a browser command line.
+        shown = browser_url(device.verification_uri, "the device flow's verification_uri")
+        url = shown
+        if device.verification_uri_complete is not None:
+            url = browser_url(device.verification_uri_complete, "the device flow's verification_uri_complete")
+        announce(f"Open {shown} and enter the code {device.user_code}")
         if not options.skip_open_browser:
             await self._browser.open(url, command=options.browser_command, caller_env=caller.env)
         try:

@@ -22,6 +22,13 @@ def canonical_json(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class TLSOptions:
+    ca_files: tuple[str, ...] = ()
+    ca_data: tuple[str, ...] = field(default=(), repr=False)
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
 class ProviderSettings:
     """The settings that change which token a user gets.  Two requests with equal settings share one session."""
 
@@ -33,6 +40,9 @@ class ProviderSettings:
     use_access_token: bool = False
     redirect_url: str | None = None
     username: str | None = None
+    # How to reach the provider (--certificate-authority(-data), --insecure-skip-tls-verify, --oidc-request-header).
+    tls: TLSOptions = TLSOptions()
+    request_headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalize so that the key is stable whatever order the flags came in (kubelogin #1638).
@@ -95,20 +105,12 @@ class TokenSet:
 
 @dataclass(frozen=True)
 class Session:
-    """A persisted session: the settings it was made for, its current tokens, and how to reach the provider
-    (``LoginOptions.for_refresh``: CA and request headers, so a restarted daemon can refresh before anyone asks)."""
+    """A persisted session: the settings it was made for (how to reach the provider included, so a restarted
+    daemon can refresh before anyone asks) and its current tokens."""
 
     key: SessionKey
     settings: ProviderSettings
     tokens: TokenSet
-    options: LoginOptions = field(default_factory=lambda: LoginOptions())
-
-
-@dataclass(frozen=True)
-class TLSOptions:
-    ca_files: tuple[str, ...] = ()
-    ca_data: tuple[str, ...] = field(default=(), repr=False)
-    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,18 +124,11 @@ class LoginOptions:
     authentication_timeout: float = 180.0
     pkce_method: str = "auto"
     open_url_after_authentication: str | None = None
-    request_headers: tuple[tuple[str, str], ...] = ()
     password: str | None = field(default=None, repr=False)
     force_refresh: bool = False
     local_server_cert: str | None = None
     local_server_key: str | None = None
-    tls: TLSOptions = field(default_factory=TLSOptions)
     verbosity: int = 0
-
-    def for_refresh(self) -> LoginOptions:
-        """What a background refresh needs (how to reach the provider), and nothing of this caller's (no password,
-        no --force-refresh): what is remembered, and persisted, for the session."""
-        return LoginOptions(request_headers=self.request_headers, tls=self.tls)
 
 
 class Caller(Protocol):

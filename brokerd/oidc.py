@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
@@ -85,6 +86,13 @@ def _network_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
         return os.strerror(exc.os_error.errno).lower()  # "connection refused", not asyncio's wording
     return safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
+
+
+log = logging.getLogger("brokerd.oidc")
+
+# How everything that talks to a provider gets its client: by awaiting this with the session's settings (their
+# TLS options and request headers pick the HTTP client).  tls.ProviderClients.client_for is the daemon's.
+ClientFactory = Callable[[ProviderSettings], Awaitable["OIDCClient"]]
 
 
 class OIDCClient:
@@ -181,6 +189,7 @@ class OIDCClient:
             cached = self._metadata.get(issuer)
             if cached and self._clock.now() - cached[0] < ttl:
                 return cached[1]
+            log.debug("discovery: fetching %s/.well-known/openid-configuration", issuer.rstrip("/"))
             doc = await self._get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", "discovery")
             found = doc.get("issuer")
             # OIDC Discovery 4.3: exact match, trailing slash included; the API server compares iss exactly too.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,12 +30,9 @@ class ProviderMetadata:
     revocation_endpoint: str | None
     device_authorization_endpoint: str | None
     userinfo_endpoint: str | None
-    code_challenge_methods_supported: tuple[str, ...]
     id_token_signing_alg_values_supported: tuple[str, ...]
-    grant_types_supported: tuple[str, ...]
     token_endpoint_auth_methods_supported: tuple[str, ...]
     claims_parameter_supported: bool
-    raw: Mapping[str, Any] = field(repr=False, compare=False)
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> ProviderMetadata:
@@ -57,13 +54,10 @@ class ProviderMetadata:
             revocation_endpoint=url("revocation_endpoint", False),
             device_authorization_endpoint=url("device_authorization_endpoint", False),
             userinfo_endpoint=url("userinfo_endpoint", False),
-            code_challenge_methods_supported=names("code_challenge_methods_supported", ()),
             id_token_signing_alg_values_supported=names("id_token_signing_alg_values_supported", ("RS256",)),
-            grant_types_supported=names("grant_types_supported", ("authorization_code", "implicit")),
             token_endpoint_auth_methods_supported=names("token_endpoint_auth_methods_supported",
                                                         ("client_secret_basic",)),
             claims_parameter_supported=doc.get("claims_parameter_supported") is True,
-            raw=dict(doc),
         )
 
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from brokerd import __version__, execcred
+from brokerd.callerlog import telling
+from brokerd.config import Settings
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
-from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, build_request, parse_flags
+from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, ignored_flag_notes, parse_flags, request_from_flags
 from brokerd.models import LoginOptions, ProviderSettings
-from brokerd.oidc import OIDCClient
+from brokerd.oidc import ClientFactory
 from brokerd.sessions import SessionManager
 
 log = logging.getLogger("brokerd.server")
@@ -147,12 +149,14 @@ Handler = Callable[[Request, ShimCaller], Awaitable[str]]
 
 
 class Server:
-    def __init__(self, sessions: SessionManager, limits: Limits | None = None,
-                 profiles: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, sessions: SessionManager, client_for: ClientFactory, settings: Callable[[], Settings],
+                 limits: Limits | None = None) -> None:
+        """``settings`` reads the daemon's current settings (profiles, caller_browser): SIGHUP swaps them whole."""
         self._sessions = sessions
+        self._client_for = client_for  # `setup` makes its own checks against the provider
+        self._settings = settings
+        self._parsed_for = settings()  # the settings the parse cache below was filled under
         self._limits = limits or Limits()
-        self._profiles: Mapping[str, tuple[str, ...]] = profiles or {}
-        self.caller_browser = True  # [daemon] caller_browser: may callers choose the browser the daemon runs?
         self._requests: dict[bytes, tuple[Request, execcred.ExecInfo]] = {}
         self._parsed: dict[tuple[str | None, tuple[str, ...]],
                            tuple[ProviderSettings, LoginOptions, tuple[str, ...]]] = {}
@@ -169,17 +173,11 @@ class Server:
             "logout": self._logout,
             "setup": self._setup,
         }
-        # The daemon sets this to its per-TLS-options client cache; `setup` needs it for its own checks.
-        self.oidc_for: Callable[[LoginOptions], OIDCClient] | None = None
 
     @property
-    def profiles(self) -> Mapping[str, tuple[str, ...]]:
-        return self._profiles
-
-    @profiles.setter
-    def profiles(self, profiles: Mapping[str, tuple[str, ...]]) -> None:
-        self._profiles = profiles
-        self._parsed.clear()
+    def caller_browser(self) -> bool:
+        """[daemon] caller_browser: may callers choose the browser the daemon runs?"""
+        return self._settings().caller_browser
 
     @property
     def active(self) -> int:
@@ -288,20 +286,24 @@ class Server:
         profile = flags.str_("profile") or env.get("BROKERD_PROFILE")
         if not profile:
             return flags
-        if profile not in self._profiles:
-            known_profiles = ", ".join(sorted(self._profiles)) or "none configured"
+        profiles = self._settings().profiles
+        if profile not in profiles:
+            known_profiles = ", ".join(sorted(profiles)) or "none configured"
             raise UsageError(f"unknown profile {profile!r} (profiles: {known_profiles})")
-        return parse_flags([*self._profiles[profile], *args], known)
+        return parse_flags([*profiles[profile], *args], known)
 
     def _request_settings(self, args: tuple[str, ...],
                           env: Mapping[str, str]) -> tuple[ProviderSettings, LoginOptions, tuple[str, ...]]:
         # Every kubectl call repeats the same argv: parse it once.  Bounded; emptied when profiles change.
+        current = self._settings()
+        if current is not self._parsed_for:  # reloaded: a profile may mean other flags now
+            self._parsed.clear()
+            self._parsed_for = current
         cache_key = (env.get("BROKERD_PROFILE"), args)
         cached = self._parsed.get(cache_key)
         if cached is None:
             flags = self._flags(args, env)
-            settings, options = build_request(flags)
-            cached = (settings, options, tuple(flags.notes))
+            cached = request_from_flags(flags)
             if len(self._parsed) >= PARSE_CACHE_SIZE:
                 self._parsed.clear()
             self._parsed[cache_key] = cached
@@ -315,7 +317,8 @@ class Server:
             caller.tell("note: --browser-command is ignored: this daemon opens its own browser (caller_browser = "
                         "false in its config)")
             options = replace(options, browser_command=None)
-        tokens = await self._sessions.get_token(settings, options, caller)
+        with telling(caller.tell, options.verbosity):  # -v: this caller sees the log lines of its own request
+            tokens = await self._sessions.get_token(settings, options, caller)
         token = tokens.token_for(settings.use_access_token)
         expiry = self._sessions.serve_expiry(tokens, settings.use_access_token)
         return execcred.render(caller.exec_info.api_version, token, expiry)
@@ -344,14 +347,12 @@ class Server:
     async def _setup(self, request: Request, caller: ShimCaller) -> str:
         from brokerd.setup import kubeconfig_args, run_setup
 
-        if self.oidc_for is None:
-            raise UsageError("setup is not available in this daemon")
         args = request.argv[1:]
         known = {**FLAGS, **SETUP_FLAGS}
         own = parse_flags(args, known)
         flags = self._flags(args, request.env, known)
-        report = await run_setup(flags, self.oidc_for, self._sessions.get_token, caller)
-        for note in flags.notes:
+        report = await run_setup(flags, self._client_for, self._sessions.get_token, caller)
+        for note in ignored_flag_notes(flags):
             caller.tell(note)
         report["kubeconfig_args"] = kubeconfig_args(own)  # the command line's flags: a profile stays a profile
         return json.dumps(report)

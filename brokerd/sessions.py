@@ -39,7 +39,7 @@ from brokerd.clock import Clock
 from brokerd.errors import BrokerError, LoginError, LoginInterrupted, LoginPending, StoreError
 from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Session, SessionKey, TokenSet
-from brokerd.oidc import OIDCClient
+from brokerd.oidc import ClientFactory, OIDCClient
 from brokerd.refresh import Policy, describe, margin, refresh_due, refresh_token_lost, serve_until
 
 __all__ = ["Policy", "SessionManager", "Store", "margin", "refresh_due"]
@@ -80,7 +80,6 @@ class _Renewal:
 class _Entry:
     settings: ProviderSettings
     tokens: TokenSet | None = None
-    options: LoginOptions = field(default_factory=LoginOptions)
     renewal: _Renewal | None = None
     timer: asyncio.Task[None] | None = None
     next_refresh_at: float | None = None
@@ -91,13 +90,15 @@ class _Entry:
 
 
 class SessionManager:
-    def __init__(self, oidc_for: Callable[[LoginOptions], OIDCClient], flows: LoginFlows, store: Store | None,
-                 clock: Clock, policy: Policy | None = None) -> None:
-        self._oidc_for = oidc_for
+    def __init__(self, client_for: ClientFactory, flows: LoginFlows, store: Store | None,
+                 clock: Clock, policy: Policy | Callable[[], Policy] | None = None) -> None:
+        self._client_for = client_for
         self._flows = flows
         self._store = store
         self._clock = clock
-        self.policy = policy or Policy()
+        # A getter follows the daemon's settings (SIGHUP swaps them whole); a Policy stays as it is.
+        fixed = policy or Policy()
+        self._policy: Callable[[], Policy] = fixed if callable(fixed) else lambda: fixed
         self._entries: dict[SessionKey, _Entry] = {}
         self._save_lock = asyncio.Lock()
         self._closing = False
@@ -113,7 +114,7 @@ class SessionManager:
             log.error("sessions not loaded, starting empty: %s", exc)
             return
         for key, session in sessions.items():
-            entry = _Entry(settings=session.settings, tokens=session.tokens, options=session.options)
+            entry = _Entry(settings=session.settings, tokens=session.tokens)
             self._entries[key] = entry
             self._schedule(entry)
         log.info("loaded %d session(s) from the store", len(sessions))
@@ -144,6 +145,10 @@ class SessionManager:
                 await task
         await self._save()
 
+    @property
+    def policy(self) -> Policy:
+        return self._policy()
+
     def __len__(self) -> int:
         return sum(1 for e in self._entries.values() if e.tokens is not None)
 
@@ -164,8 +169,8 @@ class SessionManager:
         if entry is None:
             entry = self._entries[key] = _Entry(settings=settings)
         # Remembered for background refreshes (TLS, headers); --force-refresh is this caller's wish only.
-        if entry.options.tls != options.tls or entry.options.request_headers != options.request_headers:
-            entry.options = options.for_refresh()
+        if entry.settings != settings:
+            entry.settings = settings
         force = options.force_refresh
         # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
         for _ in range(2):
@@ -223,7 +228,7 @@ class SessionManager:
 
     async def _renew(self, entry: _Entry, options: LoginOptions, caller: Caller | None, allow_login: bool,
                      force: bool, holder: list[_Renewal]) -> TokenSet:
-        oidc = self._oidc_for(options)
+        oidc = await self._client_for(entry.settings)
         tokens = entry.tokens
         if tokens is not None and tokens.refresh_token:
             # Discovery first, on its own: a failure here certainly sent nothing, so the refresh token stays.
@@ -316,7 +321,7 @@ class SessionManager:
                 return  # renewed meanwhile; that renewal scheduled the next timer
             renewal = entry.renewal
             if renewal is None or renewal.task.done():
-                renewal = self._start_renewal(entry, entry.options, None, allow_login=False, force=True)
+                renewal = self._start_renewal(entry, LoginOptions(), None, allow_login=False, force=True)
             try:
                 await asyncio.shield(renewal.task)
                 return
@@ -351,10 +356,10 @@ class SessionManager:
         cancelled = False
         async with self._save_lock:
             if self._store is not None:
-                snapshot = {key: Session(key, e.settings, e.tokens, e.options) for key, e in self._entries.items()
+                snapshot = {key: Session(key, e.settings, e.tokens) for key, e in self._entries.items()
                             if e.tokens is not None}
                 if entry is not None and tokens is not None and self._entries.get(entry.settings.key) is entry:
-                    snapshot[entry.settings.key] = Session(entry.settings.key, entry.settings, tokens, entry.options)
+                    snapshot[entry.settings.key] = Session(entry.settings.key, entry.settings, tokens)
                 write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
                 for _ in range(1000):  # bounded by the write finishing; a cancel only defers
                     try:
@@ -415,7 +420,7 @@ class SessionManager:
         if tokens is None or not tokens.refresh_token:
             return "no refresh token to revoke; session forgotten"
         try:
-            ok = await self._oidc_for(entry.options).revoke(entry.settings, tokens.refresh_token)
+            ok = await (await self._client_for(entry.settings)).revoke(entry.settings, tokens.refresh_token)
         except BrokerError as exc:
             log.warning("session %s: revocation failed: %s", entry.settings.key.short(), exc)
             return f"revocation failed ({exc}); session forgotten"

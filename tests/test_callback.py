@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from brokerd.callback import CallbackServer
-from brokerd.errors import CallbackUnavailable, LoginDenied
+from brokerd.errors import CallbackUnavailable, LoginDenied, UsageError
 from tests.support.apiserver import make_tls
 from tests.support.net import free_port, ipv6_loopback
 
@@ -264,8 +264,33 @@ async def test_unusable_address_fails_at_once_without_waiting() -> None:
     server = CallbackServer(busy_wait=3600)
     # 192.0.2.1 (TEST-NET-1) is not an address of this machine: EADDRNOTAVAIL, nothing to wait for.
     with pytest.raises(CallbackUnavailable):
-        await asyncio.wait_for(server.acquire(["192.0.2.1:8000"]), 30)
+        await asyncio.wait_for(server.acquire(["192.0.2.1:8000"], non_loopback_ok=True), 30)
     await server.close()
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:0", "[::]:0", ":0", "192.0.2.1:8000", "10.1.2.3:8000",
+                                     "myhost.lan:8000", "localhost.evil.example:8000", "127.0.0.1.nip.io:0"])
+async def test_a_non_loopback_address_is_refused_before_anything_is_bound(address: str) -> None:
+    server = CallbackServer(busy_wait=3600)
+    try:
+        with pytest.raises(UsageError, match="loopback addresses only") as caught:
+            await server.acquire(["127.0.0.1:0", address])
+        assert "\n" not in str(caught.value) and "listen_non_loopback" in str(caught.value)
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "127.0.0.2:0", "localhost:0", "[::1]:0"])
+async def test_loopback_addresses_are_accepted(address: str) -> None:
+    if "::1" in address and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    server = CallbackServer()
+    try:
+        lease = await server.acquire([address])
+        assert lease.port > 0
+        await lease.release()
+    finally:
+        await server.close()
 
 
 async def test_close_cancels_pending_waits() -> None:

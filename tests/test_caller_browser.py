@@ -1,12 +1,18 @@
-"""[daemon] caller_browser = false: a caller (say, on a forwarded socket) cannot choose what the daemon runs."""
+"""What the daemon runs as a browser: [daemon] caller_browser = false keeps a caller (say, on a forwarded socket)
+from choosing the program, and no URL from the provider ever becomes an option of the browser command."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
 from pathlib import Path
 
+import pytest
+
+from brokerd.browser import BrowserOpener
+from brokerd.errors import LoginError
 from tests.support.daemon import Daemon, login_args
 from tests.support.provider import TestProvider
 
@@ -40,3 +46,49 @@ def test_by_default_the_callers_browser_is_used(provider: TestProvider, tmp_path
         assert result.returncode != 0  # the 'browser' never logs in
         assert daemon.browser_openings() == 0
     assert marker.exists() and os.path.getsize(marker) == 0
+
+
+# ---- what reaches the browser's command line ----------------------------------------------------------------------
+
+def _recorder(tmp_path: Path) -> tuple[Path, Path]:
+    """A 'browser' that writes each argument it got on its own line."""
+    record = tmp_path / "argv"
+    script = tmp_path / "record"
+    script.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a" >> {record}; done\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script, record
+
+
+@pytest.mark.parametrize("field", ["verification_uri", "verification_uri_complete"])
+def test_a_device_flow_uri_that_is_an_option_never_reaches_the_browser(provider: TestProvider, tmp_path: Path,
+                                                                       field: str) -> None:
+    script, record = _recorder(tmp_path)
+    answer = {"device_code": "dc-1", "user_code": "ABCD-EFGH", "verification_uri": "http://127.0.0.1:1/device",
+              "expires_in": 600, "interval": 1}
+    answer[field] = f"--gpu-launcher={script} --"
+    provider.fault("device_authorization", status=200, body=answer)
+    with Daemon() as daemon:
+        result = daemon.shim(login_args(provider.issuer, "--grant-type=device-code", f"--browser-command={script}",
+                                        "--authentication-timeout-sec=5"))
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"{field} from the provider is not an http(s) URL" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not record.exists()  # the browser command never ran
+
+
+async def test_the_opener_hands_over_only_a_checked_url_as_one_argument(tmp_path: Path) -> None:
+    script, record = _recorder(tmp_path)
+    opener = BrowserOpener({"PATH": os.environ.get("PATH", "")})
+    try:
+        for bad in ("-x", "--gpu-launcher=/bin/sh", "file:///etc/passwd", "javascript:alert(1)", "http://",
+                    "http://a b", "http://a\x1b[2Jb", " https://a"):
+            with pytest.raises(LoginError, match="not an http\\(s\\) URL"):
+                await opener.open(bad, command=str(script), caller_env={})
+        assert await opener.open("https://idp.example/auth?a=1&b=2", command=str(script), caller_env={})
+    finally:
+        await opener.close()  # waits for nothing: the reaper is cancelled, the recorder finishes on its own
+    for _ in range(200):  # bounded: the recorder is a shell script writing one line
+        if record.exists() and record.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert record.read_text().splitlines() == ["https://idp.example/auth?a=1&b=2"]

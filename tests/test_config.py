@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from brokerd.config import load_config
+from brokerd.config import Settings, load_settings
 from brokerd.errors import ConfigError
-from brokerd.flags import build_request, parse_flags
-from tests.support.daemon import Daemon
-from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, TestProvider
+from brokerd.flags import parse_flags, request_from_flags
+from tests.support.daemon import Daemon, login_args
+from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, ProviderFactory, TestProvider
+
+
+def load_config(path: Path) -> Settings:
+    return load_settings(Settings(socket_path=path.parent / "s", state_dir=path.parent, config_file=path))
 
 
 def test_missing_file_is_an_empty_config(tmp_path: Path) -> None:
     config = load_config(tmp_path / "none.toml")
-    assert config.profiles == {}
+    assert config.profiles == {} and config.policy == Settings(tmp_path, tmp_path).policy
 
 
 def test_profiles_become_flags(tmp_path: Path) -> None:
@@ -29,7 +35,7 @@ def test_profiles_become_flags(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.policy.refresh_ratio == 0.5
     args = config.profiles["work"]
-    settings, options = build_request(parse_flags(args))
+    settings, options, _ = request_from_flags(parse_flags(args))
     assert settings.issuer == "https://a" and "email" in settings.scopes
     assert options.skip_open_browser and options.authentication_timeout == 20
 
@@ -49,6 +55,12 @@ def test_broken_config_names_the_problem(tmp_path: Path, text: str, expect: str)
     path.write_text(text)
     with pytest.raises(ConfigError, match=expect):
         load_config(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _profile_config(issuer: str) -> str:
@@ -86,3 +98,39 @@ def test_profiles_reload_on_sighup(provider: TestProvider) -> None:
             time.sleep(0.1)
             result = d.shim(["get-token", "--profile=work"])
         assert result.returncode == 0, result.stderr + d.log()
+
+
+def _reload(d: Daemon, text: str, until: Callable[[], bool]) -> None:
+    d.config_path.write_text(text)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not until():
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.1)
+
+
+def test_sighup_swaps_the_settings_whole_and_a_broken_file_changes_nothing(provider_factory: ProviderFactory) -> None:
+    port = _free_port()
+    idp = provider_factory({"default_client": {"redirect_uris": [f"http://localhost:{port}"]}})
+    anywhere = [f"--listen-address=0.0.0.0:{port}"]
+
+    def profile_works() -> bool:
+        return d.shim(["get-token", "--profile=work", "--grant-type=client-credentials"]).returncode == 0
+
+    with Daemon(config="") as d:
+        refused = d.shim(login_args(idp.issuer, *anywhere))
+        assert refused.returncode == 2 and "loopback addresses only" in refused.stderr
+        # One reload changes the profiles and the [daemon] switches together.
+        _reload(d, _profile_config(idp.issuer).replace('oidc-extra-scope = ["groups"]\n', "")
+                + "[daemon]\nlisten_non_loopback = true\n", profile_works)
+        ok = d.shim(login_args(idp.issuer, "--session-name=after-reload", *anywhere))
+        assert ok.returncode == 0, ok.stderr + d.log()
+        # A broken file keeps all of the old settings.
+        reloads = d.log().count("config reloaded")
+        _reload(d, "[daemon]\nlisten_non_loopback = maybe\n", lambda: "config not reloaded" in d.log())
+        assert d.log().count("config reloaded") == reloads and profile_works()
+        # A setting taken out of the file goes back to its default: the settings are replaced, not patched.
+        _reload(d, "", lambda: not profile_works())
+        again = d.shim(login_args(idp.issuer, "--session-name=reset", *anywhere))
+        assert again.returncode == 2 and "loopback addresses only" in again.stderr

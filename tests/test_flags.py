@@ -4,6 +4,8 @@ naming the flag.  Pure parsing here, plus the daemon's stderr note for the cache
 from __future__ import annotations
 
 import base64
+import copy
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from brokerd.errors import LoginDenied, LoginError, UsageError
-from brokerd.flags import FLAGS, build_request, parse_flags
+from brokerd.flags import FLAGS, parse_flags, request_from_flags
 from brokerd.flows import parse_pasted_code
 from tests.support.daemon import Daemon, login_args
+from tests.support.provider import TestProvider
 
 DESIGN = Path("/work/shared/DESIGN.md")
 BASE = ["--oidc-issuer-url=https://auth.example.com", "--oidc-client-id=kube"]
@@ -60,9 +63,9 @@ def test_every_kubelogin_flag_in_the_parity_list_is_accepted() -> None:
             args.append("--grant-type=password")
         if name in ("--local-server-cert", "--local-server-key"):
             args += ["--local-server-cert=/c.pem", "--local-server-key=/k.pem"]
-        build_request(parse_flags(args))  # no UsageError
+        request_from_flags(parse_flags(args))  # no UsageError
         if value is not None and name != "-v":
-            build_request(parse_flags([*BASE, name, value, *args[len(BASE) + 1:]]))  # the "--flag value" form
+            request_from_flags(parse_flags([*BASE, name, value, *args[len(BASE) + 1:]]))  # the "--flag value" form
 
 
 def test_flag_forms_and_repetition() -> None:
@@ -71,20 +74,20 @@ def test_flag_forms_and_repetition() -> None:
                          "--certificate-authority=/a.pem", "--certificate-authority=/b.pem",
                          "--oidc-auth-request-extra-params=claims={\"id_token\":{\"groups\":null}},x=y",
                          "--skip-open-browser=false"])
-    settings, options = build_request(flags)
+    settings, options, _ = request_from_flags(flags)
     assert settings.scopes == ("email", "groups", "offline_access", "openid")
     assert options.listen_addresses == ("127.0.0.1:9000", "[::1]:9001")
     assert options.verbosity == 3 and not options.skip_open_browser
-    assert options.tls.ca_files == ("/a.pem", "/b.pem")
+    assert settings.tls.ca_files == ("/a.pem", "/b.pem")
     assert dict(settings.extra_params)["claims"] == '{"id_token":{"groups":null}},x=y'
     for form in (["-v", "2"], ["-v2"], ["--v=2"]):
-        assert build_request(parse_flags([*BASE, *form]))[1].verbosity == 2
+        assert request_from_flags(parse_flags([*BASE, *form]))[1].verbosity == 2
 
 
 def test_grant_auto_with_username_is_the_password_grant_as_in_kubelogin() -> None:
-    _, options = build_request(parse_flags([*BASE, "--username=alice"]))
+    _, options, _ = request_from_flags(parse_flags([*BASE, "--username=alice"]))
     assert options.grant_type == "password"
-    _, options = build_request(parse_flags([*BASE, "--session-name=work"]))
+    _, options, _ = request_from_flags(parse_flags([*BASE, "--session-name=work"]))
     assert options.grant_type == "auto"
 
 
@@ -112,7 +115,7 @@ def test_grant_auto_with_username_is_the_password_grant_as_in_kubelogin() -> Non
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_or_contradictory_flags_name_the_flag(args: list[str], names: str) -> None:
     with pytest.raises(UsageError) as info:
-        build_request(parse_flags([*BASE, *args]))
+        request_from_flags(parse_flags([*BASE, *args]))
     message = str(info.value)
     assert names in message and "\n" not in message
     assert info.value.exit_code == 2
@@ -122,16 +125,17 @@ def test_required_flags() -> None:
     for args, name in (([], "--oidc-issuer-url"), (["--oidc-issuer-url=https://a"], "--oidc-client-id"),
                        (["--oidc-issuer-url=ftp://a", "--oidc-client-id=x"], "--oidc-issuer-url")):
         with pytest.raises(UsageError, match=re.escape(name)):
-            build_request(parse_flags(args))
+            request_from_flags(parse_flags(args))
 
 
-def test_cache_flags_are_accepted_with_a_note() -> None:
+def test_cache_flags_are_accepted_with_a_note_that_is_returned_not_stored() -> None:
     flags = parse_flags([*BASE, "--token-cache-dir=/tmp/x", "--token-cache-storage=keyring"])
-    build_request(flags)
-    assert flags.notes and "ignored" in flags.notes[0]
-    plain = parse_flags(BASE)
-    build_request(plain)
-    assert plain.notes == []
+    before = copy.deepcopy(flags)
+    for _ in range(2):  # the same flags give the same notes, however often they are read
+        _, _, notes = request_from_flags(flags)
+        assert len(notes) == 1 and "ignored" in notes[0]
+    assert flags == before  # nothing was added to the parsed flags (the server caches them)
+    assert request_from_flags(parse_flags(BASE))[2] == ()
 
 
 def test_pasted_code_or_redirect_address() -> None:
@@ -177,3 +181,24 @@ def test_daemon_rejects_bad_flags_in_one_line(provider: object, daemon: Daemon, 
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("brokerd: ")
     assert args[-1].split("=")[0] in result.stderr or args[0].split("=")[0] in result.stderr
+
+
+def test_v_tells_that_caller_the_daemons_lines_about_its_own_request(provider: TestProvider) -> None:
+    """kubelogin's -v: with -v1 the caller sees discovery, the client and the grant used for its request; a caller
+    without -v, at the same daemon, sees none of it."""
+    with Daemon() as d:
+        loud = d.shim(login_args(provider.issuer, "--grant-type=client-credentials", "--session-name=v", "-v1",
+                                 scopes=()))
+        assert loud.returncode == 0, loud.stderr + d.log()
+        assert json.loads(loud.stdout)["kind"] == "ExecCredential"
+        lines = loud.stderr.splitlines()
+        assert any("brokerd [debug] new provider client: system CAs" in line for line in lines), loud.stderr
+        assert any("brokerd [debug] discovery: fetching" in line for line in lines), loud.stderr
+        assert any("logging in (--grant-type=client-credentials)" in line for line in lines), loud.stderr
+        assert any("brokerd [info]" in line and "logged in" in line for line in lines), loud.stderr
+        assert "insecure_secret" not in loud.stderr
+        # Another caller without -v (a new session, so a new login) hears none of it, nor of anyone else's.
+        quiet = d.shim(login_args(provider.issuer, "--grant-type=client-credentials", scopes=()))
+        assert quiet.returncode == 0, quiet.stderr + d.log()
+        assert "brokerd [" not in quiet.stderr
+        assert "logged in" in d.log()  # the daemon's own log has the lines either way

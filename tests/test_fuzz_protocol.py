@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
+from brokerd.config import Settings
 from brokerd.flows import LoginFlows
+from brokerd.models import ProviderSettings
 from brokerd.oidc import OIDCClient
 from brokerd.server import Limits, Server, parse_request
 from brokerd.sessions import SessionManager
@@ -142,12 +144,17 @@ def test_parse_request_keeps_invalid_utf8_round_trippable() -> None:
 @pytest.fixture
 async def small_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
     limits = Limits(max_request=4096, read_timeout=0.5, answer_timeout=3.0, max_connections=8)
+    path = tmp_path / "s.sock"
+    config = Settings(socket_path=path, state_dir=tmp_path, persist=False)
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock())
+
+        async def client_for(_settings: ProviderSettings) -> OIDCClient:
+            return oidc
+
         callbacks = CallbackServer()
-        sessions = SessionManager(lambda _o: oidc, LoginFlows(callbacks, BrowserOpener({})), None, SystemClock())
-        api = Server(sessions, limits)
-        path = tmp_path / "s.sock"
+        sessions = SessionManager(client_for, LoginFlows(callbacks, BrowserOpener({})), None, SystemClock())
+        api = Server(sessions, client_for, lambda: config, limits)
         server = await asyncio.start_unix_server(api.handle, path=str(path), limit=limits.max_request)
         try:
             yield path, api

@@ -23,7 +23,7 @@ import sys
 import termios
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -31,6 +31,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from brokerd.clock import SystemClock
+from brokerd.errors import UsageError
+from brokerd.models import ProviderSettings, TLSOptions
+from brokerd.tls import ProviderClients, off_loop
 from tests.support.apiserver import make_tls
 from tests.support.browser import login as browser_login
 from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
@@ -328,6 +332,96 @@ async def test_tls_options_and_request_headers_apply_to_the_session(provider: Te
     tokens = proxy.paths("/token")
     assert len(tokens) == 3
     assert all(s.headers.get("X-Tenant") == "blue" for s in proxy.seen)
+
+
+@pytest.mark.parametrize("flags", [["--certificate-authority={fifo}"],
+                                   ["--local-server-cert={fifo}", "--local-server-key={fifo}"]])
+def test_a_fifo_for_a_file_flag_fails_that_caller_alone(provider: TestProvider, tmp_path: Path,
+                                                         flags: list[str]) -> None:
+    """A FIFO (or a hung network file) named by one caller: read off the event loop, regular files only.  That
+    caller gets one line at once; a second caller at the same time is served as usual."""
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    with Daemon() as d:
+        bad = d.shim_async(login_args(provider.issuer, "--session-name=fifo", *(f.format(fifo=fifo) for f in flags)))
+        good = d.shim_async(login_args(provider.issuer, "--grant-type=client-credentials", scopes=()))
+        try:
+            out, err = good.communicate(timeout=60)
+            assert good.returncode == 0, err + d.log()
+            assert json.loads(out)["kind"] == "ExecCredential"
+            bad_out, bad_err = bad.communicate(timeout=60)
+        finally:
+            for proc in (good, bad):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert bad.returncode == 2 and bad_out == ""
+        assert bad_err.strip().splitlines() == [bad_err.strip()] and f"{fifo} is not a regular file" in bad_err
+        assert "Traceback" not in d.log()
+
+
+async def test_file_work_that_hangs_fails_after_its_limit_and_the_loop_keeps_running(tmp_path: Path) -> None:
+    """What a hung network file does (stood in for by a blocking open of a FIFO): that request gets one line after
+    the limit; the event loop was free meanwhile."""
+    fifo = tmp_path / "hang.fifo"
+    os.mkfifo(fifo)
+
+    def blocking_read() -> bytes:
+        with open(fifo, "rb") as fh:  # blocks until a writer comes
+            return fh.read()
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        with pytest.raises(UsageError, match=r"^reading --certificate-authority took longer than 0.5 s"):
+            await off_loop("reading --certificate-authority", blocking_read, limit=0.5)
+        assert ticks > 1  # the loop ran other work while the thread was stuck
+    finally:
+        task.cancel()
+        # Let the stuck thread go: a writer appears and closes at once, so its read ends with EOF.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def test_an_evicted_http_client_is_closed_once_its_last_request_has_ended(provider: TestProvider) -> None:
+    clients = ProviderClients(SystemClock(), request_timeout=20.0, max_clients=1)
+    base = ProviderSettings(issuer=provider.issuer, client_id="kube_login")
+    try:
+        first = await clients.client_for(base)
+        http = first.http
+        provider.fault("discovery", "delay", seconds=1.0)
+        in_flight = asyncio.create_task(first.metadata(provider.issuer, max_age=0))
+        await asyncio.sleep(0.2)  # the request is out (a request not started yet would be fine too)
+        del first  # only the request in flight holds the client now
+        # Another TLS set: the only slot goes to it, the first HTTP client is retired but still carries the request.
+        other = await clients.client_for(replace(base, tls=TLSOptions(insecure_skip_verify=True)))
+        assert other.http is not http and clients.retired == 1 and not http.closed
+        meta = await in_flight
+        assert meta.issuer == provider.issuer  # the retired client finished its request
+        del in_flight
+        for _ in range(100):  # bounded: the finalizer hands the close to the loop, which runs it next
+            if http.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert http.closed and clients.retired == 0
+        # Bounded even when every retired client is still held: at most max_clients wait, the rest are closed.
+        held = [await clients.client_for(replace(base, request_headers=(("X-N", str(n)),),
+                                                 tls=TLSOptions(insecure_skip_verify=n % 2 == 0)))
+                for n in range(6)]
+        assert clients.retired <= 1
+        for _ in range(100):  # bounded: the closes run as tasks on the loop
+            if sum(not c.http.closed for c in held) <= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sum(not c.http.closed for c in held) <= 2  # the current one and at most one retired
+    finally:
+        await clients.close()
 
 
 # ---- kubectl end to end with the device flow --------------------------------------------------------------------

@@ -96,7 +96,10 @@ async def manager(state: Path, policy: Policy = FAST, request_timeout: float = 5
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock(), request_timeout=request_timeout)
         flows = LoginFlows(CallbackServer(), BrowserOpener({}))
-        mgr = SessionManager(lambda _o: oidc, flows, SessionStore(state), SystemClock(), policy)
+        async def client_for(_settings: ProviderSettings) -> OIDCClient:
+            return oidc
+
+        mgr = SessionManager(client_for, flows, SessionStore(state), SystemClock(), policy)
         await mgr.start()
         try:
             yield mgr
@@ -380,19 +383,19 @@ async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_optio
     """A custom CA or request header is kept with the session: the refresh-ahead after a restart, before any
     caller has come back, reaches the provider the way the logins did."""
     s = settings_for(idp)
-    used: list[LoginOptions] = []
+    used: list[ProviderSettings] = []
     headers = (("X-Gateway", "on"),)
     async with manager(tmp_path) as mgr:
-        await mgr.get_token(s, replace(OPTIONS, request_headers=headers), Caller())
+        await mgr.get_token(replace(s, request_headers=headers), OPTIONS, Caller())
     before = grants(idp, "refresh_token")
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
 
-        def oidc_for(options: LoginOptions) -> OIDCClient:
-            used.append(options)
+        async def client_for(settings: ProviderSettings) -> OIDCClient:
+            used.append(settings)
             return oidc
 
-        mgr = SessionManager(oidc_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
+        mgr = SessionManager(client_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
                              SystemClock(), FAST)
         await mgr.start()
         try:
@@ -400,4 +403,3 @@ async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_optio
         finally:
             await mgr.close(refresh_grace=5.0)
     assert used and all(o.request_headers == headers for o in used)
-    assert all(o.password is None for o in used)  # the caller's password is never kept

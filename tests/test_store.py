@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from brokerd.codec import session_from_dict, session_to_dict
 from brokerd.errors import StoreError
-from brokerd.models import LoginOptions, ProviderSettings, Session, SessionKey, TLSOptions, TokenSet
+from brokerd.models import ProviderSettings, Session, SessionKey, TLSOptions, TokenSet
 from brokerd.store import (
     FORMAT_VERSION,
     KEY_NAME,
@@ -63,6 +63,9 @@ def make_session(n: int = 0, *, secret: bool = True) -> Session:
         use_access_token=n % 2 == 1,
         redirect_url="http://localhost:8000",
         username=f"user{n}",
+        # How to reach the provider is kept too (a private CA, a gateway header), for refreshes after a restart.
+        tls=TLSOptions(ca_files=(f"/etc/ca-{n}.pem",), insecure_skip_verify=n % 3 == 0),
+        request_headers=(("X-Gateway", f"g{n}"),),
     )
     tokens = TokenSet(
         id_token=f"{SECRETS[0]}-{n}",
@@ -73,10 +76,7 @@ def make_session(n: int = 0, *, secret: bool = True) -> Session:
         access_expires_at=1_700_000_100.0,
         claims={"sub": f"u{n}", "groups": ["admins", "devs"], "exp": 1_700_000_000},
     )
-    # How to reach the provider is kept too (a private CA, a gateway header), for refreshes after a restart.
-    options = LoginOptions(request_headers=(("X-Gateway", f"g{n}"),),
-                           tls=TLSOptions(ca_files=(f"/etc/ca-{n}.pem",), insecure_skip_verify=n % 3 == 0))
-    return Session(key=settings.key, settings=settings, tokens=tokens, options=options)
+    return Session(key=settings.key, settings=settings, tokens=tokens)
 
 
 def sample() -> dict[SessionKey, Session]:
