@@ -282,7 +282,7 @@ async def test_a_non_loopback_address_is_refused_before_anything_is_bound(addres
 
 @pytest.mark.parametrize("address", ["127.0.0.1:0", "127.0.0.2:0", "localhost:0", "[::1]:0"])
 async def test_loopback_addresses_are_accepted(address: str) -> None:
-    if "::1" in address and not _ipv6_loopback():
+    if "::1" in address and not ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
     server = CallbackServer()
     try:
