@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from brokerd.models import LoginOptions, ProviderSettings, Session, TLSOptions, TokenSet
+from brokerd.models import ProviderSettings, Session, TLSOptions, TokenSet
 
 
 class BadEntry(ValueError):
@@ -40,11 +41,13 @@ def session_to_dict(session: Session) -> dict[str, Any]:
             "access_expires_at": t.access_expires_at,
             "claims": dict(t.claims),
         },
+        # How to reach the provider: part of the settings (and of the key when not the defaults); kept under
+        # "options", where brokerd wrote it before it was part of the settings.
         "options": {
-            "ca_files": list(session.options.tls.ca_files),
-            "ca_data": list(session.options.tls.ca_data),
-            "insecure_skip_verify": session.options.tls.insecure_skip_verify,
-            "request_headers": [list(h) for h in session.options.request_headers],
+            "ca_files": list(s.tls.ca_files),
+            "ca_data": list(s.tls.ca_data),
+            "insecure_skip_verify": s.tls.insecure_skip_verify,
+            "request_headers": [list(h) for h in s.request_headers],
         },
     }
 
@@ -79,6 +82,7 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         raise BadEntry("field 'scopes' must be a list of strings")
     if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
         raise BadEntry("field 'extra_params' must be a list of [name, value] string pairs")
+    tls, headers = _options(doc.get("options"))
     settings = ProviderSettings(
         issuer=_get(sd, "issuer", str),
         client_id=_get(sd, "client_id", str),
@@ -88,6 +92,8 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         use_access_token=_get(sd, "use_access_token", bool),
         redirect_url=_get(sd, "redirect_url", str, optional=True),
         username=_get(sd, "username", str, optional=True),
+        tls=tls,
+        request_headers=headers,
     )
     tokens = TokenSet(
         id_token=_get(td, "id_token", str),
@@ -100,8 +106,12 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
     )
     stored_key = _get(doc, "key", str)
     if settings.key.value != stored_key:
-        raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
-    return Session(key=settings.key, settings=settings, tokens=tokens, options=_options(doc.get("options")))
+        # Written before the TLS options and request headers were part of the key: the same settings without
+        # them give the stored key; the session is filed under its key of today.
+        legacy = replace(settings, tls=TLSOptions(), request_headers=())
+        if legacy.key.value != stored_key:
+            raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
+    return Session(key=settings.key, settings=settings, tokens=tokens)
 
 
 def _strings(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:
@@ -111,10 +121,10 @@ def _strings(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _options(doc: Any) -> LoginOptions:
+def _options(doc: Any) -> tuple[TLSOptions, tuple[tuple[str, str], ...]]:
     """How to reach the provider; absent in stores written before it was kept (then: the defaults)."""
     if doc is None:
-        return LoginOptions()
+        return TLSOptions(), ()
     if not isinstance(doc, Mapping):
         raise BadEntry("field 'options' is not an object")
     headers = _get(doc, "request_headers", list, optional=True) or []
@@ -122,4 +132,4 @@ def _options(doc: Any) -> LoginOptions:
         raise BadEntry("field 'request_headers' must be a list of [name, value] string pairs")
     tls = TLSOptions(ca_files=_strings(doc, "ca_files"), ca_data=_strings(doc, "ca_data"),
                      insecure_skip_verify=bool(_get(doc, "insecure_skip_verify", bool, optional=True)))
-    return LoginOptions(request_headers=tuple((h[0], h[1]) for h in headers), tls=tls)
+    return tls, tuple((h[0], h[1]) for h in headers)

@@ -24,6 +24,8 @@ from brokerd.clock import SystemClock
 from brokerd.config import load_config
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
+from brokerd.models import ProviderSettings
+from brokerd.oidc import OIDCClient
 from brokerd.paths import ensure_private_dir
 from brokerd.server import Limits, Server
 from brokerd.sessions import Policy, SessionManager
@@ -142,12 +144,15 @@ class Daemon:
             stack.push_async_callback(browser.close)
             store = SessionStore(config.state_dir) if config.persist else None
 
-            sessions = SessionManager(clients.for_options, LoginFlows(callbacks, browser), store, clock, config.policy)
+            async def client_for(settings: ProviderSettings) -> OIDCClient:
+                return clients.for_options(settings)  # until ProviderClients.client_for is async itself
+
+            sessions = SessionManager(client_for, LoginFlows(callbacks, browser), store, clock, config.policy)
             await sessions.start()
             stack.push_async_callback(sessions.close)
             api = Server(sessions, config.limits, config.profiles)
             api.caller_browser = config.caller_browser
-            api.oidc_for = clients.for_options
+            api.oidc_for = client_for
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=config.limits.max_request)
             self._on_hup = lambda: self._reload(api, sessions, notifier)
             if notifier.enabled:

@@ -246,6 +246,8 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
         use_access_token=flags.bool_("oidc-use-access-token"),
         redirect_url=redirect,
         username=flags.str_("session-name") or username,
+        tls=TLSOptions(ca_files=ca_files, ca_data=ca_data, insecure_skip_verify=insecure),
+        request_headers=tuple(flags.kv("oidc-request-header")),
     )
     verbosity = flags.values.get("v", 0)
     assert isinstance(verbosity, int)
@@ -257,14 +259,10 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
         authentication_timeout=float(timeout),
         pkce_method=pkce,
         open_url_after_authentication=flags.str_("open-url-after-authentication"),
-        request_headers=tuple(flags.kv("oidc-request-header")),
         password=password,
         force_refresh=flags.bool_("force-refresh"),
         local_server_cert=cert,
         local_server_key=key,
-        tls=TLSOptions(
-            ca_files=ca_files, ca_data=ca_data, insecure_skip_verify=insecure,
-        ),
         verbosity=verbosity,
     )
     if flags.str_("token-cache-dir") is not None or storage is not None:

@@ -22,6 +22,15 @@ def canonical_json(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class TLSOptions:
+    """How to trust the provider (--certificate-authority(-data), --insecure-skip-tls-verify)."""
+
+    ca_files: tuple[str, ...] = ()
+    ca_data: tuple[str, ...] = field(default=(), repr=False)
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
 class ProviderSettings:
     """The settings that change which token a user gets.  Two requests with equal settings share one session."""
 
@@ -33,6 +42,10 @@ class ProviderSettings:
     use_access_token: bool = False
     redirect_url: str | None = None
     username: str | None = None
+    # How to reach the provider.  Part of the session's identity: a caller with other TLS settings (say
+    # --insecure-skip-tls-verify) gets a session of its own and can never weaken another session's refreshes.
+    tls: TLSOptions = field(default_factory=TLSOptions)
+    request_headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalize so that the key is stable whatever order the flags came in (kubelogin #1638).
@@ -45,7 +58,7 @@ class ProviderSettings:
         secret_hash = (
             hashlib.sha256(self.client_secret.encode()).hexdigest() if self.client_secret is not None else None
         )
-        doc = {
+        doc: dict[str, Any] = {
             "v": 1,
             "issuer": self.issuer,
             "client_id": self.client_id,
@@ -56,6 +69,12 @@ class ProviderSettings:
             "redirect_url": self.redirect_url,
             "username": self.username,
         }
+        # Only when not the defaults, so that the keys of sessions made before these were part of it stay valid.
+        if self.tls != TLSOptions():
+            doc["tls"] = {"ca_files": list(self.tls.ca_files), "ca_data": list(self.tls.ca_data),
+                          "insecure_skip_verify": self.tls.insecure_skip_verify}
+        if self.request_headers:
+            doc["request_headers"] = [list(h) for h in self.request_headers]
         return SessionKey(hashlib.sha256(canonical_json(doc).encode()).hexdigest())
 
 
@@ -82,33 +101,37 @@ class TokenSet:
     access_expires_at: float | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
 
-    def token_for(self, use_access_token: bool) -> str:
-        if use_access_token and self.access_token:
-            return self.access_token
-        return self.id_token
 
-    def serve_expiry(self, use_access_token: bool) -> float:
-        if use_access_token and self.access_expires_at is not None:
-            return self.access_expires_at
-        return self.expires_at
+@dataclass(frozen=True)
+class Served:
+    """Which token of a set a session hands to kubectl, decided once per session from its settings."""
+
+    access_token: bool
+
+    @classmethod
+    def by(cls, settings: ProviderSettings) -> Served:
+        return cls(access_token=settings.use_access_token)
+
+    def token(self, tokens: TokenSet) -> str:
+        if self.access_token and tokens.access_token:
+            return tokens.access_token
+        return tokens.id_token
+
+    def expiry(self, tokens: TokenSet) -> float:
+        """The real expiry of the served token (ID token ``exp`` normally)."""
+        if self.access_token and tokens.access_expires_at is not None:
+            return tokens.access_expires_at
+        return tokens.expires_at
 
 
 @dataclass(frozen=True)
 class Session:
-    """A persisted session: the settings it was made for, its current tokens, and how to reach the provider
-    (``LoginOptions.for_refresh``: CA and request headers, so a restarted daemon can refresh before anyone asks)."""
+    """A persisted session: the settings it was made for (how to reach the provider included, so a restarted
+    daemon can refresh before anyone asks) and its current tokens."""
 
     key: SessionKey
     settings: ProviderSettings
     tokens: TokenSet
-    options: LoginOptions = field(default_factory=lambda: LoginOptions())
-
-
-@dataclass(frozen=True)
-class TLSOptions:
-    ca_files: tuple[str, ...] = ()
-    ca_data: tuple[str, ...] = field(default=(), repr=False)
-    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,18 +145,11 @@ class LoginOptions:
     authentication_timeout: float = 180.0
     pkce_method: str = "auto"
     open_url_after_authentication: str | None = None
-    request_headers: tuple[tuple[str, str], ...] = ()
     password: str | None = field(default=None, repr=False)
     force_refresh: bool = False
     local_server_cert: str | None = None
     local_server_key: str | None = None
-    tls: TLSOptions = field(default_factory=TLSOptions)
     verbosity: int = 0
-
-    def for_refresh(self) -> LoginOptions:
-        """What a background refresh needs (how to reach the provider), and nothing of this caller's (no password,
-        no --force-refresh): what is remembered, and persisted, for the session."""
-        return LoginOptions(request_headers=self.request_headers, tls=self.tls)
 
 
 class Caller(Protocol):

@@ -18,7 +18,7 @@ from brokerd import __version__, execcred
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
 from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, build_request, parse_flags
 from brokerd.models import LoginOptions, ProviderSettings
-from brokerd.oidc import OIDCClient
+from brokerd.oidc import ClientFactory
 from brokerd.sessions import SessionManager
 
 log = logging.getLogger("brokerd.server")
@@ -170,7 +170,7 @@ class Server:
             "setup": self._setup,
         }
         # The daemon sets this to its per-TLS-options client cache; `setup` needs it for its own checks.
-        self.oidc_for: Callable[[LoginOptions], OIDCClient] | None = None
+        self.oidc_for: ClientFactory | None = None
 
     @property
     def profiles(self) -> Mapping[str, tuple[str, ...]]:
@@ -316,8 +316,7 @@ class Server:
                         "false in its config)")
             options = replace(options, browser_command=None)
         tokens = await self._sessions.get_token(settings, options, caller)
-        token = tokens.token_for(settings.use_access_token)
-        expiry = self._sessions.serve_expiry(tokens, settings.use_access_token)
+        token, expiry = self._sessions.credential(settings, tokens)
         return execcred.render(caller.exec_info.api_version, token, expiry)
 
     async def _version(self, request: Request, caller: ShimCaller) -> str:

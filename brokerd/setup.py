@@ -23,7 +23,7 @@ import aiohttp
 from brokerd.errors import BrokerError, DiscoveryError
 from brokerd.flags import FLAGS, SETUP_FLAGS, ParsedFlags, build_request
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
-from brokerd.oidc import GROUPS_CLAIMS_REQUEST, OIDCClient
+from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient
 from brokerd.oidc_wire import safe_text
 
 SECRET_PLACEHOLDER = "YOUR_CLIENT_SECRET"
@@ -272,13 +272,13 @@ async def check_tokens(oidc: OIDCClient, settings: ProviderSettings, tokens: Tok
     return findings
 
 
-async def run_setup(flags: ParsedFlags, oidc_for: Callable[[LoginOptions], OIDCClient], get_token: GetToken,
+async def run_setup(flags: ParsedFlags, client_for: ClientFactory, get_token: GetToken,
                     caller: Caller) -> dict[str, Any]:
     """The report (JSON-able).  ``flags`` hold get-token and setup flags, the profile already merged in."""
     view = ApiServerView.from_flags(flags)
     token_flags = ParsedFlags({k: v for k, v in flags.values.items() if k in FLAGS}, flags.notes)
     settings, options = build_request(token_flags)
-    oidc = oidc_for(options)
+    oidc = await client_for(settings)
     report: dict[str, Any] = {"issuer": settings.issuer, "client_id": settings.client_id, "logged_in": False,
                               "view": asdict(view), "scopes": list(settings.scopes)}
     finding = await check_issuer(oidc, settings.issuer)

@@ -256,15 +256,19 @@ class SessionStore:
             return self._parse_entries(entries)
 
     def save(self, sessions: Mapping[SessionKey, Session]) -> None:
+        """Write every session.  One session that cannot be serialized (a value that is not JSON, a number that
+        is not finite) is skipped and logged, never the others: its previous entry is gone from the new
+        generation, which for a refresh token is the safe side."""
         entries = []
         for filed_under, session in sorted(sessions.items()):
             if filed_under != session.key:
                 raise StoreError(f"session filed under {filed_under.short()} has key {session.key.short()}")
-            entries.append(session_to_dict(session))
-        try:
-            plaintext = json.dumps({"sessions": entries}, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:  # e.g. a claim that is not JSON; the message names no value
-            raise StoreError(f"sessions cannot be serialized: {type(exc).__name__}") from None
+            try:
+                entries.append(json.dumps(session_to_dict(session), separators=(",", ":"), allow_nan=False))
+            except (TypeError, ValueError, RecursionError) as exc:  # the message may quote a value: name the type
+                log.error("session %s not saved: it cannot be serialized (%s)", session.key.short(),
+                          type(exc).__name__)
+        plaintext = ('{"sessions":[' + ",".join(entries) + "]}").encode()
         with self._lock, _os_errors("save"):
             ensure_private_dir(self._dir)
             key = self._key()

@@ -20,7 +20,7 @@ import aiohttp
 from brokerd.clock import Clock
 from brokerd.errors import UsageError
 from brokerd.flags import decode_ca_data
-from brokerd.models import LoginOptions, TLSOptions, canonical_json
+from brokerd.models import ProviderSettings, TLSOptions, canonical_json
 from brokerd.oidc import OIDCClient
 
 # Bounded so that a stream of distinct (e.g. generated) CA bundles cannot grow the daemon without limit.
@@ -81,11 +81,11 @@ class ProviderClients:
     def __len__(self) -> int:
         return len(self._oidc)
 
-    def for_options(self, options: LoginOptions) -> OIDCClient:
+    def for_options(self, settings: ProviderSettings) -> OIDCClient:
         """The OIDCClient for a session's TLS options and request headers (UsageError for unreadable CAs)."""
-        trust = read_trust(options.tls)
+        trust = read_trust(settings.tls)
         key = hashlib.sha256(canonical_json({"tls": trust.digest,
-                                             "headers": [list(h) for h in options.request_headers]}).encode())
+                                             "headers": [list(h) for h in settings.request_headers]}).encode())
         oidc_key = key.hexdigest()
         found = self._oidc.get(oidc_key)
         if found is not None:
@@ -100,7 +100,7 @@ class ProviderClients:
         if len(self._oidc) >= MAX_CLIENTS:
             self._oidc.pop(next(iter(self._oidc)))
         client = OIDCClient(http, self._clock, request_timeout=self._timeout,
-                            request_headers=dict(options.request_headers))
+                            request_headers=dict(settings.request_headers))
         self._oidc[oidc_key] = client
         return client
 

@@ -75,7 +75,7 @@ def test_flag_forms_and_repetition() -> None:
     assert settings.scopes == ("email", "groups", "offline_access", "openid")
     assert options.listen_addresses == ("127.0.0.1:9000", "[::1]:9001")
     assert options.verbosity == 3 and not options.skip_open_browser
-    assert options.tls.ca_files == ("/a.pem", "/b.pem")
+    assert settings.tls.ca_files == ("/a.pem", "/b.pem")
     assert dict(settings.extra_params)["claims"] == '{"id_token":{"groups":null}},x=y'
     for form in (["-v", "2"], ["-v2"], ["--v=2"]):
         assert build_request(parse_flags([*BASE, *form]))[1].verbosity == 2

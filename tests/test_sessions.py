@@ -28,7 +28,7 @@ from brokerd.errors import (
     UsageError,
 )
 from brokerd.flows import LoginFlows
-from brokerd.models import LoginOptions, ProviderSettings, TokenSet
+from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import OIDCClient
 from brokerd.refresh import Policy, margin, refresh_due, refresh_token_lost, serve_until
 from brokerd.sessions import SessionManager
@@ -96,7 +96,10 @@ async def manager(state: Path, policy: Policy = FAST, request_timeout: float = 5
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock(), request_timeout=request_timeout)
         flows = LoginFlows(CallbackServer(), BrowserOpener({}))
-        mgr = SessionManager(lambda _o: oidc, flows, SessionStore(state), SystemClock(), policy)
+        async def client_for(_settings: ProviderSettings) -> OIDCClient:
+            return oidc
+
+        mgr = SessionManager(client_for, flows, SessionStore(state), SystemClock(), policy)
         await mgr.start()
         try:
             yield mgr
@@ -112,21 +115,21 @@ def the_status(mgr: SessionManager) -> dict[str, Any]:
 # -- pure policy --------------------------------------------------------------------------------------------------
 
 
-def _tokens(life: float) -> TokenSet:
-    return TokenSet(id_token="x", issued_at=1000.0, expires_at=1000.0 + life)
+def _times(life: float) -> tuple[float, float]:
+    return 1000.0, 1000.0 + life
 
 
 @pytest.mark.parametrize(("life", "due"), [(3600, 1000 + 2880), (200, 1000 + 140), (100, 1000 + 50),
                                            (10, 1000 + 5)])
 def test_refresh_due_is_80_percent_at_most_60s_before_exp_never_in_first_half(life: float, due: float) -> None:
-    assert refresh_due(Policy(), _tokens(life)) == pytest.approx(due)
+    assert refresh_due(Policy(), *_times(life)) == pytest.approx(due)
 
 
 def test_serve_margin_is_10s_or_a_tenth_of_the_life() -> None:
-    assert margin(Policy(), _tokens(3600)) == 10
-    assert margin(Policy(), _tokens(4)) == pytest.approx(0.4)
+    assert margin(Policy(), *_times(3600)) == 10
+    assert margin(Policy(), *_times(4)) == pytest.approx(0.4)
     # Whole seconds, as the ExecCredential states it: never serve past the expiry kubectl was told.
-    assert serve_until(Policy(), _tokens(4)) == 1003
+    assert serve_until(Policy(), *_times(4)) == 1003
 
 
 def _not_sent() -> ProviderError:
@@ -173,7 +176,7 @@ async def test_fifty_callers_at_expiry_share_one_refresh(idp: TestProvider, tmp_
     # No background refresh before exp, so the callers are the ones that find the token expired.
     async with manager(tmp_path, replace(FAST, refresh_ratio=1.0, refresh_lead=0)) as mgr:
         first = await mgr.get_token(s, OPTIONS, Caller())
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         before = idp.counters()
         idp.fault("token", "delay", seconds=0.5, grant_type="refresh_token")  # all 50 arrive while it runs
         results = await asyncio.gather(*(mgr.get_token(s, OPTIONS, Caller()) for _ in range(50)))
@@ -221,7 +224,7 @@ async def test_maybe_delivered_refresh_drops_the_token_and_logs_in_once_after_ex
             await wait_for(lambda: grants(idp, "refresh_token") > before["token_grants"]["refresh_token"], 3,
                            "the provider to process the timed-out refresh")
         assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token is None
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         renewed = await mgr.get_token(s, OPTIONS, Caller())
         for _ in range(3):
             assert (await mgr.get_token(s, OPTIONS, Caller())).id_token == renewed.id_token
@@ -242,7 +245,7 @@ async def test_connection_refused_keeps_the_refresh_token(provider_factory: Prov
         await wait_for(lambda: the_status(mgr)["refresh_retrying"], TTL, "a failed background refresh")
         assert the_status(mgr)["refresh_token"]
         assert (await mgr.get_token(s, OPTIONS, Caller())).id_token == first.id_token
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         with pytest.raises(ProviderError, match="cannot reach"):
             await mgr.get_token(s, OPTIONS, Caller())
         assert the_status(mgr)["refresh_token"]  # never sent, so still good for when the provider is back
@@ -255,7 +258,7 @@ async def test_revoked_grant_leads_to_exactly_one_login(idp: TestProvider, tmp_p
         before = idp.counters()
         idp.revoke_all("alice")
         await wait_for(lambda: not the_status(mgr)["refresh_token"], TTL, "invalid_grant to drop the token")
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         results = await asyncio.gather(*(mgr.get_token(s, OPTIONS, Caller()) for _ in range(5)))
         after = idp.counters()
     assert len({t.id_token for t in results}) == 1
@@ -379,20 +382,20 @@ async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_optio
                                                                                   tmp_path: Path) -> None:
     """A custom CA or request header is kept with the session: the refresh-ahead after a restart, before any
     caller has come back, reaches the provider the way the logins did."""
-    s = settings_for(idp)
-    used: list[LoginOptions] = []
     headers = (("X-Gateway", "on"),)
+    s = replace(settings_for(idp), request_headers=headers)
+    used: list[ProviderSettings] = []
     async with manager(tmp_path) as mgr:
-        await mgr.get_token(s, replace(OPTIONS, request_headers=headers), Caller())
+        await mgr.get_token(s, OPTIONS, Caller())
     before = grants(idp, "refresh_token")
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
 
-        def oidc_for(options: LoginOptions) -> OIDCClient:
-            used.append(options)
+        async def client_for(settings: ProviderSettings) -> OIDCClient:
+            used.append(settings)
             return oidc
 
-        mgr = SessionManager(oidc_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
+        mgr = SessionManager(client_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
                              SystemClock(), FAST)
         await mgr.start()
         try:
@@ -400,4 +403,3 @@ async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_optio
         finally:
             await mgr.close(refresh_grace=5.0)
     assert used and all(o.request_headers == headers for o in used)
-    assert all(o.password is None for o in used)  # the caller's password is never kept
