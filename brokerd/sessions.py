@@ -157,9 +157,14 @@ class SessionManager:
             self._save_lock.release()
             raise
         write.add_done_callback(self._saved)
-        await asyncio.shield(write)
-        if strict:
-            write.result()
+        try:
+            await asyncio.shield(write)
+        except StoreError:
+            if strict:
+                raise
+        except Exception as exc:  # a surprise from the store is still a failed save, never a lost session
+            if strict:
+                raise StoreError(f"sessions not saved ({type(exc).__name__})") from exc
 
     def _saved(self, write: asyncio.Future[None]) -> None:
         self._save_lock.release()
