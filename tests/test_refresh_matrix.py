@@ -159,11 +159,14 @@ def test_during_the_save_after_the_answer(rig: Rig) -> None:
 def test_sigterm_waits_for_a_slow_refresh_in_flight(rig: Rig) -> None:
     """Issue 11 item 2: stopping while a refresh is in flight lets it land and saves the rotated token."""
     rig.idp.fault("token", "delay", seconds=SLOW_STOP, grant_type="refresh_token")
+    sent = rig.refresh_requests()
     shim = rig.daemon.shim_async(rig.args("--force-refresh"))
     rig.wait_for(lambda: rig.idp.counters()["faults_applied"] > rig.before["faults_applied"],
                  "the refresh to reach the provider")
     assert rig.daemon.stop(signal.SIGTERM, timeout=60) == 0
     shim.communicate(timeout=60)
+    # The provider has processed that refresh before the next one can race it.
+    rig.wait_for(lambda: rig.refresh_requests() > sent, "the provider to process the refresh", SLOW_STOP + 10)
     rig.daemon.start()
     rig.logins_expected = 0
 
