@@ -185,3 +185,16 @@ def test_sigkill_mid_refresh(rig: Rig) -> None:
     rig.daemon.start()
     assert rig.get().returncode == 0  # the ID token is still served after the restart
     rig.logins_expected = 1
+
+
+def test_sighup_during_a_refresh_in_flight(rig: Rig) -> None:
+    """A config reload while a refresh is in flight leaves it alone (SIGHUP changes settings, not the request)."""
+    rig.idp.fault("token", "delay", seconds=DELAY, grant_type="refresh_token")
+    shim = rig.daemon.shim_async(rig.args("--force-refresh"))
+    rig.wait_for(lambda: rig.idp.counters()["faults_applied"] > rig.before["faults_applied"],
+                 "the refresh to reach the provider")
+    assert rig.daemon.proc is not None
+    rig.daemon.proc.send_signal(signal.SIGHUP)
+    _, err = shim.communicate(timeout=60)
+    assert shim.returncode == 0, err
+    rig.logins_expected = 0

@@ -27,6 +27,7 @@ from brokerd.errors import (
     TokenValidationError,
     UsageError,
 )
+from brokerd.flags import build_request, parse_flags
 from brokerd.flows import LoginFlows
 from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import OIDCClient
@@ -403,3 +404,35 @@ async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_optio
         finally:
             await mgr.close(refresh_grace=5.0)
     assert used and all(o.request_headers == headers for o in used)
+
+
+async def test_a_callers_tls_options_make_a_session_of_their_own(idp: TestProvider, tmp_path: Path) -> None:
+    """Issue 11 item 9: --insecure-skip-tls-verify (or another CA) is part of what identifies a session, so one
+    caller cannot turn off certificate checks for another session's background refreshes."""
+    base = ["--oidc-issuer-url=" + idp.issuer, "--oidc-client-id=kube_login", "--oidc-client-secret=insecure_secret",
+            "--oidc-extra-scope=offline_access", "--username=alice", "--password=alice-password"]
+    careful, _ = build_request(parse_flags(base))
+    careless, _ = build_request(parse_flags([*base, "--insecure-skip-tls-verify"]))
+    assert careful.key != careless.key
+    seen: list[ProviderSettings] = []
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
+
+        async def client_for(settings: ProviderSettings) -> OIDCClient:
+            seen.append(settings)
+            return oidc
+
+        mgr = SessionManager(client_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
+                             SystemClock(), FAST)
+        try:
+            await mgr.get_token(careful, OPTIONS, Caller())
+            await mgr.get_token(careless, OPTIONS, Caller())
+            assert len(mgr.status()) == 2
+            seen.clear()
+            await mgr.get_token(careful, replace(OPTIONS, force_refresh=True), Caller())
+        finally:
+            await mgr.close(refresh_grace=5.0)
+    assert seen and not any(s.tls.insecure_skip_verify for s in seen)
+    stored = SessionStore(tmp_path).load()
+    assert not stored[careful.key].settings.tls.insecure_skip_verify
+    assert stored[careless.key].settings.tls.insecure_skip_verify
