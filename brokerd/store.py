@@ -8,8 +8,9 @@ Layout of the state dir (0700; every file 0600 from the moment it is created):
     sessions.bin.corrupt-<UTC stamp>  a store that could not be read, set aside rather than overwritten
 
 The AES-GCM associated data is ``MAGIC | version`` so a header edited to another version fails to decrypt.  The
-plaintext is JSON ``{"sessions": [{"key", "settings", "tokens"}, ...]}``; unknown fields are ignored so an older
-brokerd can read a newer plaintext layout, and a bad entry costs only that entry.
+plaintext is JSON ``{"sessions": [{"key", "settings", "tokens", "options"}, ...]}``; unknown fields are ignored so an
+older brokerd can read a newer plaintext layout, and a bad entry costs only that entry, on reading and on writing
+(each session is serialized on its own).
 
 Every write goes to a fresh temp file in the same directory (O_EXCL, 0600), is fsynced, renamed over the store and
 the directory is fsynced, so a SIGKILL or power loss leaves either the previous or the new generation.

@@ -333,9 +333,10 @@ async def test_close_lets_a_refresh_in_flight_land_and_saves_it(idp: TestProvide
     s = settings_for(idp)
     async with manager(tmp_path) as mgr:
         first = await mgr.get_token(s, OPTIONS, Caller())
+        applied = counter(idp, "faults_applied")
         idp.fault("token", "delay", seconds=1, grant_type="refresh_token")
         forced = asyncio.create_task(mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller()))
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: counter(idp, "faults_applied") > applied, 5, "the refresh to reach the provider")
     new = await forced
     assert new.refresh_token != first.refresh_token
     assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token == new.refresh_token
