@@ -18,6 +18,7 @@ from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
 from brokerd.flows import LoginFlows
+from brokerd.models import ProviderSettings
 from brokerd.oidc import OIDCClient
 from brokerd.server import Limits, Server, parse_request
 from brokerd.sessions import SessionManager
@@ -146,7 +147,10 @@ async def small_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock())
         callbacks = CallbackServer()
-        sessions = SessionManager(lambda _o: oidc, LoginFlows(callbacks, BrowserOpener({})), None, SystemClock())
+        async def client_for(_settings: ProviderSettings) -> OIDCClient:
+            return oidc
+
+        sessions = SessionManager(client_for, LoginFlows(callbacks, BrowserOpener({})), None, SystemClock())
         api = Server(sessions, limits)
         path = tmp_path / "s.sock"
         server = await asyncio.start_unix_server(api.handle, path=str(path), limit=limits.max_request)
