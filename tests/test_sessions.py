@@ -22,6 +22,7 @@ from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
 from brokerd.errors import (
     InvalidGrant,
+    LoginInterrupted,
     ProviderError,
     TokenEndpointError,
     TokenValidationError,
@@ -340,6 +341,40 @@ async def test_close_lets_a_refresh_in_flight_land_and_saves_it(idp: TestProvide
     new = await forced
     assert new.refresh_token != first.refresh_token
     assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token == new.refresh_token
+
+
+async def test_a_refresh_cancelled_in_flight_counts_as_spent(idp: TestProvider, tmp_path: Path) -> None:
+    """Issue 11 item 2: a shutdown that cannot wait any longer cancels the refresh; the provider may still process
+    it, so the token it carried must be neither saved nor sent again after the restart."""
+    s = settings_for(idp)
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
+
+        async def client_for(_settings: ProviderSettings) -> OIDCClient:
+            return oidc
+
+        mgr = SessionManager(client_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
+                             SystemClock(), FAST)
+        await mgr.start()
+        first = await mgr.get_token(s, OPTIONS, Caller())
+        before = idp.counters()
+        idp.fault("token", "delay", seconds=1.5, grant_type="refresh_token")
+        forced = asyncio.create_task(mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller()))
+        await wait_for(lambda: counter(idp, "faults_applied") > before["faults_applied"], 5, "the refresh to be sent")
+        await mgr.close(refresh_grace=0.1)
+        with pytest.raises(LoginInterrupted):  # its caller is told the daemon is shutting down
+            await forced
+    assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token is None
+    await wait_for(lambda: grants(idp, "refresh_token") > before["token_grants"]["refresh_token"], 5,
+                   "the provider to process the cancelled refresh")
+    async with manager(tmp_path) as mgr:
+        assert (await mgr.get_token(s, OPTIONS, Caller())).id_token == first.id_token  # still served
+        renewed = await mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller())  # the one login
+        await mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller())  # a refresh with the new token
+    after = idp.counters()
+    assert renewed.id_token != first.id_token
+    assert after["refresh_reuse_detected"] == 0 and after["token_grants"]["password"] - before["token_grants"][
+        "password"] == 1
 
 
 async def test_corrupt_store_is_moved_aside(idp: TestProvider, tmp_path: Path) -> None:
