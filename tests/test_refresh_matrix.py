@@ -11,6 +11,7 @@ logins use the password grant, so no browser is involved.
 
 from __future__ import annotations
 
+import resource
 import signal
 import subprocess
 import time
@@ -148,7 +149,8 @@ def test_during_the_save_after_the_answer(rig: Rig) -> None:
     rig.wait_for(lambda: rig.idp.counters()["faults_applied"] > rig.before["faults_applied"],
                  "the refresh to reach the provider")
     assert rig.daemon.proc is not None
-    subprocess.run(["prlimit", f"--pid={rig.daemon.proc.pid}", "--fsize=1:"], check=True)
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.prlimit(rig.daemon.proc.pid, resource.RLIMIT_FSIZE, (1, hard))  # Python ignores SIGXFSZ: EFBIG
     shim.communicate(timeout=60)
     rig.wait_for(lambda: rig.refresh_requests() > sent, "the provider to process the refresh")
     rig.daemon.kill()
