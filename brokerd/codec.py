@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from brokerd.models import ProviderSettings, Session, TLSOptions, TokenSet
@@ -40,6 +41,8 @@ def session_to_dict(session: Session) -> dict[str, Any]:
             "access_expires_at": t.access_expires_at,
             "claims": dict(t.claims),
         },
+        # How to reach the provider: part of the settings (and of the key when not the defaults); kept under
+        # "options", where brokerd wrote it before it was part of the settings.
         "options": {
             "ca_files": list(s.tls.ca_files),
             "ca_data": list(s.tls.ca_data),
@@ -79,7 +82,7 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         raise BadEntry("field 'scopes' must be a list of strings")
     if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
         raise BadEntry("field 'extra_params' must be a list of [name, value] string pairs")
-    tls, request_headers = _options(doc.get("options"))
+    tls, headers = _options(doc.get("options"))
     settings = ProviderSettings(
         issuer=_get(sd, "issuer", str),
         client_id=_get(sd, "client_id", str),
@@ -90,7 +93,7 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         redirect_url=_get(sd, "redirect_url", str, optional=True),
         username=_get(sd, "username", str, optional=True),
         tls=tls,
-        request_headers=request_headers,
+        request_headers=headers,
     )
     tokens = TokenSet(
         id_token=_get(td, "id_token", str),
@@ -103,7 +106,11 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
     )
     stored_key = _get(doc, "key", str)
     if settings.key.value != stored_key:
-        raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
+        # Written before the TLS options and request headers were part of the key: the same settings without
+        # them give the stored key; the session is filed under its key of today.
+        legacy = replace(settings, tls=TLSOptions(), request_headers=())
+        if legacy.key.value != stored_key:
+            raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
     return Session(key=settings.key, settings=settings, tokens=tokens)
 
 

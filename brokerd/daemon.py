@@ -139,6 +139,12 @@ class Daemon:
             browser = BrowserOpener(os.environ)
             stack.push_async_callback(browser.close)
             store = SessionStore(config.state_dir) if config.persist else None
+            # The watchdog pings until the sessions are closed (its cancel is pushed first, so it runs last):
+            # closing may wait for a refresh in flight for as long as a provider request takes.
+            watchdog = systemd.watchdog_interval(unset_environment=True)
+            if watchdog:
+                task = asyncio.create_task(systemd.watchdog_task(notifier, watchdog))
+                stack.push_async_callback(_cancel, task)
 
             flows = LoginFlows(callbacks, browser, listen_non_loopback=lambda: self.settings.listen_non_loopback)
             sessions = SessionManager(clients.client_for, flows, store, clock, lambda: self.settings.policy)
@@ -150,10 +156,6 @@ class Daemon:
             if notifier.enabled:
                 status = asyncio.create_task(_report_status(notifier, sessions))
                 stack.push_async_callback(_cancel, status)
-            watchdog = systemd.watchdog_interval(unset_environment=True)
-            if watchdog:
-                task = asyncio.create_task(systemd.watchdog_task(notifier, watchdog))
-                stack.push_async_callback(_cancel, task)
             log.info("serving on %s (%d session(s))", config.socket_path if not activated else "the systemd socket",
                      len(sessions))
             _notify(notifier.ready, f"serving {len(sessions)} session(s)")

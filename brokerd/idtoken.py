@@ -7,6 +7,7 @@ the rule that failed and never contains the token.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -28,6 +29,8 @@ _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 CLOCK_SKEW = 30.0
 # Anything larger than this is not an ID token we want to parse.
 MAX_TOKEN_LENGTH = 64 * 1024
+# Claim times beyond this (the year 5138) are nonsense, not times.
+MAX_TIME = 10**11
 
 
 def allowed_algs(advertised: Collection[str]) -> frozenset[str]:
@@ -101,7 +104,7 @@ def verify_signature(obj: jws.CompactSignature, keys: list[Key], alg: str) -> No
 def payload_claims(obj: jws.CompactSignature) -> dict[str, Any]:
     try:
         claims = json.loads(obj.payload)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TokenValidationError("ID token payload is not JSON") from exc
     if not isinstance(claims, dict):
         raise TokenValidationError("ID token payload is not a JSON object")
@@ -116,6 +119,11 @@ def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | 
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenValidationError(f"ID token '{name}' claim is not a number")
+    # A time: finite and within a sane range (NaN compares false with everything; a 400-digit int overflows).
+    if isinstance(value, int) and not 0 <= value <= MAX_TIME:
+        raise TokenValidationError(f"ID token '{name}' claim is not a plausible time")
+    if not (math.isfinite(value) and 0 <= value <= MAX_TIME):
+        raise TokenValidationError(f"ID token '{name}' claim is not a plausible time")
     return float(value)
 
 

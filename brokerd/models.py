@@ -23,6 +23,8 @@ def canonical_json(value: object) -> str:
 
 @dataclass(frozen=True)
 class TLSOptions:
+    """How to trust the provider (--certificate-authority(-data), --insecure-skip-tls-verify)."""
+
     ca_files: tuple[str, ...] = ()
     ca_data: tuple[str, ...] = field(default=(), repr=False)
     insecure_skip_verify: bool = False
@@ -40,8 +42,9 @@ class ProviderSettings:
     use_access_token: bool = False
     redirect_url: str | None = None
     username: str | None = None
-    # How to reach the provider (--certificate-authority(-data), --insecure-skip-tls-verify, --oidc-request-header).
-    tls: TLSOptions = TLSOptions()
+    # How to reach the provider.  Part of the session's identity: a caller with other TLS settings (say
+    # --insecure-skip-tls-verify) gets a session of its own and can never weaken another session's refreshes.
+    tls: TLSOptions = field(default_factory=TLSOptions)
     request_headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -55,7 +58,7 @@ class ProviderSettings:
         secret_hash = (
             hashlib.sha256(self.client_secret.encode()).hexdigest() if self.client_secret is not None else None
         )
-        doc = {
+        doc: dict[str, Any] = {
             "v": 1,
             "issuer": self.issuer,
             "client_id": self.client_id,
@@ -66,6 +69,12 @@ class ProviderSettings:
             "redirect_url": self.redirect_url,
             "username": self.username,
         }
+        # Only when not the defaults, so that the keys of sessions made before these were part of it stay valid.
+        if self.tls != TLSOptions():
+            doc["tls"] = {"ca_files": list(self.tls.ca_files), "ca_data": list(self.tls.ca_data),
+                          "insecure_skip_verify": self.tls.insecure_skip_verify}
+        if self.request_headers:
+            doc["request_headers"] = [list(h) for h in self.request_headers]
         return SessionKey(hashlib.sha256(canonical_json(doc).encode()).hexdigest())
 
 
@@ -92,15 +101,27 @@ class TokenSet:
     access_expires_at: float | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
 
-    def token_for(self, use_access_token: bool) -> str:
-        if use_access_token and self.access_token:
-            return self.access_token
-        return self.id_token
 
-    def serve_expiry(self, use_access_token: bool) -> float:
-        if use_access_token and self.access_expires_at is not None:
-            return self.access_expires_at
-        return self.expires_at
+@dataclass(frozen=True)
+class Served:
+    """Which token of a set a session hands to kubectl, decided once per session from its settings."""
+
+    access_token: bool
+
+    @classmethod
+    def by(cls, settings: ProviderSettings) -> Served:
+        return cls(access_token=settings.use_access_token)
+
+    def token(self, tokens: TokenSet) -> str:
+        if self.access_token and tokens.access_token:
+            return tokens.access_token
+        return tokens.id_token
+
+    def expiry(self, tokens: TokenSet) -> float:
+        """The real expiry of the served token (ID token ``exp`` normally)."""
+        if self.access_token and tokens.access_expires_at is not None:
+            return tokens.access_expires_at
+        return tokens.expires_at
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
@@ -39,7 +39,8 @@ from .errors import (
 from .models import STATUS_CLAIMS, ProviderSettings, TokenSet
 from .oidc_wire import ProviderMetadata, origin, parse_token_response, safe_text
 
-__all__ = ["AuthRequest", "DeviceAuthorization", "OIDCClient", "ProviderMetadata"]
+__all__ = ["AuthRequest", "ClientFactory", "DeviceAuthorization", "OIDCClient", "ProviderMetadata",
+           "RefreshAnswer"]
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # Authorization parameters that carry brokerd's own security state; extra params must not replace them.
@@ -52,6 +53,28 @@ MAX_BODY = 1024 * 1024
 # When a token response has no expires_in and no ID token (client credentials), assume a short life.
 FALLBACK_LIFETIME = 300.0
 JWKS_REFETCH_INTERVAL = 60.0
+# expires_in beyond this is not a lifetime but nonsense (or an attempt to make us keep a token for ever).
+MAX_EXPIRES_IN = 366 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class RefreshAnswer:
+    """A token endpoint's 200 answer to a refresh, not yet verified.  ``refresh_token`` is the one to use from now
+    on: the rotated one, or the one sent when the provider does not rotate."""
+
+    doc: Mapping[str, Any] = field(repr=False)
+    refresh_token: str = field(repr=False)
+
+
+def lifetime(value: Any) -> float | None:
+    """A provider's ``expires_in`` as seconds, or None when absent or not a sane positive number (a bool, NaN,
+    infinity, a 400-digit integer, more than a year)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not 0 < value <= MAX_EXPIRES_IN:
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and 0 < seconds <= MAX_EXPIRES_IN else None
 
 
 @dataclass(frozen=True)
@@ -146,7 +169,7 @@ class OIDCClient:
             raise DiscoveryError(f"{what} at {origin(url)} answered HTTP {status}")
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeError) as exc:
+        except (ValueError, UnicodeError, RecursionError) as exc:
             raise DiscoveryError(f"{what} at {origin(url)} is not JSON") from exc
         if not isinstance(doc, dict):
             raise DiscoveryError(f"{what} at {origin(url)} is not a JSON object")
@@ -245,8 +268,8 @@ class OIDCClient:
         access = doc.get("access_token")
         if not isinstance(access, str) or not access:
             raise ProviderError(f"token response from {origin(settings.issuer)} has no access_token")
-        expires_in = doc.get("expires_in")
-        access_exp = now + float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None
+        expires_in = lifetime(doc.get("expires_in"))
+        access_exp = now + expires_in if expires_in is not None else None
         refresh = doc.get("refresh_token")
         refresh_token = refresh if isinstance(refresh, str) and refresh else None
         if refresh_token is None and previous is not None:
@@ -321,16 +344,30 @@ class OIDCClient:
         return await self._token_set(settings, doc, nonce=auth.nonce)
 
     async def refresh(self, settings: ProviderSettings, tokens: TokenSet) -> TokenSet:
-        """Use the refresh token once.  Raises ``InvalidGrant`` when the grant is dead, including the case where
-        the provider returns no new ID token and the old one has expired (``error == "no_id_token"``): both mean
-        "log in again".  The caller must persist the returned set before anything else uses the session, because
-        the old refresh token is now spent (rotation)."""
+        """Use the refresh token once and verify the answer (both steps below; for callers that need not tell
+        them apart).  The session machinery calls the two steps itself: see ``brokerd.session``."""
+        answer = await self.refresh_grant(settings, tokens)
+        return await self.refreshed_tokens(settings, answer, tokens)
+
+    async def refresh_grant(self, settings: ProviderSettings, tokens: TokenSet) -> RefreshAnswer:
+        """Send the refresh token (once) and return the provider's 200 answer, unverified.
+
+        From the moment this returns, the old refresh token may be spent (rotation): the caller must adopt
+        ``RefreshAnswer.refresh_token`` before anything else can fail."""
         if not tokens.refresh_token:
             raise InvalidGrant("no refresh token to use", error="no_refresh_token")
         meta = await self.metadata(settings.issuer)
         form = {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token}
         doc = await self._post_form(settings, meta, meta.token_endpoint, form, "token endpoint")
-        return await self._token_set(settings, doc, nonce=None, previous=tokens)
+        new = doc.get("refresh_token")
+        return RefreshAnswer(doc=doc, refresh_token=new if isinstance(new, str) and new else tokens.refresh_token)
+
+    async def refreshed_tokens(self, settings: ProviderSettings, answer: RefreshAnswer,
+                               previous: TokenSet) -> TokenSet:
+        """Verify a refresh answer into a token set.  Raises ``InvalidGrant`` (``error == "no_id_token"``) when
+        the provider returned no new ID token and the old one has expired (kubelogin #536): "log in again"."""
+        return await self._token_set(settings, answer.doc, nonce=None,
+                                     previous=replace(previous, refresh_token=answer.refresh_token))
 
     async def revoke(self, settings: ProviderSettings, token: str, token_type_hint: str = "refresh_token") -> bool:
         """RFC 7009.  False when the provider has no revocation endpoint; errors raise ``TokenEndpointError``."""

@@ -79,7 +79,7 @@ def parse_token_response(status: int, content_type: str, body: bytes, where: str
     if body.strip():
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeError):
+        except (ValueError, UnicodeError, RecursionError):  # deeply nested JSON is RecursionError
             doc = None
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
         code = doc["error"]

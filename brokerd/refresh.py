@@ -27,29 +27,29 @@ class Policy:
     retry_max: float = 60.0
 
 
-def _life(tokens: TokenSet, use_access_token: bool) -> float:
-    return max(0.0, tokens.serve_expiry(use_access_token) - tokens.issued_at)
+def _life(issued_at: float, expiry: float) -> float:
+    return max(0.0, expiry - issued_at)
 
 
-def margin(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
-    return min(policy.serve_margin, _life(tokens, use_access_token) * 0.1)
+def margin(policy: Policy, issued_at: float, expiry: float) -> float:
+    return min(policy.serve_margin, _life(issued_at, expiry) * 0.1)
 
 
-def serve_until(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
-    """The expirationTimestamp given to kubectl, and the moment the daemon stops serving this token: a little
-    before the real exp, because kube-apiserver allows no leeway.  Whole seconds, as RFC 3339 in the
-    ExecCredential says it: the daemon must not serve a token whose stated expiry has already passed."""
-    return float(math.floor(tokens.serve_expiry(use_access_token) - margin(policy, tokens, use_access_token)))
+def serve_until(policy: Policy, issued_at: float, expiry: float) -> float:
+    """The expirationTimestamp given to kubectl, and the moment the daemon stops serving a token issued at
+    ``issued_at`` that expires at ``expiry``: a little before the real exp, because kube-apiserver allows no
+    leeway.  Whole seconds, as RFC 3339 in the ExecCredential says it: the daemon must not serve a token whose
+    stated expiry has already passed."""
+    return float(math.floor(expiry - margin(policy, issued_at, expiry)))
 
 
-def refresh_due(policy: Policy, tokens: TokenSet, use_access_token: bool = False) -> float:
+def refresh_due(policy: Policy, issued_at: float, expiry: float) -> float:
     """When the background refresh runs: at ``refresh_ratio`` of the served token's life, at the latest
     ``refresh_lead`` before its exp, but never in the first half of its life.  That floor decides for short
     lifetimes (tests, strict providers): a 10 s token is refreshed after 5 s, not 50 s before it was issued."""
-    life = _life(tokens, use_access_token)
-    expiry = tokens.serve_expiry(use_access_token)
-    due = min(tokens.issued_at + life * policy.refresh_ratio, expiry - policy.refresh_lead)
-    return max(due, tokens.issued_at + life * 0.5)
+    life = _life(issued_at, expiry)
+    due = min(issued_at + life * policy.refresh_ratio, expiry - policy.refresh_lead)
+    return max(due, issued_at + life * 0.5)
 
 
 def refresh_token_lost(exc: BaseException) -> bool:
@@ -71,13 +71,25 @@ def refresh_token_lost(exc: BaseException) -> bool:
     return True
 
 
+def answered_refresh_unusable(exc: BaseException) -> bool:
+    """After the provider answered a refresh with 200 and its new refresh token was adopted: does ``exc``, raised
+    while turning the answer into a session (ID token verification, the JWKS fetch), make the session's refresh
+    token unusable?
+
+    The adopted token was never sent, so no network failure can have spent it: a JWKS that cannot be reached is
+    transient, and the next attempt sends the new token.  An ID token that fails verification (or no ID token when
+    the old one expired: ``InvalidGrant``) is not cured by asking again: drop it, and log in once.
+    """
+    return not isinstance(exc, ProviderError) or isinstance(exc, InvalidGrant)
+
+
 def describe(key: SessionKey, settings: ProviderSettings, tokens: TokenSet | None, now: float, *,
-             next_refresh_at: float | None, retrying: bool = False, login_pending: bool = False) -> dict[str, Any]:
+             expires_at: float | None, next_refresh_at: float | None, retrying: bool = False,
+             login_pending: bool = False) -> dict[str, Any]:
     """One session for ``brokerd status``: who, until when, what happens next.  Never a token value."""
     claims = dict(tokens.claims) if tokens is not None else {}
     sub = claims.get("sub")
     groups = claims.get("groups")
-    expires_at = tokens.serve_expiry(settings.use_access_token) if tokens is not None else None
     return {
         "session": key.short(),
         "issuer": settings.issuer,

@@ -319,8 +319,7 @@ class Server:
             options = replace(options, browser_command=None)
         with telling(caller.tell, options.verbosity):  # -v: this caller sees the log lines of its own request
             tokens = await self._sessions.get_token(settings, options, caller)
-        token = tokens.token_for(settings.use_access_token)
-        expiry = self._sessions.serve_expiry(tokens, settings.use_access_token)
+        token, expiry = self._sessions.credential(settings, tokens)
         return execcred.render(caller.exec_info.api_version, token, expiry)
 
     async def _version(self, request: Request, caller: ShimCaller) -> str:

@@ -1,28 +1,18 @@
 """The use case: hand out a valid token for a session, renewing it at most once at a time.
 
-Single flight.  For each session (keyed by ProviderSettings.key) there is at most one renewal task, a refresh or a
-login, and every caller that needs a token meanwhile waits on that same task.  The task belongs to the manager, not
-to a caller: a caller that gives up does not cancel a login others wait for, or that the person is still finishing
-in the browser.
+``SessionManager`` keeps the map of sessions (``brokerd.session.LiveSession``, keyed by ``ProviderSettings.key``)
+and the store; each session owns its renewal (single flight: a refresh or a login, shared by every caller that waits
+meanwhile, owned by the session rather than by a caller) and its refresh-ahead timer.  What happens when a refresh
+fails is decided in ``LiveSession._refresh_failed``; the write-ahead save that keeps a refresh token from ever being
+sent twice is ``SessionManager.save(strict=True)``, called by the session before it sends one.
 
-Ahead of time.  A timer per session refreshes in the background at ``refresh.refresh_due`` (80% of the served
-token's life, at the latest 60 s before exp, never in the first half of the life), so callers are served from
-cache.  When that refresh fails with a transient error it is retried with exponential back-off
-(``retry_initial`` .. ``retry_max``) until the token stops being served; a failure streak logs one warning, the
-retries log at debug.  Meanwhile a caller is served the cached token while it is valid; a caller that arrives
-after it has expired starts (or joins) one renewal of its own, which may log in.
+Ahead of time.  A session's timer refreshes in the background at ``refresh.refresh_due`` (80% of the served token's
+life, at the latest 60 s before exp, never in the first half of the life), so callers are served from cache.  A
+transient failure is retried with exponential back-off (``retry_initial`` .. ``retry_max``) until the token stops
+being served; a failure streak logs one warning, the retries log at debug.
 
-Rotation.  A refresh token is never sent twice.  New tokens are written to the store (fsynced) before the session
-in memory points at them, so nothing uses a rotated session whose refresh token is not on disk.  When a refresh
-fails, ``refresh.refresh_token_lost`` decides whether the provider may have processed it: only a request that
-never left (connection refused, connect timeout: ``ProviderError.maybe_delivered`` is False) or one the provider
-answered with an error status leaves the refresh token usable; a timeout or a dropped connection after sending,
-an unusable 2xx answer, or invalid_grant drops it.  The ID token is then still served until it expires, and the
-next caller after that logs in once.  A refresh that returns no new ID token (kubelogin #536) keeps the old one
-and stops the timer (refreshing again cannot extend it); one that returns no new refresh token keeps the old one.
-
-A login is never retried in a loop: a renewal logs in at most once, and after a failed login non-interactive
-callers are refused for ``login_retry_interval`` instead of opening the browser again.
+Entries for logins that failed (no tokens) are pruned: at most ``MAX_IDLE`` are kept, and none longer than the
+login retry interval they exist to enforce.
 """
 
 from __future__ import annotations
@@ -30,26 +20,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from brokerd.clock import Clock
-from brokerd.errors import BrokerError, LoginError, LoginInterrupted, LoginPending, StoreError
+from brokerd.errors import BrokerError, StoreError
 from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Session, SessionKey, TokenSet
 from brokerd.oidc import ClientFactory, OIDCClient
-from brokerd.refresh import Policy, describe, margin, refresh_due, refresh_token_lost, serve_until
+from brokerd.refresh import Policy, describe
+from brokerd.session import LiveSession
 
-__all__ = ["Policy", "SessionManager", "Store", "margin", "refresh_due"]
+__all__ = ["Policy", "SessionManager", "Store"]
 
 log = logging.getLogger("brokerd.sessions")
 
-CALLER_GRACE = 2.0
-
-MAX_RETRIES = 100  # background refresh attempts per token; the back-off reaches exp long before this
 LOGOUT_REFRESH_WAIT = 10.0  # logout lets a refresh in flight land, so it revokes the newest refresh token
+# Shutdown lets a refresh in flight end on its own: longer than a provider request may take (ProviderClients'
+# 30 s), within the unit's TimeoutStopSec.  A refresh cancelled after this counts as spent anyway.
+CLOSE_REFRESH_WAIT = 35.0
+MAX_IDLE = 64  # entries of failed logins kept (they carry the login retry throttle)
 
 
 class Store(Protocol):
@@ -57,51 +47,23 @@ class Store(Protocol):
     def save(self, sessions: Mapping[SessionKey, Session]) -> None: ...
 
 
-@dataclass
-class _Renewal:
-    task: asyncio.Task[TokenSet]
-    allow_login: bool
-    logging_in: bool = False
-    messages: list[str] = field(default_factory=list)
-    callers: set[Caller] = field(default_factory=set)
-
-    def announce(self, text: str) -> None:
-        self.messages.append(text)
-        for caller in list(self.callers):
-            caller.tell(text)
-
-    def join(self, caller: Caller) -> None:
-        self.callers.add(caller)
-        for text in self.messages:
-            caller.tell(text)
-
-
-@dataclass
-class _Entry:
-    settings: ProviderSettings
-    tokens: TokenSet | None = None
-    renewal: _Renewal | None = None
-    timer: asyncio.Task[None] | None = None
-    next_refresh_at: float | None = None
-    retrying: bool = False
-    closed: bool = False  # logged out: nothing may schedule work on it any more
-    login_failed_at: float | None = None
-    login_failure: str = ""
-
-
 class SessionManager:
-    def __init__(self, client_for: ClientFactory, flows: LoginFlows, store: Store | None,
-                 clock: Clock, policy: Policy | Callable[[], Policy] | None = None) -> None:
+    def __init__(self, client_for: ClientFactory, flows: LoginFlows, store: Store | None, clock: Clock,
+                 policy: Policy | Callable[[], Policy] | None = None) -> None:
         self._client_for = client_for
-        self._flows = flows
+        self.flows = flows
         self._store = store
-        self._clock = clock
+        self.clock = clock
         # A getter follows the daemon's settings (SIGHUP swaps them whole); a Policy stays as it is.
         fixed = policy or Policy()
         self._policy: Callable[[], Policy] = fixed if callable(fixed) else lambda: fixed
-        self._entries: dict[SessionKey, _Entry] = {}
+        self._sessions: dict[SessionKey, LiveSession] = {}
         self._save_lock = asyncio.Lock()
-        self._closing = False
+        self.closing = False
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -109,325 +71,160 @@ class SessionManager:
         if self._store is None:
             return
         try:
-            sessions = await asyncio.to_thread(self._store.load)
+            stored = await asyncio.to_thread(self._store.load)
         except StoreError as exc:
             log.error("sessions not loaded, starting empty: %s", exc)
             return
-        for key, session in sessions.items():
-            entry = _Entry(settings=session.settings, tokens=session.tokens)
-            self._entries[key] = entry
-            self._schedule(entry)
-        log.info("loaded %d session(s) from the store", len(sessions))
+        for key, persisted in stored.items():
+            session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
+            session.schedule()
+        log.info("loaded %d session(s) from the store", len(stored))
 
     def interrupt_logins(self) -> None:
         """Stop pending logins (shutdown): their callers get LoginInterrupted now rather than hanging."""
-        self._closing = True
-        for entry in self._entries.values():
-            if entry.renewal is not None and entry.renewal.logging_in:
-                entry.renewal.task.cancel()
+        self.closing = True
+        for session in self._sessions.values():
+            if session.renewal is not None and session.renewal.logging_in:
+                session.renewal.running.cancel()
 
-    async def close(self, refresh_grace: float = 10.0) -> None:
+    async def close(self, refresh_grace: float = CLOSE_REFRESH_WAIT) -> None:
         self.interrupt_logins()
         tasks: list[asyncio.Task[Any]] = []
-        for entry in self._entries.values():
-            if entry.timer is not None:
-                entry.timer.cancel()
-                tasks.append(entry.timer)
-            if entry.renewal is not None and not entry.renewal.task.done():
-                tasks.append(entry.renewal.task)
+        for session in self._sessions.values():
+            if session.timer is not None:
+                session.timer.cancel()
+                tasks.append(session.timer)
+            if session.renewal is not None and not session.renewal.running.done():
+                tasks.append(session.renewal.running)
         # A refresh in flight may already have rotated the refresh token at the provider: let it land and be
-        # saved rather than cancel it and lose the new one.  Bounded: the HTTP request has its own timeout.
+        # saved.  One that does not end in time is cancelled, and a cancelled refresh counts as spent.
         if tasks:
             await asyncio.wait(tasks, timeout=refresh_grace)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, BrokerError):
                 await task
-        await self._save()
-
-    @property
-    def policy(self) -> Policy:
-        return self._policy()
+        await self.save()
 
     def __len__(self) -> int:
-        return sum(1 for e in self._entries.values() if e.tokens is not None)
+        return sum(1 for s in self._sessions.values() if s.tokens is not None)
+
+    @property
+    def entries(self) -> int:
+        """Sessions in memory, with or without tokens."""
+        return len(self._sessions)
 
     # -- the use case ---------------------------------------------------------------------------------------------
 
-    def _servable(self, tokens: TokenSet | None, use_access_token: bool) -> bool:
-        if tokens is None or not tokens.token_for(use_access_token):
-            return False
-        return self._clock.now() < serve_until(self.policy, tokens, use_access_token)
-
-    def serve_expiry(self, tokens: TokenSet, use_access_token: bool) -> float:
-        """The expirationTimestamp to give kubectl: a little before the real exp (kube-apiserver allows no leeway)."""
-        return serve_until(self.policy, tokens, use_access_token)
+    async def client_for(self, settings: ProviderSettings) -> OIDCClient:
+        return await self._client_for(settings)
 
     async def get_token(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
-        key = settings.key
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry(settings=settings)
-        # Remembered for background refreshes (TLS, headers); --force-refresh is this caller's wish only.
-        if entry.settings != settings:
-            entry.settings = settings
-        force = options.force_refresh
-        # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
-        for _ in range(2):
-            if not force and self._servable(entry.tokens, settings.use_access_token):
-                assert entry.tokens is not None
-                return entry.tokens
-            renewal = entry.renewal
-            if renewal is None or renewal.task.done():
-                renewal = self._start_renewal(entry, options, caller, allow_login=True, force=force)
-            force = False
-            renewal.join(caller)
-            try:
-                # A little longer than the login's own deadline, so the caller hears why it ended ("no login was
-                # completed within N s") rather than that it is still pending.
-                tokens = await asyncio.wait_for(asyncio.shield(renewal.task),
-                                                options.authentication_timeout + CALLER_GRACE)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if renewal.task.cancelled() and not (task is not None and task.cancelling()):
-                    raise LoginInterrupted("the login was interrupted: " + (
-                        "brokerd is shutting down" if self._closing else "the session was logged out")) from None
-                raise
-            except TimeoutError:
-                raise LoginPending("a login for this cluster is still waiting in your browser; finish it there, "
-                                   "then run the command again") from None
-            except BrokerError:
-                if renewal.allow_login:
-                    raise
-                continue
-            finally:
-                renewal.callers.discard(caller)
-            if self._servable(tokens, settings.use_access_token):
-                return tokens
-            if renewal.allow_login:
-                raise LoginError("the provider issued a token that is already expired; check the clock on this "
-                                 "machine and the provider's token lifetime")
-        raise LoginError("could not renew the session")
+        session = self._sessions.get(settings.key)
+        if session is None:
+            self._prune()
+            session = self._sessions[settings.key] = LiveSession(self, settings)
+        return await session.get(options, caller)
 
-    def _start_renewal(self, entry: _Entry, options: LoginOptions, caller: Caller | None, *, allow_login: bool,
-                       force: bool = False) -> _Renewal:
-        holder: list[_Renewal] = []
-        task = asyncio.create_task(self._renew(entry, options, caller, allow_login, force, holder))
-        renewal = _Renewal(task=task, allow_login=allow_login)
-        holder.append(renewal)
-        entry.renewal = renewal
-        task.add_done_callback(lambda t: self._renewal_done(entry, renewal, t))
-        return renewal
+    def credential(self, settings: ProviderSettings, tokens: TokenSet) -> tuple[str, float]:
+        """The token kubectl gets from ``tokens`` and its expirationTimestamp, as the session serves them."""
+        session = self._sessions.get(settings.key) or LiveSession(self, settings)
+        return session.credential(tokens)
 
-    @staticmethod
-    def _renewal_done(entry: _Entry, renewal: _Renewal, task: asyncio.Task[TokenSet]) -> None:
-        if entry.renewal is renewal:
-            entry.renewal = None
-        if not task.cancelled():
-            task.exception()  # marks it retrieved: every waiter got it already, or nobody waits
-
-    async def _renew(self, entry: _Entry, options: LoginOptions, caller: Caller | None, allow_login: bool,
-                     force: bool, holder: list[_Renewal]) -> TokenSet:
-        oidc = await self._client_for(entry.settings)
-        tokens = entry.tokens
-        if tokens is not None and tokens.refresh_token:
-            # Discovery first, on its own: a failure here certainly sent nothing, so the refresh token stays.
-            await oidc.metadata(entry.settings.issuer)
-            try:
-                return await self._refresh(entry, oidc, tokens)
-            except BrokerError as exc:
-                if not refresh_token_lost(exc):
-                    # Transient and unspent: keep the session as it is; the caller or the timer tries again.
-                    if not force and self._servable(tokens, entry.settings.use_access_token):
-                        return tokens
-                    raise
-                await self._drop_refresh_token(entry, tokens, exc)
-                if not allow_login or caller is None:
-                    raise
-        if not allow_login or caller is None:
-            raise LoginError("the session has no refresh token; a login is needed")
-        return await self._login(entry, oidc, options, caller, holder[0])
-
-    async def _drop_refresh_token(self, entry: _Entry, tokens: TokenSet, exc: BrokerError) -> None:
-        log.warning("session %s: dropped the refresh token (%s); the ID token is served until it expires, then "
-                    "the next call logs in", entry.settings.key.short(), exc)
-        await self._save(entry, replace(tokens, refresh_token=None))
-        self._cancel_timer(entry)
-
-    async def _refresh(self, entry: _Entry, oidc: OIDCClient, tokens: TokenSet) -> TokenSet:
-        new = await oidc.refresh(entry.settings, tokens)
-        await self._save(entry, new)  # on disk before anything can use the session with the new refresh token
-        use_access = entry.settings.use_access_token
-        if new.serve_expiry(use_access) <= tokens.serve_expiry(use_access):
-            # No new ID token (kubelogin #536), or one no longer-lived: refreshing ahead again cannot extend it.
-            # The next caller after its exp renews (a refresh, else one login).
-            log.info("session %s refreshed but its token was not extended; it stays valid until %s",
-                     entry.settings.key.short(), _fmt(new.serve_expiry(use_access)))
-            self._cancel_timer(entry)
-        else:
-            log.info("session %s refreshed; token valid until %s", entry.settings.key.short(),
-                     _fmt(new.serve_expiry(use_access)))
-            self._schedule(entry)
-        return new
-
-    async def _login(self, entry: _Entry, oidc: OIDCClient, options: LoginOptions, caller: Caller,
-                     renewal: _Renewal) -> TokenSet:
-        failed_at = entry.login_failed_at
-        if (failed_at is not None and not caller.interactive and not options.force_refresh
-                and self._clock.now() - failed_at < self.policy.login_retry_interval):
-            wait = self.policy.login_retry_interval - (self._clock.now() - failed_at)
-            raise LoginPending(f"the last login attempt failed ({entry.login_failure}); not opening the browser "
-                               f"again for {wait:.0f} s (run kubectl in a terminal to retry now)")
-        renewal.logging_in = True
-        try:
-            tokens = await self._flows.login(oidc, entry.settings, options, caller, renewal.announce)
-        except asyncio.CancelledError:
-            raise
-        except BrokerError as exc:
-            entry.login_failed_at = self._clock.now()
-            entry.login_failure = str(exc)
-            raise
-        entry.login_failed_at = None
-        await self._save(entry, tokens)
-        log.info("session %s logged in; token valid until %s", entry.settings.key.short(),
-                 _fmt(tokens.serve_expiry(entry.settings.use_access_token)))
-        self._schedule(entry)
-        return tokens
-
-    # -- ahead-of-time refresh ------------------------------------------------------------------------------------
-
-    def _cancel_timer(self, entry: _Entry) -> None:
-        if entry.timer is not None and entry.timer is not asyncio.current_task():
-            entry.timer.cancel()
-        entry.timer = None
-        entry.next_refresh_at = None
-        entry.retrying = False
-
-    def _schedule(self, entry: _Entry) -> None:
-        self._cancel_timer(entry)
-        if self._closing or entry.closed or entry.tokens is None or not entry.tokens.refresh_token:
-            return
-        entry.next_refresh_at = refresh_due(self.policy, entry.tokens, entry.settings.use_access_token)
-        entry.timer = asyncio.create_task(self._refresh_ahead(entry, entry.tokens))
-
-    async def _refresh_ahead(self, entry: _Entry, tokens: TokenSet) -> None:
-        assert entry.next_refresh_at is not None
-        await self._clock.sleep(entry.next_refresh_at - self._clock.now())
-        short = entry.settings.key.short()
-        until = serve_until(self.policy, tokens, entry.settings.use_access_token)
-        delay = self.policy.retry_initial
-        for attempt in range(1, MAX_RETRIES + 1):
-            if entry.tokens is not tokens or entry.closed:
-                return  # renewed meanwhile; that renewal scheduled the next timer
-            renewal = entry.renewal
-            if renewal is None or renewal.task.done():
-                renewal = self._start_renewal(entry, LoginOptions(), None, allow_login=False, force=True)
-            try:
-                await asyncio.shield(renewal.task)
-                return
-            except BrokerError as exc:
-                if entry.tokens is not tokens or entry.tokens is None or not entry.tokens.refresh_token:
-                    return  # the refresh token was dropped (and that was logged), or another renewal won
-                # One warning per failure streak; the retries go to debug so a dead provider does not flood logs.
-                if attempt == 1:
-                    log.warning("session %s: background refresh failed (%s); retrying with back-off until the "
-                                "token expires at %s", short, exc, _fmt(until))
-                else:
-                    log.debug("session %s: background refresh attempt %d failed: %s", short, attempt, exc)
-            remaining = until - self._clock.now()
-            if remaining <= 0:
-                log.debug("session %s: no refresh before the token expired; the next call renews", short)
-                entry.next_refresh_at, entry.retrying = None, False
-                return
-            wait = min(delay, remaining)
-            entry.next_refresh_at, entry.retrying = self._clock.now() + wait, True
-            await self._clock.sleep(wait)
-            delay = min(delay * 2, self.policy.retry_max)
+    def _prune(self) -> None:
+        idle = [(key, s) for key, s in self._sessions.items() if s.idle]
+        now = self.clock.now()
+        for key, session in idle:
+            failed = session.login_failed_at
+            if failed is None or now - failed >= self.policy.login_retry_interval:
+                del self._sessions[key]
+        idle = [(key, s) for key, s in idle if key in self._sessions]
+        idle.sort(key=lambda item: item[1].login_failed_at or 0.0)
+        for key, _ in idle[:max(0, len(idle) - MAX_IDLE + 1)]:
+            del self._sessions[key]
 
     # -- persistence ----------------------------------------------------------------------------------------------
 
-    async def _save(self, entry: _Entry | None = None, tokens: TokenSet | None = None) -> None:
-        """Persist every session, with ``entry`` holding ``tokens``, then point ``entry`` at them.
+    async def save(self, *, strict: bool = False) -> None:
+        """Persist every session as it stands now (``LiveSession.stored``: never a refresh token in flight).
 
-        The snapshot is taken under the lock, so saves land in order and an older snapshot never overwrites a
-        newer one.  The write is not abandoned half way when the task is cancelled (logout, shutdown): the
-        provider may already have rotated the refresh token being written.
+        Snapshots are taken under the lock, so saves land in order and an older snapshot never overwrites a newer
+        one.  A write cannot be abandoned half way: a caller that is cancelled leaves it (and the lock) to finish.
+        A failure is logged and the daemon serves on from memory; with ``strict`` it is raised as well.
         """
-        cancelled = False
-        async with self._save_lock:
-            if self._store is not None:
-                snapshot = {key: Session(key, e.settings, e.tokens) for key, e in self._entries.items()
-                            if e.tokens is not None}
-                if entry is not None and tokens is not None and self._entries.get(entry.settings.key) is entry:
-                    snapshot[entry.settings.key] = Session(entry.settings.key, entry.settings, tokens)
-                write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
-                for _ in range(1000):  # bounded by the write finishing; a cancel only defers
-                    try:
-                        await asyncio.shield(write)
-                        break
-                    except asyncio.CancelledError:
-                        cancelled = True
-                        if write.done():
-                            break
-                try:
-                    write.result()
-                except StoreError as exc:
-                    # Keep serving from memory: losing persistence is bad, losing the running session is worse.
-                    log.error("sessions not saved: %s", exc)
-            if entry is not None and tokens is not None:
-                entry.tokens = tokens
-        if cancelled:
-            raise asyncio.CancelledError
+        if self._store is None:
+            return
+        await self._save_lock.acquire()
+        try:
+            snapshot = {key: Session(key, s.settings, tokens) for key, s in self._sessions.items()
+                        if (tokens := s.stored()) is not None}
+            write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
+        except BaseException:
+            self._save_lock.release()
+            raise
+        write.add_done_callback(self._saved)
+        try:
+            await asyncio.shield(write)
+        except StoreError:
+            if strict:
+                raise
+        except Exception as exc:  # a surprise from the store is still a failed save, never a lost session
+            if strict:
+                raise StoreError(f"sessions not saved ({type(exc).__name__})") from exc
+
+    def _saved(self, write: asyncio.Future[None]) -> None:
+        self._save_lock.release()
+        exc = write.exception()
+        if exc is not None:
+            # Keep serving from memory: losing persistence is bad, losing the running session is worse.
+            log.error("sessions not saved: %s", exc if isinstance(exc, StoreError) else type(exc).__name__)
 
     # -- admin ----------------------------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
         out = []
-        now = self._clock.now()
-        for key, entry in sorted(self._entries.items()):
-            if entry.tokens is None and entry.renewal is None:
+        now = self.clock.now()
+        for key, s in sorted(self._sessions.items()):
+            if s.tokens is None and s.renewal is None:
                 continue
-            out.append(describe(key, entry.settings, entry.tokens, now, next_refresh_at=entry.next_refresh_at,
-                                retrying=entry.retrying,
-                                login_pending=entry.renewal is not None and entry.renewal.logging_in))
+            out.append(describe(key, s.settings, s.tokens, now,
+                                expires_at=s.served.expiry(s.tokens) if s.tokens is not None else None,
+                                next_refresh_at=s.next_refresh_at, retrying=s.retrying,
+                                login_pending=s.renewal is not None and s.renewal.logging_in))
         return out
 
     async def logout(self, issuer: str | None = None, client_id: str | None = None) -> list[dict[str, Any]]:
         """End the matching sessions: revoke the refresh token (RFC 7009), forget them in memory and on disk."""
-        ended = [(key, entry) for key, entry in self._entries.items()
-                 if (issuer is None or entry.settings.issuer == issuer)
-                 and (client_id is None or entry.settings.client_id == client_id)]
-        for key, entry in ended:
+        ended = [(key, s) for key, s in self._sessions.items()
+                 if (issuer is None or s.settings.issuer == issuer)
+                 and (client_id is None or s.settings.client_id == client_id)]
+        for key, session in ended:
             # Out of the table first: a caller arriving now starts a fresh session instead of reviving this one.
-            del self._entries[key]
-            entry.closed = True
-            self._cancel_timer(entry)
+            del self._sessions[key]
+            session.closed = True
+            session.cancel_timer()
         results = []
-        for key, entry in ended:
-            renewal = entry.renewal
-            if renewal is not None and not renewal.task.done():
+        for key, session in ended:
+            renewal = session.renewal
+            if renewal is not None and not renewal.running.done():
                 if not renewal.logging_in:
                     # A refresh in flight may rotate the token: let it land so the newest one is revoked.
-                    await asyncio.wait({renewal.task}, timeout=LOGOUT_REFRESH_WAIT)
-                renewal.task.cancel()
-            results.append({"session": key.short(), "issuer": entry.settings.issuer,
-                            "client_id": entry.settings.client_id, "result": await self._revoke(entry)})
-        await self._save()
+                    await asyncio.wait({renewal.running}, timeout=LOGOUT_REFRESH_WAIT)
+                renewal.running.cancel()
+            results.append({"session": key.short(), "issuer": session.settings.issuer,
+                            "client_id": session.settings.client_id, "result": await self._revoke(session)})
+        await self.save()
         return results
 
-    async def _revoke(self, entry: _Entry) -> str:
-        tokens = entry.tokens
+    async def _revoke(self, session: LiveSession) -> str:
+        tokens = session.tokens
         if tokens is None or not tokens.refresh_token:
             return "no refresh token to revoke; session forgotten"
         try:
-            ok = await (await self._client_for(entry.settings)).revoke(entry.settings, tokens.refresh_token)
+            ok = await (await self.client_for(session.settings)).revoke(session.settings, tokens.refresh_token)
         except BrokerError as exc:
-            log.warning("session %s: revocation failed: %s", entry.settings.key.short(), exc)
+            log.warning("session %s: revocation failed: %s", session.short, exc)
             return f"revocation failed ({exc}); session forgotten"
         if ok:
             return "refresh token revoked; session forgotten"
         return "the provider has no revocation endpoint; session forgotten"
-
-
-def _fmt(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))

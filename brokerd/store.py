@@ -8,8 +8,9 @@ Layout of the state dir (0700; every file 0600 from the moment it is created):
     sessions.bin.corrupt-<UTC stamp>  a store that could not be read, set aside rather than overwritten
 
 The AES-GCM associated data is ``MAGIC | version`` so a header edited to another version fails to decrypt.  The
-plaintext is JSON ``{"sessions": [{"key", "settings", "tokens"}, ...]}``; unknown fields are ignored so an older
-brokerd can read a newer plaintext layout, and a bad entry costs only that entry.
+plaintext is JSON ``{"sessions": [{"key", "settings", "tokens", "options"}, ...]}``; unknown fields are ignored so an
+older brokerd can read a newer plaintext layout, and a bad entry costs only that entry, on reading and on writing
+(each session is serialized on its own).
 
 Every write goes to a fresh temp file in the same directory (O_EXCL, 0600), is fsynced, renamed over the store and
 the directory is fsynced, so a SIGKILL or power loss leaves either the previous or the new generation.
@@ -256,15 +257,19 @@ class SessionStore:
             return self._parse_entries(entries)
 
     def save(self, sessions: Mapping[SessionKey, Session]) -> None:
+        """Write every session.  One session that cannot be serialized (a value that is not JSON, a number that
+        is not finite) is skipped and logged, never the others: its previous entry is gone from the new
+        generation, which for a refresh token is the safe side."""
         entries = []
         for filed_under, session in sorted(sessions.items()):
             if filed_under != session.key:
                 raise StoreError(f"session filed under {filed_under.short()} has key {session.key.short()}")
-            entries.append(session_to_dict(session))
-        try:
-            plaintext = json.dumps({"sessions": entries}, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:  # e.g. a claim that is not JSON; the message names no value
-            raise StoreError(f"sessions cannot be serialized: {type(exc).__name__}") from None
+            try:
+                entries.append(json.dumps(session_to_dict(session), separators=(",", ":"), allow_nan=False))
+            except (TypeError, ValueError, RecursionError) as exc:  # the message may quote a value: name the type
+                log.error("session %s not saved: it cannot be serialized (%s)", session.key.short(),
+                          type(exc).__name__)
+        plaintext = ('{"sessions":[' + ",".join(entries) + "]}").encode()
         with self._lock, _os_errors("save"):
             ensure_private_dir(self._dir)
             key = self._key()

@@ -33,7 +33,7 @@ from brokerd.errors import (
     TokenValidationError,
     UsageError,
 )
-from brokerd.models import ProviderSettings, TokenSet
+from brokerd.models import ProviderSettings, Served, TokenSet
 from brokerd.oidc import OIDCClient
 from brokerd.oidc_wire import safe_text
 
@@ -516,7 +516,7 @@ async def test_refresh_without_refresh_token(op: FakeOP, client: OIDCClient) -> 
 async def test_client_credentials_without_id_token(op: FakeOP, client: OIDCClient, clock: FakeClock) -> None:
     op.reply(200, {"access_token": "cc-at", "token_type": "Bearer", "expires_in": 120})
     tokens = await client.client_credentials(settings(op, scopes=("api", "offline_access")))
-    assert tokens.id_token == "" and tokens.token_for(False) == "" and tokens.token_for(True) == "cc-at"
+    assert tokens.id_token == "" and Served(False).token(tokens) == "" and Served(True).token(tokens) == "cc-at"
     assert tokens.expires_at == pytest.approx(clock.t + 120)
     assert op.requests[-1][2] == {"grant_type": "client_credentials", "scope": "api"}
 

@@ -22,13 +22,15 @@ from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
 from brokerd.errors import (
     InvalidGrant,
+    LoginInterrupted,
     ProviderError,
     TokenEndpointError,
     TokenValidationError,
     UsageError,
 )
+from brokerd.flags import parse_flags, provider_settings
 from brokerd.flows import LoginFlows
-from brokerd.models import LoginOptions, ProviderSettings, TokenSet
+from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import OIDCClient
 from brokerd.refresh import Policy, margin, refresh_due, refresh_token_lost, serve_until
 from brokerd.sessions import SessionManager
@@ -115,21 +117,21 @@ def the_status(mgr: SessionManager) -> dict[str, Any]:
 # -- pure policy --------------------------------------------------------------------------------------------------
 
 
-def _tokens(life: float) -> TokenSet:
-    return TokenSet(id_token="x", issued_at=1000.0, expires_at=1000.0 + life)
+def _times(life: float) -> tuple[float, float]:
+    return 1000.0, 1000.0 + life
 
 
 @pytest.mark.parametrize(("life", "due"), [(3600, 1000 + 2880), (200, 1000 + 140), (100, 1000 + 50),
                                            (10, 1000 + 5)])
 def test_refresh_due_is_80_percent_at_most_60s_before_exp_never_in_first_half(life: float, due: float) -> None:
-    assert refresh_due(Policy(), _tokens(life)) == pytest.approx(due)
+    assert refresh_due(Policy(), *_times(life)) == pytest.approx(due)
 
 
 def test_serve_margin_is_10s_or_a_tenth_of_the_life() -> None:
-    assert margin(Policy(), _tokens(3600)) == 10
-    assert margin(Policy(), _tokens(4)) == pytest.approx(0.4)
+    assert margin(Policy(), *_times(3600)) == 10
+    assert margin(Policy(), *_times(4)) == pytest.approx(0.4)
     # Whole seconds, as the ExecCredential states it: never serve past the expiry kubectl was told.
-    assert serve_until(Policy(), _tokens(4)) == 1003
+    assert serve_until(Policy(), *_times(4)) == 1003
 
 
 def _not_sent() -> ProviderError:
@@ -176,7 +178,7 @@ async def test_fifty_callers_at_expiry_share_one_refresh(idp: TestProvider, tmp_
     # No background refresh before exp, so the callers are the ones that find the token expired.
     async with manager(tmp_path, replace(FAST, refresh_ratio=1.0, refresh_lead=0)) as mgr:
         first = await mgr.get_token(s, OPTIONS, Caller())
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         before = idp.counters()
         idp.fault("token", "delay", seconds=0.5, grant_type="refresh_token")  # all 50 arrive while it runs
         results = await asyncio.gather(*(mgr.get_token(s, OPTIONS, Caller()) for _ in range(50)))
@@ -224,7 +226,7 @@ async def test_maybe_delivered_refresh_drops_the_token_and_logs_in_once_after_ex
             await wait_for(lambda: grants(idp, "refresh_token") > before["token_grants"]["refresh_token"], 3,
                            "the provider to process the timed-out refresh")
         assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token is None
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         renewed = await mgr.get_token(s, OPTIONS, Caller())
         for _ in range(3):
             assert (await mgr.get_token(s, OPTIONS, Caller())).id_token == renewed.id_token
@@ -245,7 +247,7 @@ async def test_connection_refused_keeps_the_refresh_token(provider_factory: Prov
         await wait_for(lambda: the_status(mgr)["refresh_retrying"], TTL, "a failed background refresh")
         assert the_status(mgr)["refresh_token"]
         assert (await mgr.get_token(s, OPTIONS, Caller())).id_token == first.id_token
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         with pytest.raises(ProviderError, match="cannot reach"):
             await mgr.get_token(s, OPTIONS, Caller())
         assert the_status(mgr)["refresh_token"]  # never sent, so still good for when the provider is back
@@ -258,7 +260,7 @@ async def test_revoked_grant_leads_to_exactly_one_login(idp: TestProvider, tmp_p
         before = idp.counters()
         idp.revoke_all("alice")
         await wait_for(lambda: not the_status(mgr)["refresh_token"], TTL, "invalid_grant to drop the token")
-        await sleep_until(mgr.serve_expiry(first, False) + 0.05)
+        await sleep_until(mgr.credential(s, first)[1] + 0.05)
         results = await asyncio.gather(*(mgr.get_token(s, OPTIONS, Caller()) for _ in range(5)))
         after = idp.counters()
     assert len({t.id_token for t in results}) == 1
@@ -332,12 +334,47 @@ async def test_close_lets_a_refresh_in_flight_land_and_saves_it(idp: TestProvide
     s = settings_for(idp)
     async with manager(tmp_path) as mgr:
         first = await mgr.get_token(s, OPTIONS, Caller())
+        applied = counter(idp, "faults_applied")
         idp.fault("token", "delay", seconds=1, grant_type="refresh_token")
         forced = asyncio.create_task(mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller()))
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: counter(idp, "faults_applied") > applied, 5, "the refresh to reach the provider")
     new = await forced
     assert new.refresh_token != first.refresh_token
     assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token == new.refresh_token
+
+
+async def test_a_refresh_cancelled_in_flight_counts_as_spent(idp: TestProvider, tmp_path: Path) -> None:
+    """Issue 11 item 2: a shutdown that cannot wait any longer cancels the refresh; the provider may still process
+    it, so the token it carried must be neither saved nor sent again after the restart."""
+    s = settings_for(idp)
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
+
+        async def client_for(_settings: ProviderSettings) -> OIDCClient:
+            return oidc
+
+        mgr = SessionManager(client_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
+                             SystemClock(), FAST)
+        await mgr.start()
+        first = await mgr.get_token(s, OPTIONS, Caller())
+        before = idp.counters()
+        idp.fault("token", "delay", seconds=1.5, grant_type="refresh_token")
+        forced = asyncio.create_task(mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller()))
+        await wait_for(lambda: counter(idp, "faults_applied") > before["faults_applied"], 5, "the refresh to be sent")
+        await mgr.close(refresh_grace=0.1)
+        with pytest.raises(LoginInterrupted):  # its caller is told the daemon is shutting down
+            await forced
+    assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token is None
+    await wait_for(lambda: grants(idp, "refresh_token") > before["token_grants"]["refresh_token"], 5,
+                   "the provider to process the cancelled refresh")
+    async with manager(tmp_path) as mgr:
+        assert (await mgr.get_token(s, OPTIONS, Caller())).id_token == first.id_token  # still served
+        renewed = await mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller())  # the one login
+        await mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller())  # a refresh with the new token
+    after = idp.counters()
+    assert renewed.id_token != first.id_token
+    assert after["refresh_reuse_detected"] == 0 and after["token_grants"]["password"] - before["token_grants"][
+        "password"] == 1
 
 
 async def test_corrupt_store_is_moved_aside(idp: TestProvider, tmp_path: Path) -> None:
@@ -382,11 +419,11 @@ async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_optio
                                                                                   tmp_path: Path) -> None:
     """A custom CA or request header is kept with the session: the refresh-ahead after a restart, before any
     caller has come back, reaches the provider the way the logins did."""
-    s = settings_for(idp)
-    used: list[ProviderSettings] = []
     headers = (("X-Gateway", "on"),)
+    s = replace(settings_for(idp), request_headers=headers)
+    used: list[ProviderSettings] = []
     async with manager(tmp_path) as mgr:
-        await mgr.get_token(replace(s, request_headers=headers), OPTIONS, Caller())
+        await mgr.get_token(s, OPTIONS, Caller())
     before = grants(idp, "refresh_token")
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
@@ -403,3 +440,35 @@ async def test_a_restarted_daemon_refreshes_with_the_sessions_own_provider_optio
         finally:
             await mgr.close(refresh_grace=5.0)
     assert used and all(o.request_headers == headers for o in used)
+
+
+async def test_a_callers_tls_options_make_a_session_of_their_own(idp: TestProvider, tmp_path: Path) -> None:
+    """Issue 11 item 9: --insecure-skip-tls-verify (or another CA) is part of what identifies a session, so one
+    caller cannot turn off certificate checks for another session's background refreshes."""
+    base = ["--oidc-issuer-url=" + idp.issuer, "--oidc-client-id=kube_login", "--oidc-client-secret=insecure_secret",
+            "--oidc-extra-scope=offline_access", "--username=alice", "--password=alice-password"]
+    careful = provider_settings(parse_flags(base))
+    careless = provider_settings(parse_flags([*base, "--insecure-skip-tls-verify"]))
+    assert careful.key != careless.key
+    seen: list[ProviderSettings] = []
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock(), request_timeout=5.0)
+
+        async def client_for(settings: ProviderSettings) -> OIDCClient:
+            seen.append(settings)
+            return oidc
+
+        mgr = SessionManager(client_for, LoginFlows(CallbackServer(), BrowserOpener({})), SessionStore(tmp_path),
+                             SystemClock(), FAST)
+        try:
+            await mgr.get_token(careful, OPTIONS, Caller())
+            await mgr.get_token(careless, OPTIONS, Caller())
+            assert len(mgr.status()) == 2
+            seen.clear()
+            await mgr.get_token(careful, replace(OPTIONS, force_refresh=True), Caller())
+        finally:
+            await mgr.close(refresh_grace=5.0)
+    assert seen and not any(s.tls.insecure_skip_verify for s in seen)
+    stored = SessionStore(tmp_path).load()
+    assert not stored[careful.key].settings.tls.insecure_skip_verify
+    assert stored[careless.key].settings.tls.insecure_skip_verify

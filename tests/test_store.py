@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -16,15 +17,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from types import ModuleType
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from brokerd.codec import session_from_dict, session_to_dict
+from brokerd.codec import BadEntry, session_from_dict, session_to_dict
 from brokerd.errors import StoreError
-from brokerd.models import ProviderSettings, Session, SessionKey, TLSOptions, TokenSet
+from brokerd.models import ProviderSettings, Session, SessionKey, TLSOptions, TokenSet, canonical_json
 from brokerd.store import (
     FORMAT_VERSION,
     KEY_NAME,
@@ -64,8 +67,8 @@ def make_session(n: int = 0, *, secret: bool = True) -> Session:
         redirect_url="http://localhost:8000",
         username=f"user{n}",
         # How to reach the provider is kept too (a private CA, a gateway header), for refreshes after a restart.
-        tls=TLSOptions(ca_files=(f"/etc/ca-{n}.pem",), insecure_skip_verify=n % 3 == 0),
         request_headers=(("X-Gateway", f"g{n}"),),
+        tls=TLSOptions(ca_files=(f"/etc/ca-{n}.pem",), insecure_skip_verify=n % 3 == 0),
     )
     tokens = TokenSet(
         id_token=f"{SECRETS[0]}-{n}",
@@ -218,12 +221,19 @@ def test_save_rejects_misfiled_session(store: SessionStore) -> None:
         store.save({make_session(1).key: make_session(0)})
 
 
-def test_unserializable_claims_raise_store_error_without_values(store: SessionStore) -> None:
+@pytest.mark.parametrize("claims", [{"x": {1, 2}}, {"exp": float("nan")}, {"iat": float("inf")}],
+                         ids=["set", "nan", "infinity"])
+def test_one_unserializable_session_is_skipped_the_others_saved(
+        store: SessionStore, claims: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 11 item 4: one session's odd data must not cost every other session its (rotated) tokens."""
     s = make_session(0)
-    bad = Session(s.key, s.settings, TokenSet(id_token=SECRETS[0], expires_at=1, issued_at=0, claims={"x": {1, 2}}))
-    with pytest.raises(StoreError) as info:
-        store.save({bad.key: bad})
-    assert_no_secrets(str(info.value))
+    bad = Session(s.key, s.settings, TokenSet(id_token=SECRETS[0], expires_at=1, issued_at=0, claims=claims))
+    good = [make_session(n) for n in (1, 2)]
+    store.save({bad.key: bad, **{g.key: g for g in good}})
+    assert store.load() == {g.key: g for g in good}
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "brokerd.store")
+    assert f"session {s.key.short()} not saved" in logged
+    assert_no_secrets(logged)
 
 
 # -- bad stores are set aside, never overwritten, never fatal -----------------------------------------------------
@@ -388,6 +398,33 @@ def test_unknown_fields_are_tolerated(state: pathlib.Path, store: SessionStore) 
 def test_dict_helpers_round_trip() -> None:
     for s in sample().values():
         assert session_from_dict(json.loads(json.dumps(session_to_dict(s)))) == s
+
+
+def test_tls_options_are_part_of_the_key_only_when_set() -> None:
+    """Issue 11 item 9: a caller's --insecure-skip-tls-verify or CA makes a session of its own; the default TLS
+    settings leave the key as it always was, so stored sessions keep their keys."""
+    plain = ProviderSettings(issuer="https://auth.example.com/", client_id="k")
+    legacy_doc = {"v": 1, "issuer": plain.issuer, "client_id": "k", "client_secret_sha256": None,
+                  "scopes": ["openid"], "extra_params": [], "use_access_token": False, "redirect_url": None,
+                  "username": None}
+    assert plain.key.value == hashlib.sha256(canonical_json(legacy_doc).encode()).hexdigest()
+    insecure = replace(plain, tls=TLSOptions(insecure_skip_verify=True))
+    other_ca = replace(plain, tls=TLSOptions(ca_files=("/etc/other-ca.pem",)))
+    header = replace(plain, request_headers=(("X-Gateway", "a"),))
+    assert len({plain.key, insecure.key, other_ca.key, header.key}) == 4
+
+
+def test_old_store_entry_with_options_is_read_into_the_settings() -> None:
+    """A store written when TLS options lived beside the settings (key without them) still loads, its options
+    in the settings and the session filed under today's key."""
+    s = make_session(3)
+    doc = session_to_dict(s)
+    doc["key"] = replace(s.settings, tls=TLSOptions(), request_headers=()).key.value  # the old key
+    loaded = session_from_dict(json.loads(json.dumps(doc)))
+    assert loaded.settings == s.settings and loaded.key == s.key
+    doc["key"] = "0" * 64
+    with pytest.raises(BadEntry):
+        session_from_dict(doc)
 
 
 # -- key source is pluggable -------------------------------------------------------------------------------------

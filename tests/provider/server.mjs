@@ -20,6 +20,9 @@ const DEFAULTS = {
   auth_code_ttl: 60, device_code_ttl: 600, refresh_tokens: 'offline_access', rotate_refresh_tokens: true,
   groups_in_id_token: false, id_token_claims: ['email', 'email_verified', 'name', 'preferred_username'],
   pkce_required: true, min_state_length: 8, consent: 'offline_access', default_client: {}, clients: [],
+  // Discovery fields to replace, e.g. { jwks_uri: 'http://127.0.0.1:N/jwks' }: endpoints on another host (a relay
+  // the test can stop, so that host refuses connections).
+  discovery_overrides: {},
   users: {
     alice: { password: 'alice-password', email: 'alice@example.com', name: 'Alice Admin', groups: ['admins', 'dev'] },
     bob: { password: 'bob-password', email: 'bob@example.com', name: 'Bob Builder', groups: ['dev'] },
@@ -105,6 +108,18 @@ function readBody(req) {
     req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
     req.on('error', reject);
   });
+}
+
+// Let the real handler answer, then rewrite its JSON body with fn (the status and other headers stay).
+function rewriteJson(res, fn) {
+  const end = res.end.bind(res);
+  res.end = (chunk, ...rest) => {
+    if (chunk === undefined || chunk === null || res.headersSent) return end(chunk, ...rest);
+    let body;
+    try { body = JSON.stringify(fn(JSON.parse(Buffer.from(chunk).toString('utf8')))); } catch { return end(chunk, ...rest); }
+    res.setHeader('content-length', Buffer.byteLength(body));
+    return end(body, ...rest.filter((r) => typeof r === 'function'));
+  };
 }
 
 function send(res, status, body, type = 'application/json') {
@@ -423,6 +438,12 @@ async function main() {
       case 'empty_body': res.writeHead(f.status ?? 200, { 'content-type': 'application/json' }); res.end(); return true;
       case 'nonstandard_error': send(res, f.status ?? 400, f.body ?? { error: 'weird' }); return true;
       case 'html': send(res, f.status ?? 200, page('Proxy', '<p>not json</p>'), 'text/html'); return true;
+      case 'bad_id_token':  // the grant is processed for real (a refresh token rotates); the ID token's signature is broken
+        rewriteJson(res, (doc) => {
+          if (typeof doc.id_token === 'string') doc.id_token = `${doc.id_token.slice(0, -6)}AAAAAA`;
+          return doc;
+        });
+        return false;
       default: send(res, f.status ?? 500, f.body ?? { error: 'server_error', error_description: 'injected fault' });
         return true;
     }
@@ -469,6 +490,9 @@ async function main() {
       } else if (kind === 'token') state.counters.token_requests += 1;
       else if (kind === 'revocation') state.counters.revocations += 1;
       else if (kind) state.counters[kind] += 1;
+      if (kind === 'discovery' && Object.keys(cfg.discovery_overrides).length) {
+        rewriteJson(res, (doc) => ({ ...doc, ...cfg.discovery_overrides }));
+      }
       if (kind && await applyFault(req, res, kind, form)) return undefined;
       if (form && wrongAuthMethod(req, res, form)) return undefined;
       if (kind === 'auth' && req.method === 'GET') {

@@ -94,7 +94,8 @@ class TestProvider:
 
         target: token, discovery, jwks, revocation, userinfo, device_authorization, auth.
         kind: status (default 500), delay (``seconds``, then served normally), drop (connection closed),
-        empty_body (200, no body), nonstandard_error (400 {"error":"weird"}), html (200 text/html page).
+        empty_body (200, no body), nonstandard_error (400 {"error":"weird"}), html (200 text/html page),
+        bad_id_token (the grant is processed for real, then the answer's ID token gets a broken signature).
         grant_type (token only): hit only requests of that grant (authorization_code, refresh_token,
         device_code, password, client_credentials); others pass untouched and do not use up ``count``.
         """
