@@ -57,6 +57,8 @@ SETUP_FLAGS: dict[str, Kind] = {
     "oidc-groups-prefix": "str",
 }
 ALIASES = {"-v": "v"}
+MAX_INT_DIGITS = 9
+MAX_AUTHENTICATION_TIMEOUT = 3600  # a login that waits longer holds a caller's connection slot for nothing
 GRANT_TYPES = ("auto", "authcode", "authcode-keyboard", "password", "device-code", "client-credentials")
 PKCE_METHODS = ("auto", "no", "S256")
 CACHE_STORAGES = ("disk", "keyring", "none")
@@ -159,10 +161,12 @@ def parse_flags(args: Sequence[str], known: Mapping[str, Kind] = FLAGS) -> Parse
         if kind == "str":
             parsed.values[name] = value
         elif kind == "int":
-            try:
-                parsed.values[name] = int(value)
-            except ValueError:
-                raise UsageError(f"--{name}: expected a whole number, got {value!r}") from None
+            number = value.strip()
+            # A bound on digits first: int() of a huge string is slow, and a huge number breaks float() later.
+            if not (number.lstrip("+-").isdigit() and number.isascii() and len(number) <= MAX_INT_DIGITS):
+                raise UsageError(f"--{name}: expected a whole number of at most {MAX_INT_DIGITS} digits, "
+                                 f"got {value[:40]!r}")
+            parsed.values[name] = int(number)
         elif kind == "list":
             old = parsed.values.setdefault(name, [])
             assert isinstance(old, list)
@@ -211,8 +215,8 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
         raise UsageError(f"--token-cache-storage must be one of {', '.join(CACHE_STORAGES)}; got {storage!r}")
     timeout = flags.values.get("authentication-timeout-sec", 180)
     assert isinstance(timeout, int)
-    if timeout <= 0:
-        raise UsageError("--authentication-timeout-sec must be positive")
+    if not 0 < timeout <= MAX_AUTHENTICATION_TIMEOUT:
+        raise UsageError(f"--authentication-timeout-sec must be between 1 and {MAX_AUTHENTICATION_TIMEOUT} (one hour)")
     cert = _absolute("local-server-cert", flags.str_("local-server-cert"))
     key = _absolute("local-server-key", flags.str_("local-server-key"))
     if (cert is None) != (key is None):
