@@ -18,10 +18,9 @@ import sys
 from collections.abc import Mapping
 
 from brokerd import systemd
+from client_shim.protocol import DESKTOP_ENV
 
 log = logging.getLogger("brokerd.browser")
-
-FORWARDED_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY")
 
 
 def candidate_commands(url: str, command: str | None, env: Mapping[str, str]) -> list[list[str]]:
@@ -55,7 +54,7 @@ class BrowserOpener:
 
     async def open(self, url: str, *, command: str | None, caller_env: Mapping[str, str]) -> bool:
         env = dict(self._base_env)
-        forwarded = {k: v for k, v in caller_env.items() if k in FORWARDED_ENV}
+        forwarded = {k: v for k, v in caller_env.items() if k in DESKTOP_ENV}
         env.update(forwarded)
         for argv in candidate_commands(url, command, env):
             if shutil.which(argv[0], path=env.get("PATH")) is None:

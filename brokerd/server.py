@@ -289,6 +289,7 @@ class Server:
         assert task is not None
         loop = asyncio.get_running_loop()
         gone = False
+        timer: asyncio.TimerHandle | None = None
 
         def check() -> None:
             nonlocal gone, timer
@@ -306,7 +307,8 @@ class Server:
                 raise HungUp from None
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     @staticmethod
     def _write_error(writer: asyncio.StreamWriter, exc: BrokerError) -> None:

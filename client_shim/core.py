@@ -150,7 +150,7 @@ def _check_dir(directory: bytes) -> bool:
         raise ShimError(3, f"brokerd: cannot use the socket directory {_show(directory)}: {exc.strerror}") from None
     problem = protocol.private_dir_problem(_show(directory), st.st_uid, st.st_mode, posix.geteuid())
     if problem:
-        raise ShimError(3, problem)
+        raise ShimError(3, "brokerd: " + problem)
     return True
 
 
@@ -168,7 +168,7 @@ def _connect(path: bytes) -> "_socket.socket":
         except OSError as exc:
             raise ShimError(3, f"brokerd: cannot check who serves {_show(path)}: {exc.strerror or exc}") from None
         if uid != posix.geteuid():
-            raise ShimError(3, protocol.FOREIGN_LISTENER.format(path=_show(path), uid=uid))
+            raise ShimError(3, "brokerd: " + protocol.FOREIGN_LISTENER.format(path=_show(path), uid=uid))
     except BaseException:
         sock.close()
         raise

@@ -38,7 +38,7 @@ _FORWARDED_B = tuple(name.encode() for name in FORWARDED_ENV)
 _DESKTOP_B = tuple(name.encode() for name in DESKTOP_ENV)
 
 # The one line either side prints when the socket's directory or listener is not the user's own (issue 11.5).
-FOREIGN_LISTENER = "brokerd: refusing the socket {path}: it is served by uid {uid}, not by you"
+FOREIGN_LISTENER = "refusing the socket {path}: it is served by uid {uid}, not by you"
 
 
 class ProtocolViolation(ValueError):
@@ -48,7 +48,7 @@ class ProtocolViolation(ValueError):
 class Request:
     """A decoded request.  Not a dataclass: importing dataclasses costs the shim milliseconds."""
 
-    __slots__ = ("argv", "env", "stdin_tty", "program")
+    __slots__ = ("argv", "env", "program", "stdin_tty")
 
     def __init__(self, argv: "tuple[str, ...]", env: "dict[str, str]", stdin_tty: bool, program: str) -> None:
         self.argv = argv
@@ -173,7 +173,7 @@ def peer_credentials(sock: "_socket.socket") -> "tuple[int | None, int]":
 
 
 def private_dir_problem(path: str, st_uid: int, st_mode: int, uid: int) -> "str | None":
-    """The one line both sides print when a socket's directory is not the user's own private directory, or None.
+    """The one line both sides print (after ``brokerd: ``) when a socket's directory is not the user's own private directory, or None.
 
     Whoever owns the directory (or may write it) can put their own listener there and read what the shim sends:
     kubectl's arguments, a client secret, a password typed at a prompt.
@@ -181,12 +181,12 @@ def private_dir_problem(path: str, st_uid: int, st_mode: int, uid: int) -> "str 
     if st_mode & 0o170000 != 0o040000:
         why = "it is not a directory"
     elif st_uid != uid:
-        why = f"it belongs to uid {st_uid}"
+        why = f"it is owned by uid {st_uid}"
     elif st_mode & 0o777 != 0o700:
         why = f"its mode is {st_mode & 0o777:04o}"
     else:
         return None
-    return f"brokerd: refusing the socket directory {path}: {why} (it must be yours with mode 0700)"
+    return f"refusing the directory {path}: {why} (it must be yours with mode 0700)"
 
 
 def peer_check_available() -> bool:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-MAGIC = b"brokerd1"
-TERMINAL = (b"O", b"X")
-LINE_KINDS = (b"M", b"O", b"X", b"Q", b"S")
+from client_shim import protocol
+from client_shim.protocol import LINE_KINDS, MAGIC, TERMINAL
+
 INTERNAL_ERROR = b"brokerd: internal error in brokerd (details in its log)"
 LOGGED_INTERNAL_ERRORS = ("internal error while serving a request", "internal error on a client connection")
 
@@ -75,11 +75,9 @@ def exchange(path: Path | str, data: bytes, *, timeout: float = 10.0, half_close
 
 
 def request(*argv: str, env: dict[str, str] | None = None, tty: bool = False) -> bytes:
-    fields = [MAGIC, b"Nbrokerd-test"]
-    fields += [b"A" + a.encode("utf-8", "surrogateescape") for a in argv]
-    fields += [b"E" + f"{k}={v}".encode() for k, v in (env or {}).items()]
-    fields.append(b"T1" if tty else b"T0")
-    return b"\0".join(fields) + b"\0\0"
+    """A request as a shim would send it, with any environment (the daemon must drop what it does not forward)."""
+    raw_env = {k.encode(): v.encode() for k, v in (env or {}).items()}
+    return protocol.encode_request(argv, raw_env, tty=tty, program="brokerd-test")
 
 
 @dataclass
@@ -91,7 +89,7 @@ class Answer:
         return self.lines[-1] if self.lines and self.lines[-1][:1] in TERMINAL else None
 
 
-def check_answer(data: bytes, raw: bytes, *, max_request: int = 64 * 1024) -> Answer:
+def check_answer(data: bytes, raw: bytes, *, max_request: int = protocol.MAX_REQUEST) -> Answer:
     """The protocol invariants for any request: well-formed lines, at most one terminal line and only at the end,
     exit codes that are numbers, and an answer to every complete request of allowed size."""
     assert raw == b"" or raw.endswith(b"\n"), f"answer does not end in a newline: {raw[-200:]!r}"
