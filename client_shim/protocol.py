@@ -173,7 +173,8 @@ def peer_credentials(sock: "_socket.socket") -> "tuple[int | None, int]":
 
 
 def private_dir_problem(path: str, st_uid: int, st_mode: int, uid: int) -> "str | None":
-    """The one line both sides print (after ``brokerd: ``) when a socket's directory is not the user's own private directory, or None.
+    """The line both sides print (after ``brokerd: ``) when a socket's directory is not the user's own private
+    directory, or None.
 
     Whoever owns the directory (or may write it) can put their own listener there and read what the shim sends:
     kubectl's arguments, a client secret, a password typed at a prompt.
