@@ -203,7 +203,12 @@ async def test_request_size_limit(small_server: tuple[Path, Server]) -> None:
     assert raw.startswith(b"X2 brokerd: request larger than 4096 bytes"), raw
 
 
-async def test_connection_cap_evicts_idle_and_refuses_when_all_are_busy(
+def _password_login(i: int) -> bytes:
+    return request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--grant-type=password",
+                   f"--username=u{i}", tty=True)
+
+
+async def test_connection_cap_evicts_idle_and_keeps_room_for_admin_commands(
         small_server: tuple[Path, Server]) -> None:
     path, api = small_server
     idle = [await asyncio.open_unix_connection(str(path)) for _ in range(8)]
@@ -212,18 +217,21 @@ async def test_connection_cap_evicts_idle_and_refuses_when_all_are_busy(
     # A ninth connection with a real request: the oldest idle one makes room.
     assert (await _raw(path, request("version"))).startswith(b"O")
     assert await asyncio.wait_for(idle[0][0].read(), 1) == b""
-    # Now fill every slot with busy connections: each waits for an answer to a prompt it never gives.
+    # Fill the get-token budget (8 connections, 2 kept for admin commands) with callers that each wait for an
+    # answer to a prompt they never give.
     busy = []
-    for i in range(8):  # eight sessions (usernames): one login would be shared by all its callers
+    for i in range(6):  # six sessions (usernames): one login would be shared by all its callers
         reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--grant-type=password",
-                             f"--username=u{i}", tty=True))
+        writer.write(_password_login(i))
         await writer.drain()
         busy.append((reader, writer))
     for reader, _ in busy:
         assert (await asyncio.wait_for(reader.readline(), 2)).startswith(b"SPassword")
-    refused = await _raw(path, request("version"))
-    assert refused.startswith(b"X1 brokerd: brokerd is overloaded"), refused
+    refused = await _raw(path, _password_login(99))
+    assert refused == b"X1 brokerd: brokerd is busy with 6 waiting callers; try again\n", refused
+    # status, logout and version still get through (before the budget they were refused as "overloaded").
+    assert (await _raw(path, request("status"))).startswith(b'O{"sessions"')
+    assert (await _raw(path, request("version"))).startswith(b"O")
     for _, writer in [*idle, *busy]:
         writer.close()
     deadline = time.monotonic() + 3
