@@ -91,9 +91,8 @@ def test_clean_never_deletes_the_store_of_a_daemon_that_holds_its_lock(idp: Test
     before = store.read_bytes()
     daemon.socket.unlink()
     lock = daemon.socket.parent / (daemon.socket.name + ".lock")
-    with lock.open("rb") as held:  # the daemon holds it: we cannot take it
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    with lock.open("rb") as held, pytest.raises(BlockingIOError):  # the daemon holds it: we cannot take it
+        fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
     done = daemon.cli("clean")
     assert done.returncode == 3, done
     assert done.stderr.splitlines()[-1] == ("brokerd: a daemon is running, so its store was left alone; stop it or "
