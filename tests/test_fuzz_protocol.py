@@ -23,6 +23,7 @@ from brokerd.server import Limits, Server, parse_request
 from brokerd.sessions import SessionManager
 from tests.support.daemon import Daemon
 from tests.support.hostile import (
+    DEEP_JSON,
     LOGGED_INTERNAL_ERRORS,
     MAGIC,
     bad_requests,
@@ -30,6 +31,7 @@ from tests.support.hostile import (
     dead_issuer,
     exchange,
     request,
+    tracebacks,
 )
 
 ISSUER = dead_issuer()
@@ -58,8 +60,10 @@ def _assert_healthy(d: Daemon) -> None:
 @given(data=bad_requests(ISSUER))
 def test_any_bytes_get_a_well_formed_answer(daemon: Daemon, data: bytes) -> None:
     raw = exchange(daemon.socket, data, timeout=15)
-    check_answer(data, raw)
+    check_answer(data, raw)  # never an "internal error" answer
     assert daemon.proc is not None and daemon.proc.poll() is None
+    log = daemon.log()  # checked per case, so hypothesis shrinks the request that caused it
+    assert not tracebacks(log) and not any(words in log for words in LOGGED_INTERNAL_ERRORS), log[-3000:]
 
 
 def test_daemon_is_healthy_after_the_property_test(daemon: Daemon) -> None:
@@ -75,12 +79,25 @@ def test_daemon_is_healthy_after_the_property_test(daemon: Daemon) -> None:
     (MAGIC + b"\0\0", b"no command given"),
     (MAGIC + b"\0A" + b"x" * 70_000 + b"\0\0", b"request larger than 65536 bytes"),
     (MAGIC + b"\0A" + b"x" * 2_000_000, b"request larger than 65536 bytes"),
+    (request("version", env={"KUBERNETES_EXEC_INFO": DEEP_JSON[0]}), b"KUBERNETES_EXEC_INFO is nested too deeply"),
+    (request("version", env={"KUBERNETES_EXEC_INFO": DEEP_JSON[2]}), b"KUBERNETES_EXEC_INFO is nested too deeply"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x",
+             "--authentication-timeout-sec=" + "9" * 400),
+     b"--authentication-timeout-sec: expected a whole number of at most 9 digits, got '9999"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "-v", "9" * 400),
+     b"--v: expected a whole number of at most 9 digits"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--authentication-timeout-sec=86400"),
+     b"--authentication-timeout-sec must be between 1 and 3600 (one hour)"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--authentication-timeout-sec=\u00b2"),
+     b"--authentication-timeout-sec: expected a whole number"),
 ], ids=["no-magic", "bad-tag", "invalid-utf8-command", "invalid-utf8-flag", "exec-info-type", "empty", "huge",
-        "2MB-unterminated"])
+        "2MB-unterminated", "deep-exec-info", "deep-exec-info-spec", "400-digit-timeout", "400-digit-v",
+        "timeout-over-cap", "superscript-digit"])
 def test_clear_error_for_each_kind_of_bad_request(daemon: Daemon, data: bytes, words: bytes) -> None:
     answer = check_answer(data, exchange(daemon.socket, data))
     assert answer.terminal is not None and answer.terminal.startswith(b"X"), answer.lines
     assert words in answer.terminal, answer.terminal
+    assert len(answer.lines) == 1 and not tracebacks(daemon.log()), daemon.log()[-3000:]
 
 
 def test_unterminated_request_is_dropped_at_eof(daemon: Daemon) -> None:

@@ -124,6 +124,12 @@ FLAGS = [
 ENV_NAMES = ["KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "BROKERD_PROFILE", "PATH", ""]
 _text = st.text(max_size=40)
 _bytes = st.binary(max_size=40)
+# Numbers that broke float(), int() or the stack: 400 digits, floats out of range, digits int() does not take.
+HUGE_NUMBERS = ["9" * 400, "-" + "9" * 400, "1e999", "inf", "nan", "\u00b2", "\u0663", "0x10", "1_000"]
+# KUBERNETES_EXEC_INFO nested deeper than the interpreter's stack (json recurses).
+DEEP_JSON = ["[" * 30_000 + "]" * 30_000, '{"a":' * 20_000 + "1" + "}" * 20_000,
+             '{"apiVersion":"client.authentication.k8s.io/v1","spec":{"interactive":' + "[" * 30_000 + "]" * 30_000
+             + "}}"]
 
 
 def _encoded(value: str | bytes) -> bytes:
@@ -134,7 +140,8 @@ def _encoded(value: str | bytes) -> bytes:
 def flag_field(draw: st.DrawFn, issuer: str) -> bytes:
     mangled = _bytes.map(lambda b: "--oidc-" + b.decode("utf-8", "surrogateescape"))
     name = draw(st.one_of(st.sampled_from(FLAGS), mangled))
-    value = draw(st.one_of(_text, _bytes, st.sampled_from(["1", "-1", "0", "x", "auto", "password", "no"])))
+    value = draw(st.one_of(_text, _bytes, st.sampled_from(["1", "-1", "0", "x", "auto", "password", "no"]),
+                           st.sampled_from(HUGE_NUMBERS)))
     form = draw(st.sampled_from(["eq", "bare", "split"]))
     if form == "eq":
         return b"A" + _encoded(name) + b"=" + _encoded(value)
@@ -159,7 +166,8 @@ def structured_request(draw: st.DrawFn, issuer: str) -> bytes:
         elif kind == "env":
             name = draw(st.sampled_from(ENV_NAMES))
             value = draw(st.one_of(_text, _bytes, st.just('{"apiVersion":"client.authentication.k8s.io/v1",'
-                                                          '"spec":{"interactive":true}}'), st.just("{}")))
+                                                          '"spec":{"interactive":true}}'), st.just("{}"),
+                                  st.sampled_from(DEEP_JSON)))
             sep = draw(st.sampled_from([b"=", b"", b"=="]))
             fields.append(b"E" + name.encode() + sep + _encoded(value))
         elif kind == "tty":
