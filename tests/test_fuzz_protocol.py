@@ -4,6 +4,8 @@ limits, slowloris and thousands of idle connections.  The >= 100k-case run is be
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
 import time
@@ -33,6 +35,7 @@ from tests.support.hostile import (
     request,
     tracebacks,
 )
+from tests.support.provider import TestProvider
 
 ISSUER = dead_issuer()
 
@@ -264,3 +267,80 @@ def test_connection_cap_stays_below_the_fd_limit() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert Limits(max_connections=10**9).connection_cap() == soft - Limits().fd_reserve
     assert Limits(max_connections=5).connection_cap() == 5
+
+
+# ---- callers that wait on a login -------------------------------------------------------------------------------
+
+@pytest.fixture
+async def provider_server(provider: TestProvider, tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
+    """An in-process server on the real test provider, checking for hung-up callers every 50 ms."""
+    limits = Limits(hangup_poll=0.05)
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock())
+        callbacks = CallbackServer()
+        browser = BrowserOpener({})
+        sessions = SessionManager(lambda _o: oidc, LoginFlows(callbacks, browser), None, SystemClock())
+        api = Server(sessions, limits)
+        path = tmp_path / "s.sock"
+        server = await asyncio.start_unix_server(api.handle, path=str(path), limit=limits.max_request)
+        try:
+            yield path, api
+        finally:
+            server.close()
+            await server.wait_closed()
+            await sessions.close()
+            await callbacks.close()
+            await browser.close()
+
+
+async def _wait_active(api: Server, count: int, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while api.active != count and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def test_callers_that_hang_up_leave_the_wait(provider: TestProvider,
+                                                   provider_server: tuple[Path, Server]) -> None:
+    """Issue 11.12: callers joined to a pending login that close their end are dropped from the wait (their slots
+    come back at once, not when the login times out); one that only half-closes still gets its answer."""
+    path, api = provider_server
+    args = ("get-token", f"--oidc-issuer-url={provider.issuer}", "--oidc-client-id=kube_login",
+            "--oidc-client-secret=insecure_secret", "--skip-open-browser", "--listen-address=127.0.0.1:0",
+            "--authentication-timeout-sec=5")
+    callers: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(4):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            callers.append((reader, writer))
+            writer.write(request(*args))
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            assert line.startswith(b"M") and b"http" in line, line  # each is told the login URL: it waits
+        assert api.active == 4
+        for _, writer in callers[:3]:
+            writer.close()
+        reader, writer = callers[3]
+        writer.write_eof()  # done sending, still listening
+        await _wait_active(api, 1, within=3.0)  # less than the login's 5 s
+        assert api.active == 1  # the login's own 5 s have not passed: the three were noticed
+        answer = await asyncio.wait_for(reader.read(), 15)
+        assert answer == b"X1 brokerd: no login was completed in the browser within 5 s\n", answer
+    finally:
+        for _, writer in callers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def test_logout_leaves_no_rendered_credential(provider: TestProvider,
+                                                    provider_server: tuple[Path, Server]) -> None:
+    """Issue 11.13: the daemon keeps the ExecCredential it rendered for the next caller; a logout empties it."""
+    path, api = provider_server
+    raw = await _raw(path, request("get-token", f"--oidc-issuer-url={provider.issuer}", "--oidc-client-id=kube_login",
+                                   "--oidc-client-secret=insecure_secret", "--grant-type=password",
+                                   "--username=alice", "--password=alice-password"), timeout=20)
+    assert raw.startswith(b"O"), raw
+    token = json.loads(raw[1:])["status"]["token"]
+    assert any(token in rendered for rendered in api._rendered.values())  # cached while the session lives
+    assert (await _raw(path, request("logout"), timeout=20)).startswith(b'O{"logged_out"')
+    assert not any(token in rendered for rendered in api._rendered.values())
