@@ -88,7 +88,7 @@ def test_forwarded_callers_never_pick_the_browser_by_default(provider: TestProvi
         try:
             assert relay.stdout is not None and relay.stdout.readline() == "ready\n", relay.stderr
             result = daemon.shim(login_args(provider.issuer, "--oidc-extra-scope=address",
-                                            f"--browser-command={script}"),
+                                            "--authentication-timeout-sec=20", f"--browser-command={script}"),
                                  env={"BROKERD_SOCKET": str(forwarded), "BROWSER": str(script), "DISPLAY": ":99"})
         finally:
             relay.kill()  # our own child, by PID
