@@ -16,7 +16,7 @@ from typing import Any
 from brokerd import __version__, execcred
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
 from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, build_request, parse_flags
-from brokerd.models import LoginOptions, ProviderSettings
+from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import OIDCClient
 from brokerd.sessions import SessionManager
 from client_shim import protocol
@@ -358,12 +358,7 @@ class Server:
         settings, options, notes = self._request_settings(request.argv[1:], request.env)
         for note in notes:
             caller.tell(note)
-        if options.browser_command and not caller.chooses_browser:
-            caller.tell("note: --browser-command is ignored: this daemon opens its own browser for " + (
-                "forwarded callers (docs/remote.md)" if self.caller_browser else
-                "every caller (caller_browser = false in its config)"))
-            options = replace(options, browser_command=None)
-        tokens = await self._sessions.get_token(settings, options, caller)
+        tokens = await self._token_for_caller(settings, options, caller)
         token = tokens.token_for(settings.use_access_token)
         expiry = self._sessions.serve_expiry(tokens, settings.use_access_token)
         key = (caller.exec_info.api_version, token, expiry)
@@ -373,6 +368,15 @@ class Server:
                 self._rendered.clear()
             rendered = self._rendered[key] = execcred.render(*key)
         return rendered
+
+    async def _token_for_caller(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
+        """sessions.get_token, without a --browser-command the caller may not choose (get-token and setup alike)."""
+        if options.browser_command and not (isinstance(caller, ShimCaller) and caller.chooses_browser):
+            caller.tell("note: --browser-command is ignored: this daemon opens its own browser for " + (
+                "forwarded callers (docs/remote.md)" if self.caller_browser else
+                "every caller (caller_browser = false in its config)"))
+            options = replace(options, browser_command=None)
+        return await self._sessions.get_token(settings, options, caller)
 
     async def _version(self, request: Request, caller: ShimCaller) -> str:
         return f"brokerd {__version__}"  # as `brokerd version` prints it
@@ -407,7 +411,7 @@ class Server:
         known = {**FLAGS, **SETUP_FLAGS}
         own = parse_flags(args, known)
         flags = self._flags(args, request.env, known)
-        report = await run_setup(flags, self.oidc_for, self._sessions.get_token, caller)
+        report = await run_setup(flags, self.oidc_for, self._token_for_caller, caller)
         for note in flags.notes:
             caller.tell(note)
         report["kubeconfig_args"] = kubeconfig_args(own)  # the command line's flags: a profile stays a profile

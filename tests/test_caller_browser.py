@@ -87,13 +87,19 @@ def test_forwarded_callers_never_pick_the_browser_by_default(provider: TestProvi
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert relay.stdout is not None and relay.stdout.readline() == "ready\n", relay.stderr
+            remote_env = {"BROKERD_SOCKET": str(forwarded), "BROWSER": str(script), "DISPLAY": ":99"}
             result = daemon.shim(login_args(provider.issuer, "--oidc-extra-scope=address",
                                             "--authentication-timeout-sec=20", f"--browser-command={script}"),
-                                 env={"BROKERD_SOCKET": str(forwarded), "BROWSER": str(script), "DISPLAY": ":99"})
+                                 env=remote_env)
+            # setup logs in too: the same rule (a new session, so a new login)
+            setup = daemon.cli("setup", *login_args(provider.issuer, "--oidc-extra-scope=phone",
+                                                     "--authentication-timeout-sec=20",
+                                                     f"--browser-command={script}")[1:], env=remote_env)
         finally:
             relay.kill()  # our own child, by PID
             relay.communicate(timeout=10)
         assert result.returncode == 0, result.stderr + daemon.log()
         assert "--browser-command is ignored: this daemon opens its own browser for forwarded callers" in result.stderr
-        assert daemon.browser_openings() == 1  # the daemon's own browser did the login ...
+        assert setup.returncode == 0 and "--browser-command is ignored" in setup.stderr, setup.stdout + setup.stderr
+        assert daemon.browser_openings() == 2  # the daemon's own browser did both logins ...
     assert not marker.exists()  # ... and the remote caller's program never ran
