@@ -254,7 +254,8 @@ def _setup(argv: list[str]) -> int:
     doc = json.loads(_call_daemon(argv, autostart=True))
     # The launcher beside core.py: the file kubectl should run (it imports core from cached bytecode).
     shim_path = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or ".")), "shim.py")
-    print(render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path))
+    report = render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path)
+    print("\n".join(_shown(line) for line in report.split("\n")))  # claims and provider text: no control chars
     return 0 if doc.get("logged_in") else 1
 
 
