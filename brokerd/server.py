@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import resource
-import select
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,6 +17,7 @@ from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
 from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, build_request, parse_flags
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import OIDCClient
+from brokerd.peers import hung_up, is_local_peer
 from brokerd.sessions import SessionManager
 from client_shim import protocol
 from client_shim.protocol import Request
@@ -68,34 +68,6 @@ def parse_request(data: bytes) -> Request:
 
 class HungUp(Exception):
     """The caller closed its end while it waited (not a BrokerError: there is nobody to tell)."""
-
-
-def _hung_up(sock: Any) -> bool:
-    try:
-        fd = sock.fileno()
-    except (OSError, AttributeError):
-        return True
-    if fd < 0:
-        return True
-    poller = select.poll()
-    poller.register(fd, 0)  # POLLHUP and POLLERR are reported whatever is asked for
-    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
-
-
-# The programs whose connections are forwarded from elsewhere (ssh -R, or sshd for ssh -L): docs/remote.md.
-FORWARDERS = frozenset({"ssh", "sshd", "sshd-session"})
-
-
-def is_local_peer(pid: int | None) -> bool:
-    """Whether the process at the other end runs here rather than relaying for another host.  Unknown (no pid,
-    no /proc, a process already gone) counts as remote: the safe side, since it only takes the browser choice."""
-    if not pid:
-        return False
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return False
-    return os.path.basename(exe).removesuffix(" (deleted)") not in FORWARDERS
 
 
 def _without_desktop(env: Mapping[str, str]) -> Mapping[str, str]:
@@ -247,7 +219,7 @@ class Server:
             return
         finally:
             self._reading.pop(writer, None)
-        waiting = False
+        long_running = False
         try:
             request, info = self._parse(data)
             command = request.argv[0] if request.argv else ""
@@ -261,11 +233,11 @@ class Server:
                     log.warning("%d callers are waiting for tokens; refused one more", self._long)
                     raise BrokerError(f"brokerd is busy with {self._long} waiting callers; try again")
                 self._long += 1
-                waiting = True
+                long_running = True
             chooses = self.caller_browser and is_local_peer(pid)
             env = request.env if chooses else _without_desktop(request.env)
             caller = ShimCaller(reader, writer, env, info, self._limits, chooses_browser=chooses)
-            result = await self._until_hangup(handler(request, caller), sock) if waiting else \
+            result = await self._until_hangup(handler(request, caller), sock) if long_running else \
                 await handler(request, caller)
         except HungUp:
             log.debug("a caller hung up while it waited; dropped it from the wait")
@@ -278,7 +250,7 @@ class Server:
         else:
             writer.write(protocol.result_line(result))
         finally:
-            if waiting:
+            if long_running:
                 self._long -= 1
         await writer.drain()
 
@@ -293,7 +265,7 @@ class Server:
 
         def check() -> None:
             nonlocal gone, timer
-            if _hung_up(sock):
+            if hung_up(sock):
                 gone = True
                 task.cancel()
             else:
