@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from brokerd.errors import UsageError
 from brokerd.models import DEFAULT_LISTEN, LoginOptions, ProviderSettings, TLSOptions
@@ -190,7 +191,7 @@ def _listen_addresses(flags: ParsedFlags) -> tuple[str, ...]:
         addresses.append(f"127.0.0.1:{port}")
     for address in addresses:
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise UsageError(f"--listen-address: expected HOST:PORT, got {address!r}")
     return tuple(addresses) or DEFAULT_LISTEN
 
@@ -241,6 +242,11 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
     redirect = flags.str_("oidc-redirect-url")
     if redirect is not None and not redirect.startswith(("http://", "https://")):
         raise UsageError(f"--oidc-redirect-url must be an http(s) URL, got {redirect!r}")
+    if redirect is not None:
+        try:  # the login binds this URL's port: a bad one must fail here, as one line
+            urlsplit(redirect).port  # noqa: B018 - parsed for its ValueError
+        except ValueError:
+            raise UsageError(f"--oidc-redirect-url has no valid port or host: {redirect[:80]!r}") from None
     settings = ProviderSettings(
         issuer=issuer,
         client_id=client_id,

@@ -93,14 +93,30 @@ def test_daemon_is_healthy_after_the_property_test(daemon: Daemon) -> None:
      b"--authentication-timeout-sec must be between 1 and 3600 (one hour)"),
     (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--authentication-timeout-sec=\u00b2"),
      b"--authentication-timeout-sec: expected a whole number"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--listen-address=127.0.0.1:\u00b2"),
+     b"--listen-address: expected HOST:PORT"),
 ], ids=["no-magic", "bad-tag", "invalid-utf8-command", "invalid-utf8-flag", "exec-info-type", "empty", "huge",
         "2MB-unterminated", "deep-exec-info", "deep-exec-info-spec", "400-digit-timeout", "400-digit-v",
-        "timeout-over-cap", "superscript-digit"])
+        "timeout-over-cap", "superscript-digit", "listen-superscript-port"])
 def test_clear_error_for_each_kind_of_bad_request(daemon: Daemon, data: bytes, words: bytes) -> None:
     answer = check_answer(data, exchange(daemon.socket, data))
     assert answer.terminal is not None and answer.terminal.startswith(b"X"), answer.lines
     assert words in answer.terminal, answer.terminal
     assert len(answer.lines) == 1 and not tracebacks(daemon.log()), daemon.log()[-3000:]
+
+
+@pytest.mark.parametrize("url", ["http://localhost:" + "9" * 400, "http://localhost:99999", "http://[::1",
+                                 "http://localhost:\u00b2"])
+def test_a_bad_redirect_url_is_one_line_even_when_the_provider_answers(daemon: Daemon, provider: TestProvider,
+                                                                       url: str) -> None:
+    """The port of --oidc-redirect-url used to be read only when the login bound it, after discovery: with a
+    provider that answers, a bad one ended in "internal error" and a traceback."""
+    data = request("get-token", f"--oidc-issuer-url={provider.issuer}", "--oidc-client-id=kube_login",
+                   "--skip-open-browser", f"--oidc-redirect-url={url}")
+    answer = check_answer(data, exchange(daemon.socket, data))
+    assert answer.lines == [b"X2 brokerd: --oidc-redirect-url has no valid port or host: "
+                            + repr(url[:80]).encode("utf-8", "backslashreplace")], answer.lines
+    assert not tracebacks(daemon.log()), daemon.log()[-3000:]
 
 
 def test_unterminated_request_is_dropped_at_eof(daemon: Daemon) -> None:

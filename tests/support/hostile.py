@@ -126,6 +126,9 @@ _text = st.text(max_size=40)
 _bytes = st.binary(max_size=40)
 # Numbers that broke float(), int() or the stack: 400 digits, floats out of range, digits int() does not take.
 HUGE_NUMBERS = ["9" * 400, "-" + "9" * 400, "1e999", "inf", "nan", "\u00b2", "\u0663", "0x10", "1_000"]
+# Values with a port in them (--oidc-redirect-url, --listen-address) whose port is out of range or not ASCII digits.
+BAD_PORTS = [f"{prefix}{port}" for prefix in ("http://localhost:", "127.0.0.1:", "http://[::1")
+             for port in ("99999", "9" * 400, "\u00b2", "-1", "")]
 # KUBERNETES_EXEC_INFO nested deeper than the interpreter's stack (json recurses).
 DEEP_JSON = ["[" * 30_000 + "]" * 30_000, '{"a":' * 20_000 + "1" + "}" * 20_000,
              '{"apiVersion":"client.authentication.k8s.io/v1","spec":{"interactive":' + "[" * 30_000 + "]" * 30_000
@@ -141,7 +144,7 @@ def flag_field(draw: st.DrawFn, issuer: str) -> bytes:
     mangled = _bytes.map(lambda b: "--oidc-" + b.decode("utf-8", "surrogateescape"))
     name = draw(st.one_of(st.sampled_from(FLAGS), mangled))
     value = draw(st.one_of(_text, _bytes, st.sampled_from(["1", "-1", "0", "x", "auto", "password", "no"]),
-                           st.sampled_from(HUGE_NUMBERS)))
+                           st.sampled_from(HUGE_NUMBERS), st.sampled_from(BAD_PORTS)))
     form = draw(st.sampled_from(["eq", "bare", "split"]))
     if form == "eq":
         return b"A" + _encoded(name) + b"=" + _encoded(value)
