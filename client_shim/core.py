@@ -230,22 +230,21 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
 
 def connect(env: "dict[bytes, bytes]", *, autostart: bool = True) -> "_socket.socket":
     path = socket_path(env)
-    directory = path.rpartition(b"/")[0] or b"."
     try:
-        if _check_dir(directory):
+        if _check_dir(path.rpartition(b"/")[0] or b"."):
             return _connect(path)
-        raise FileNotFoundError
     except (FileNotFoundError, ConnectionRefusedError):
-        if _remote(env):
-            # Never start a daemon on the remote host: the one that can open the browser is at the other end.
-            raise ShimError(3, f"brokerd: nothing answers on the forwarded socket {_show(path)}; is the ssh "
-                               "connection with -R up? (docs/remote.md)") from None
-        if not autostart or env.get(b"BROKERD_NO_AUTOSTART", b"") not in (b"", b"0"):
-            raise ShimError(3, f"brokerd: no daemon is listening on {_show(path)} (start it with `brokerd serve`, "
-                               "or unset BROKERD_NO_AUTOSTART)") from None
-        return _autostart(path, env)
+        pass  # nothing listens: the cases below
     except OSError as exc:
         raise ShimError(3, f"brokerd: cannot connect to {_show(path)}: {exc.strerror or exc}") from None
+    if _remote(env):
+        # Never start a daemon on the remote host: the one that can open the browser is at the other end.
+        raise ShimError(3, f"brokerd: nothing answers on the forwarded socket {_show(path)}; is the ssh "
+                           "connection with -R up? (docs/remote.md)")
+    if not autostart or env.get(b"BROKERD_NO_AUTOSTART", b"") not in (b"", b"0"):
+        raise ShimError(3, f"brokerd: no daemon is listening on {_show(path)} (start it with `brokerd serve`, "
+                           "or unset BROKERD_NO_AUTOSTART)")
+    return _autostart(path, env)
 
 
 def _ask(sock: "_socket.socket", prompt: str, secret: bool) -> None:
