@@ -78,14 +78,26 @@ class ShimCaller:
     """The Caller of sessions.py, speaking the socket protocol to one client."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: Mapping[str, str],
-                 exec_info: execcred.ExecInfo, limits: Limits, *, chooses_browser: bool = True) -> None:
-        self.env = env
-        self.chooses_browser = chooses_browser  # may this caller pick the program that opens the login page?
+                 exec_info: execcred.ExecInfo, limits: Limits, *, may_choose_browser: bool,
+                 pid: int | None) -> None:
+        self._may_choose_browser = may_choose_browser
+        self._pid = pid
+        self._chooses_browser: bool | None = None
+        # The caller's desktop only when it may choose the browser (asked only when it sent one: a /proc lookup).
+        has_desktop = any(name in env for name in protocol.DESKTOP_ENV)
+        self.env = _without_desktop(env) if has_desktop and not self.chooses_browser else env
         self.exec_info = exec_info
         self.interactive = exec_info.interactive
         self._reader = reader
         self._writer = writer
         self._limits = limits
+
+    @property
+    def chooses_browser(self) -> bool:
+        """May this caller pick the program that opens the login page?  Not when it is relayed from another host."""
+        if self._chooses_browser is None:
+            self._chooses_browser = self._may_choose_browser and is_local_peer(self._pid)
+        return self._chooses_browser
 
     def tell(self, text: str) -> None:
         if self._writer.is_closing():
@@ -234,9 +246,8 @@ class Server:
                     raise BrokerError(f"brokerd is busy with {self._long} waiting callers; try again")
                 self._long += 1
                 long_running = True
-            chooses = self.caller_browser and is_local_peer(pid)
-            env = request.env if chooses else _without_desktop(request.env)
-            caller = ShimCaller(reader, writer, env, info, self._limits, chooses_browser=chooses)
+            caller = ShimCaller(reader, writer, request.env, info, self._limits,
+                                may_choose_browser=self.caller_browser, pid=pid)
             result = await self._until_hangup(handler(request, caller), sock) if long_running else \
                 await handler(request, caller)
         except HungUp:
