@@ -72,11 +72,11 @@ def ask(path: Path, request: bytes, answers: Mapping[str, str] | None = None,
                     raise BenchError("the daemon closed the connection without an answer")
                 buf += chunk
                 continue
-            line, buf = buf[:nl].decode(), buf[nl + 1:]
-            kind, body = line[:1], line[1:]
-            if kind in ("O", "X"):
-                return kind, body
-            if kind in ("Q", "S"):
+            line, buf = buf[:nl], buf[nl + 1:]
+            kind, body = line[:1], line[1:].decode()
+            if kind in protocol.TERMINAL:
+                return kind.decode(), body
+            if kind in (protocol.ASK, protocol.ASK_SECRET):
                 reply = (answers or {}).get(body.strip(), "")
                 sock.sendall(protocol.answer_field(reply.encode()))
         raise BenchError("no answer from the daemon in time")

@@ -556,7 +556,7 @@ def raw_request(sock_path: Path, *args: str) -> list[str]:
         client.connect(str(sock_path))
         client.sendall(protocol.encode_request(args, {}, tty=False, program="brokerd"))
         data = b""
-        while not data.endswith(b"\n") or data.split(b"\n")[-2][:1] not in (b"O", b"X"):
+        while not data.endswith(b"\n") or data.split(b"\n")[-2][:1] not in protocol.TERMINAL:
             chunk = client.recv(65536)
             if not chunk:
                 break
