@@ -11,7 +11,6 @@ import json
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from bench.harness import BenchError
+from client_shim import protocol
 from tests.support.daemon import Daemon, login_args
 from tests.support.wait import poll
 
@@ -35,9 +35,12 @@ __all__ = ["PY", "ROOT", "SHIM", "Daemon", "login_args"]
 def compile_helpers(out_dir: Path) -> dict[str, str]:
     """cc -O2 the C client and load generator into out_dir (at bench time, so they match this machine)."""
     built = {}
+    # The C client's protocol constants come from client_shim/protocol.py, so there is one definition.
+    forwarded = ",".join(f'"{name}"' for name in protocol.FORWARDED_ENV)
+    defines = [f'-DBROKERD_MAGIC="{protocol.MAGIC.decode()}"', f"-DBROKERD_FORWARDED={forwarded}"]
     for name in ("client", "loadgen"):
         target = out_dir / name
-        cmd = ["cc", "-O2", "-Wall", "-o", str(target), str(C_DIR / f"{name}.c")]
+        cmd = ["cc", "-O2", "-Wall", *defines, "-o", str(target), str(C_DIR / f"{name}.c")]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise BenchError(f"cc failed for {name}.c: {done.stderr.strip()}")
@@ -47,12 +50,9 @@ def compile_helpers(out_dir: Path) -> dict[str, str]:
 
 def build_request(argv: Sequence[str], env: Mapping[str, str], *, tty: bool = False,
                   program: str = "kubectl-oidc_login") -> bytes:
-    """The request bytes the shim would send (docs/architecture.md), with the tty flag chosen by us."""
-    fields = [b"brokerd1", b"N" + program.encode()]
-    fields += [b"A" + a.encode() for a in argv]
-    fields += [f"E{k}={v}".encode() for k, v in env.items()]
-    fields.append(b"T1" if tty else b"T0")
-    return b"\0".join(fields) + b"\0\0"
+    """The request bytes the shim would send (client_shim/protocol.py), with the tty flag chosen by us."""
+    return protocol.encode_request(list(argv), {k.encode(): v.encode() for k, v in env.items()}, tty=tty,
+                                   program=program)
 
 
 def ask(path: Path, request: bytes, answers: Mapping[str, str] | None = None,
@@ -73,13 +73,13 @@ def ask(path: Path, request: bytes, answers: Mapping[str, str] | None = None,
                     raise BenchError("the daemon closed the connection without an answer")
                 buf += chunk
                 continue
-            line, buf = buf[:nl].decode(), buf[nl + 1:]
-            kind, body = line[:1], line[1:]
-            if kind in ("O", "X"):
-                return kind, body
-            if kind in ("Q", "S"):
+            line, buf = buf[:nl], buf[nl + 1:]
+            kind, body = line[:1], line[1:].decode()
+            if kind in protocol.TERMINAL:
+                return kind.decode(), body
+            if kind in (protocol.ASK, protocol.ASK_SECRET):
                 reply = (answers or {}).get(body.strip(), "")
-                sock.sendall(b"R" + reply.encode() + b"\0")
+                sock.sendall(protocol.answer_field(reply.encode()))
         raise BenchError("no answer from the daemon in time")
 
 
@@ -87,8 +87,10 @@ def peer_pid(path: Path) -> int:
     """The PID of the process serving a Unix socket (SO_PEERCRED), e.g. a daemon a shim autostarted."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[0])
+        pid, _uid = protocol.peer_credentials(sock)
+    if pid is None:
+        raise BenchError("this platform does not say which process serves a socket")
+    return pid
 
 
 def status_kb(pid: int) -> dict[str, int]:

@@ -26,10 +26,9 @@ from urllib.parse import urlsplit
 from brokerd import systemd
 from brokerd.errors import LoginError
 from brokerd.oidc_wire import safe_text
+from client_shim.protocol import DESKTOP_ENV
 
 log = logging.getLogger("brokerd.browser")
-
-FORWARDED_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY")
 
 
 def browser_url(url: str, what: str = "the login URL") -> str:
@@ -77,7 +76,7 @@ class BrowserOpener:
     async def open(self, url: str, *, command: str | None, caller_env: Mapping[str, str]) -> bool:
         url = browser_url(url)  # callers check first, with their own wording; this is the last line of defence
         env = dict(self._base_env)
-        forwarded = {k: v for k, v in caller_env.items() if k in FORWARDED_ENV}
+        forwarded = {k: v for k, v in caller_env.items() if k in DESKTOP_ENV}
         env.update(forwarded)
         for argv in candidate_commands(url, command, env):
             if shutil.which(argv[0], path=env.get("PATH")) is None:

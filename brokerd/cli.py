@@ -78,25 +78,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_daemon(argv: list[str]) -> Any:
-    """Send a command to the running daemon (no autostart) and decode its JSON answer."""
+def _call_daemon(argv: list[str], *, autostart: bool = False) -> bytes:
+    """The one way this CLI talks to the daemon: the shim's request (client_shim/core.py) on the daemon's socket.
+    Returns the result line's bytes; a failure raises the shim's ShimError (exit code and one line)."""
     from client_shim import core as shim
 
     env = dict(os.environb)
-    env[b"BROKERD_NO_AUTOSTART"] = b"1"
     env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
-    out: list[bytes] = []
+    return shim.request(argv, env, "brokerd", autostart=autostart)
+
+
+def _ask_daemon(argv: list[str]) -> Any:
+    """An admin command (no autostart): its JSON answer."""
+    return json.loads(_call_daemon(argv))
+
+
+def _daemon_running(socket_path: Path) -> bool:
+    """Something answers on the socket, or holds the daemon's lock file beside it (a daemon that is starting or
+    stopping still owns its store)."""
+    import fcntl
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
     try:
-        sock = shim.connect(env)
-    except SystemExit as exc:
-        raise SystemExit(int(exc.code or 3)) from None
-    try:
-        code = shim.converse(sock, shim.build_request(argv, env, "brokerd"), out)
+        probe.connect(str(socket_path))
+        return True
+    except OSError:
+        pass
     finally:
-        sock.close()
-    if code:
-        raise SystemExit(code)
-    return json.loads(out[0])
+        probe.close()
+    try:
+        lock = open(socket_path.parent / (socket_path.name + ".lock"), "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: assume it runs, since deleting a live daemon's store loses sessions
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return True
+    return False
+
+
+def _shown(value: Any) -> str:
+    """A value from the daemon (claims come from the provider) as text that cannot drive the terminal."""
+    from client_shim.protocol import for_terminal
+
+    return for_terminal(str(value))
 
 
 def _when(epoch: float | None, now: float) -> str:
@@ -126,12 +158,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     now = time.time()
     for s in sessions:
-        name = f" ({s['session_name']})" if s.get("session_name") else ""
-        print(f"session {s['session']}{name}")
-        print(f"  issuer:        {s['issuer']}")
-        print(f"  client id:     {s['client_id']}")
-        print(f"  user:          {s.get('username') or '-'}" + (f"  <{s['email']}>" if s.get("email") else ""))
-        print(f"  groups:        {', '.join(s.get('groups') or []) or '-'}")
+        name = f" ({_shown(s['session_name'])})" if s.get("session_name") else ""
+        print(f"session {_shown(s['session'])}{name}")
+        print(f"  issuer:        {_shown(s['issuer'])}")
+        print(f"  client id:     {_shown(s['client_id'])}")
+        print(f"  user:          {_shown(s.get('username') or '-')}"
+              + (f"  <{_shown(s['email'])}>" if s.get("email") else ""))
+        print(f"  groups:        {_shown(', '.join(map(str, s.get('groups') or [])) or '-')}")
         print(f"  expires:       {_when(s.get('expires_at'), now)}")
         print(f"  refresh token: {'yes' if s.get('refresh_token') else 'no'}")
         retry = "  (retrying after a failed refresh)" if s.get("refresh_retrying") else ""
@@ -155,15 +188,24 @@ def cmd_logout(args: argparse.Namespace) -> int:
     if not ended:
         print("no matching sessions")
     for s in ended:
-        print(f"logged out of {s['issuer']} (client {s['client_id']}, session {s['session']}): {s['result']}")
+        print(f"logged out of {_shown(s['issuer'])} (client {_shown(s['client_id'])}, session {_shown(s['session'])}):"
+              f" {_shown(s['result'])}")
     return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    """Forget every session: through the daemon when it runs (it also revokes), else straight in the store."""
+    """Forget every session: through the daemon when it runs (it also revokes), else straight in the store.
+    Never behind a running daemon's back: it holds the store and would write its sessions back."""
+    from client_shim.core import ShimError
+
     try:
         doc = _ask_daemon(["logout"])
-    except SystemExit:
+    except ShimError as exc:
+        if exc.answered or _daemon_running(paths.socket_path(os.environ)):
+            print(exc.text, file=sys.stderr)
+            print("brokerd: a daemon is running, so its store was left alone; stop it or try again",
+                  file=sys.stderr)
+            return exc.code
         from brokerd.store import SessionStore
 
         SessionStore(paths.state_dir(os.environ)).clear()
@@ -197,19 +239,11 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
 
 
 def _passthrough(argv: list[str]) -> int:
-    """``brokerd get-token|setup ...``: the same request the shim sends, from the full CLI."""
-    from client_shim import core as shim
-
-    env = dict(os.environb)
-    env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
-    try:
-        sock = shim.connect(env)
-    except SystemExit as exc:
-        return int(exc.code or 3)
-    try:
-        return shim.converse(sock, shim.build_request(argv, env, "brokerd"))
-    finally:
-        sock.close()
+    """``brokerd get-token ...``: the same request the shim sends, from the full CLI."""
+    data = _call_daemon(argv, autostart=True) + b"\n"
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
 
 
 def _setup(argv: list[str]) -> int:
@@ -218,23 +252,11 @@ def _setup(argv: list[str]) -> int:
     from brokerd.setup import render_report
     from client_shim import core as shim
 
-    env = dict(os.environb)
-    env[b"BROKERD_SOCKET"] = os.fsencode(paths.socket_path(os.environ))
-    out: list[bytes] = []
-    try:
-        sock = shim.connect(env)
-    except SystemExit as exc:
-        return int(exc.code or 3)
-    try:
-        code = shim.converse(sock, shim.build_request(argv, env, "brokerd"), out)
-    finally:
-        sock.close()
-    if code:
-        return code
-    doc = json.loads(out[0])
+    doc = json.loads(_call_daemon(argv, autostart=True))
     # The launcher beside core.py: the file kubectl should run (it imports core from cached bytecode).
     shim_path = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or ".")), "shim.py")
-    print(render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path))
+    report = render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path)
+    print("\n".join(_shown(line) for line in report.split("\n")))  # claims and provider text: no control chars
     return 0 if doc.get("logged_in") else 1
 
 
@@ -266,14 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from client_shim.core import ShimError
+
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["get-token"]:
-        return _passthrough(args_list)
-    if args_list[:1] == ["setup"]:
-        return _setup(args_list)
-    args = build_parser().parse_args(args_list)
     try:
+        if args_list[:1] == ["get-token"]:
+            return _passthrough(args_list)
+        if args_list[:1] == ["setup"]:
+            return _setup(args_list)
+        args = build_parser().parse_args(args_list)
         return int(args.fn(args))
+    except ShimError as exc:
+        print(exc.text, file=sys.stderr)
+        return exc.code
     except BrokerError as exc:
         print(f"brokerd: {exc}", file=sys.stderr)
         return exc.exit_code

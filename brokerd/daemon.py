@@ -31,11 +31,12 @@ from brokerd.clock import SystemClock
 from brokerd.config import Settings, load_settings
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
-from brokerd.paths import ensure_private_dir
+from brokerd.paths import ensure_socket_dir
 from brokerd.server import Limits, Server
 from brokerd.sessions import SessionManager
 from brokerd.store import SessionStore
 from brokerd.tls import ProviderClients
+from client_shim.protocol import peer_check_available
 
 log = logging.getLogger("brokerd")
 
@@ -109,11 +110,15 @@ class Daemon:
         notifier = systemd.Notifier.from_environ(unset_environment=True)
         activated = systemd.listen_fds(unset_environment=True)
         lock: IO[bytes] | None = None
+        if not peer_check_available():
+            # Without it any local user could ask this daemon for tokens: refuse to serve rather than skip the check.
+            raise ConfigError("this platform cannot tell who connects to a Unix socket (no SO_PEERCRED or "
+                              "LOCAL_PEERCRED); brokerd will not serve without that check")
         if activated:
             sock = activated[0]
             sock.setblocking(False)
         else:
-            ensure_private_dir(config.socket_path.parent)
+            ensure_socket_dir(config.socket_path.parent)
             lock = _lock_runtime_dir(config.socket_path)
             sock = bind_socket(config.socket_path)
             self._owned_socket = config.socket_path

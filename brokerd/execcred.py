@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 
 from brokerd.errors import UsageError
 from brokerd.models import EXEC_API_V1, EXEC_API_V1BETA1
@@ -27,6 +26,8 @@ def parse_exec_info(raw: str | None, *, stdin_is_tty: bool = False) -> ExecInfo:
         doc = json.loads(raw)
     except ValueError as exc:
         raise UsageError("KUBERNETES_EXEC_INFO is not valid JSON") from exc
+    except RecursionError:  # nesting deeper than the interpreter's stack; kubectl sends three levels
+        raise UsageError("KUBERNETES_EXEC_INFO is nested too deeply") from None
     if not isinstance(doc, dict):
         raise UsageError("KUBERNETES_EXEC_INFO is not a JSON object")
     version = doc.get("apiVersion") or EXEC_API_V1BETA1
@@ -41,7 +42,6 @@ def rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@lru_cache(maxsize=64)  # the same token goes to every caller until it is renewed
 def render(api_version: str, token: str, expires_at: float) -> str:
     """One line of JSON; ``expires_at`` is already the time kubectl should stop using the token."""
     doc = {

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from brokerd.errors import UsageError
 from brokerd.models import DEFAULT_LISTEN, LoginOptions, ProviderSettings, TLSOptions
@@ -58,6 +59,8 @@ SETUP_FLAGS: dict[str, Kind] = {
     "oidc-groups-prefix": "str",
 }
 ALIASES = {"-v": "v"}
+MAX_INT_DIGITS = 9
+MAX_AUTHENTICATION_TIMEOUT = 3600  # a login that waits longer holds a caller's connection slot for nothing
 GRANT_TYPES = ("auto", "authcode", "authcode-keyboard", "password", "device-code", "client-credentials")
 PKCE_METHODS = ("auto", "no", "S256")
 CACHE_STORAGES = ("disk", "keyring", "none")
@@ -161,10 +164,12 @@ def parse_flags(args: Sequence[str], known: Mapping[str, Kind] = FLAGS) -> Parse
         if kind == "str":
             parsed.values[name] = value
         elif kind == "int":
-            try:
-                parsed.values[name] = int(value)
-            except ValueError:
-                raise UsageError(f"--{name}: expected a whole number, got {value!r}") from None
+            number = value.strip()
+            # A bound on digits first: int() of a huge string is slow, and a huge number breaks float() later.
+            if not (number.lstrip("+-").isdigit() and number.isascii() and len(number) <= MAX_INT_DIGITS):
+                raise UsageError(f"--{name}: expected a whole number of at most {MAX_INT_DIGITS} digits, "
+                                 f"got {value[:40]!r}")
+            parsed.values[name] = int(number)
         elif kind == "list":
             old = parsed.values.setdefault(name, [])
             assert isinstance(old, list)
@@ -189,7 +194,7 @@ def listen_addresses(flags: ParsedFlags) -> tuple[str, ...]:
         addresses.append(f"127.0.0.1:{port}")
     for address in addresses:
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise UsageError(f"--listen-address: expected HOST:PORT, got {address!r}")
     return tuple(addresses) or DEFAULT_LISTEN
 
@@ -198,6 +203,11 @@ def _http_url(flags: ParsedFlags, name: str) -> str | None:
     value = flags.str_(name)
     if value is not None and not value.startswith(("http://", "https://")):
         raise UsageError(f"--{name} must be an http(s) URL, got {value!r}")
+    if value is not None:
+        try:  # a login binds the redirect URL's port: a bad one must fail here, as one line
+            urlsplit(value).port  # noqa: B018 - parsed for its ValueError
+        except ValueError:
+            raise UsageError(f"--{name} has no valid port or host: {value[:80]!r}") from None
     return value
 
 
@@ -265,8 +275,8 @@ def login_options(flags: ParsedFlags) -> LoginOptions:
     """How this caller wants a login done when one is needed (never part of the session)."""
     timeout = flags.values.get("authentication-timeout-sec", 180)
     assert isinstance(timeout, int)
-    if timeout <= 0:
-        raise UsageError("--authentication-timeout-sec must be positive")
+    if not 0 < timeout <= MAX_AUTHENTICATION_TIMEOUT:
+        raise UsageError(f"--authentication-timeout-sec must be between 1 and {MAX_AUTHENTICATION_TIMEOUT} (one hour)")
     cert = _absolute("local-server-cert", flags.str_("local-server-cert"))
     key = _absolute("local-server-key", flags.str_("local-server-key"))
     if (cert is None) != (key is None):

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import platformdirs
 
+from brokerd.errors import ConfigError
+from client_shim.protocol import private_dir_problem
+
 log = logging.getLogger("brokerd.paths")
 
 APP = "brokerd"
@@ -52,9 +55,18 @@ def ensure_private_dir(path: Path) -> None:
     another user owns (PermissionError), since whoever owns it can read or replace what we put there."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
-    if st.st_uid != os.geteuid():
-        raise PermissionError(errno.EPERM, f"directory is owned by uid {st.st_uid}, not by this user", str(path))
+    problem = private_dir_problem(str(path), st.st_uid, (st.st_mode & ~0o777) | 0o700, os.geteuid())
+    if problem:  # not ours (a looser mode of our own directory is fixed below)
+        raise PermissionError(errno.EPERM, problem, str(path))
     mode = stat.S_IMODE(st.st_mode)
     if mode != 0o700:
         log.warning("directory %s had mode %03o; tightening to 0700", path, mode)
         path.chmod(0o700)
+
+
+def ensure_socket_dir(path: Path) -> None:
+    """ensure_private_dir for the socket's directory, refused with the line the shim prints for it too."""
+    try:
+        ensure_private_dir(path)
+    except OSError as exc:
+        raise ConfigError(exc.strerror or str(exc)) from None

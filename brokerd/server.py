@@ -1,4 +1,4 @@
-"""The Unix-socket API (protocol in docs/architecture.md): peer check, request parsing, dispatch, error table."""
+"""The Unix-socket API (protocol: client_shim/protocol.py): peer check, request parsing, dispatch, error table."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import resource
-import socket
-import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,16 +17,18 @@ from brokerd.callerlog import telling
 from brokerd.config import Settings
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
 from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, ignored_flag_notes, parse_flags, request_from_flags
-from brokerd.models import LoginOptions, ProviderSettings
+from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import ClientFactory
+from brokerd.peers import hung_up, is_local_peer
 from brokerd.sessions import SessionManager
+from client_shim import protocol
+from client_shim.protocol import Request
 
 log = logging.getLogger("brokerd.server")
 
-MAGIC = b"brokerd1"
 PARSE_CACHE_SIZE = 256
-DESKTOP_ENV = frozenset({"BROWSER", "DISPLAY", "WAYLAND_DISPLAY"})
-FORWARDED_ENV = frozenset({"KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "BROKERD_PROFILE"})
+RENDER_CACHE_SIZE = 16
+LONG_COMMANDS = frozenset({"get-token", "setup"})  # may wait minutes for a login; admin commands answer at once
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,13 @@ class Limits:
     accept(), the store or the provider's HTTP fail with EMFILE.
     """
 
-    max_request: int = 64 * 1024
+    max_request: int = protocol.MAX_REQUEST
     read_timeout: float = 10.0  # a client that has not sent its whole request by then is dropped
     answer_timeout: float = 300.0  # a prompt the person does not answer
     max_connections: int = 1024
     fd_reserve: int = 128  # descriptors kept free for everything that is not a client connection
+    admin_reserve: int = 16  # connections get-token/setup callers can never take: status, logout, version
+    hangup_poll: float = 1.0  # how often a waiting caller is checked for having hung up
 
     def connection_cap(self) -> int:
         try:
@@ -59,88 +61,63 @@ class Limits:
         return max(1, min(self.max_connections, soft - self.fd_reserve))
 
 
-@dataclass(frozen=True)
-class Request:
-    argv: tuple[str, ...]
-    env: Mapping[str, str]
-    stdin_tty: bool
-    program: str
-
-
 def parse_request(data: bytes) -> Request:
-    """Parse one request (without its final ``\\0\\0``).  Bytes that are not UTF-8 are kept as surrogates
-    (``surrogateescape``) so argv round-trips; everything that writes them back out must use an error handler."""
-    fields = data.split(b"\0")
-    if not fields or fields[0] != MAGIC:
-        raise ProtocolError("not a brokerd request (protocol version mismatch? upgrade the shim and the daemon)")
-    argv: list[str] = []
-    env: dict[str, str] = {}
-    tty = False
-    program = ""
-    for raw in fields[1:]:
-        if not raw:
-            continue
-        try:
-            text = raw.decode("utf-8", "surrogateescape")
-        except UnicodeDecodeError as exc:  # pragma: no cover - surrogateescape decodes anything
-            raise ProtocolError("undecodable request field") from exc
-        tag, value = text[0], text[1:]
-        if tag == "A":
-            argv.append(value)
-        elif tag == "E":
-            name, sep, val = value.partition("=")
-            if sep and name in FORWARDED_ENV:
-                env[name] = val
-        elif tag == "T":
-            tty = value == "1"
-        elif tag == "N":
-            program = value
-        else:
-            raise ProtocolError(f"unknown request field tag {tag!r}")
-    return Request(tuple(argv), env, tty, program)
+    try:
+        return protocol.decode_request(data)
+    except protocol.ProtocolViolation as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+class HungUp(Exception):
+    """The caller closed its end while it waited (not a BrokerError: there is nobody to tell)."""
 
 
 def _without_desktop(env: Mapping[str, str]) -> Mapping[str, str]:
-    return {k: v for k, v in env.items() if k not in DESKTOP_ENV}
-
-
-def peer_uid(sock: socket.socket | None) -> int | None:
-    if sock is None or not hasattr(socket, "SO_PEERCRED"):
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    return {k: v for k, v in env.items() if k not in protocol.DESKTOP_ENV}
 
 
 class ShimCaller:
     """The Caller of sessions.py, speaking the socket protocol to one client."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: Mapping[str, str],
-                 exec_info: execcred.ExecInfo, limits: Limits) -> None:
-        self.env = env
+                 exec_info: execcred.ExecInfo, limits: Limits, *, may_choose_browser: bool,
+                 pid: int | None) -> None:
+        self._may_choose_browser = may_choose_browser
+        self._pid = pid
+        self._chooses_browser: bool | None = None
+        # The caller's desktop only when it may choose the browser (asked only when it sent one: a /proc lookup).
+        has_desktop = any(name in env for name in protocol.DESKTOP_ENV)
+        self.env = _without_desktop(env) if has_desktop and not self.chooses_browser else env
         self.exec_info = exec_info
         self.interactive = exec_info.interactive
         self._reader = reader
         self._writer = writer
         self._limits = limits
 
+    @property
+    def chooses_browser(self) -> bool:
+        """May this caller pick the program that opens the login page?  Not when it is relayed from another host."""
+        if self._chooses_browser is None:
+            self._chooses_browser = self._may_choose_browser and is_local_peer(self._pid)
+        return self._chooses_browser
+
     def tell(self, text: str) -> None:
         if self._writer.is_closing():
             return
         for line in text.splitlines() or [""]:
-            self._writer.write(b"M" + line.encode("utf-8", "replace") + b"\n")
+            self._writer.write(protocol.message_line(line))
 
     async def ask(self, prompt: str, *, secret: bool) -> str:
         if not self.interactive:
             raise UsageError(f"brokerd needs an answer to {prompt.strip()!r} but kubectl gave the plugin no terminal "
                              "(set interactiveMode: IfAvailable and run kubectl in a terminal)")
-        self._writer.write((b"S" if secret else b"Q") + prompt.encode() + b"\n")
+        self._writer.write(protocol.prompt_line(prompt, secret=secret))
         await self._writer.drain()
         try:
             raw = await asyncio.wait_for(self._reader.readuntil(b"\0"), self._limits.answer_timeout)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
             raise UsageError("no answer was given on the terminal") from exc
-        if not raw.startswith(b"R"):
+        if not raw.startswith(protocol.ANSWER):
             raise ProtocolError("unexpected answer from the client")
         return raw[1:-1].decode("utf-8", "replace")
 
@@ -166,6 +143,11 @@ class Server:
         # Connections still sending their request, oldest first (dicts keep insertion order): eviction candidates.
         self._reading: dict[asyncio.StreamWriter, None] = {}
         self._dropped: set[asyncio.StreamWriter] = set()
+        self._long = 0  # connections in a LONG_COMMANDS handler
+        self._long_cap = max(1, self._cap - min(self._limits.admin_reserve, self._cap // 4))
+        # The same credential goes to every caller until it is renewed: rendered once.  Holds tokens, so it is
+        # small and emptied by every logout.
+        self._rendered: dict[tuple[str, str, float], str] = {}
         self.handlers: dict[str, Handler] = {
             "get-token": self._get_token,
             "version": self._version,
@@ -213,8 +195,15 @@ class Server:
         return False
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        uid = peer_uid(writer.get_extra_info("socket"))
-        if uid is not None and uid != self._uid:
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, uid = protocol.peer_credentials(sock)
+        except (OSError, AttributeError) as exc:
+            # Never serve a caller we could not check (daemon.py refuses to start where no check exists).
+            log.warning("refused a connection whose peer cannot be checked: %s", exc)
+            self._write_error(writer, PeerRejected("brokerd cannot tell who is connecting; refused"))
+            return
+        if uid != self._uid:
             log.warning("refused a connection from uid %d (only uid %d may use this daemon)", uid, self._uid)
             self._write_error(writer, PeerRejected("brokerd serves only the user that runs it"))
             # Closing at once would make the client's send fail (EPIPE) before it reads why; take what it sends
@@ -229,7 +218,7 @@ class Server:
         self._reading[writer] = None
         try:
             async with asyncio.timeout(self._limits.read_timeout):  # no extra task per request, unlike wait_for
-                data = await reader.readuntil(b"\0\0")
+                data = await reader.readuntil(protocol.END)
         except (asyncio.LimitOverrunError, ValueError):
             # ValueError: StreamReader's own limit check when the buffer overflows without a separator.
             self._write_error(writer, ProtocolError(f"request larger than {self._limits.max_request} bytes"))
@@ -240,6 +229,7 @@ class Server:
             return
         finally:
             self._reading.pop(writer, None)
+        long_running = False
         try:
             request, info = self._parse(data)
             command = request.argv[0] if request.argv else ""
@@ -247,31 +237,71 @@ class Server:
             if handler is None:
                 raise UsageError(f"unknown command {command!r} (commands: {', '.join(sorted(self.handlers))})"
                                  if command else "no command given (try get-token)")
-            env = request.env if self.caller_browser else _without_desktop(request.env)
-            caller = ShimCaller(reader, writer, env, info, self._limits)
-            result = await handler(request, caller)
+            if command in LONG_COMMANDS:
+                # Their own budget: callers joined to pending logins must never crowd out status and logout.
+                if self._long >= self._long_cap:
+                    log.warning("%d callers are waiting for tokens; refused one more", self._long)
+                    raise BrokerError(f"brokerd is busy with {self._long} waiting callers; try again")
+                self._long += 1
+                long_running = True
+            caller = ShimCaller(reader, writer, request.env, info, self._limits,
+                                may_choose_browser=self.caller_browser, pid=pid)
+            result = await self._until_hangup(handler(request, caller), sock) if long_running else \
+                await handler(request, caller)
+        except HungUp:
+            log.debug("a caller hung up while it waited; dropped it from the wait")
+            return
         except BrokerError as exc:
             self._write_error(writer, exc)
         except Exception:
             log.exception("internal error while serving a request")
             self._write_error(writer, BrokerError("internal error in brokerd (details in its log)"))
         else:
-            writer.write(b"O" + result.encode("utf-8", "backslashreplace") + b"\n")
+            writer.write(protocol.result_line(result))
+        finally:
+            if long_running:
+                self._long -= 1
         await writer.drain()
+
+    async def _until_hangup(self, work: Awaitable[str], sock: Any) -> str:
+        """``work``, abandoned (HungUp) when the caller hangs up meanwhile.  A caller that half-closes (shutdown
+        SHUT_WR, then reads) is still there: only a full close counts, which poll() reports as POLLHUP."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        gone = False
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal gone, timer
+            if hung_up(sock):
+                gone = True
+                task.cancel()
+            else:
+                timer = loop.call_later(self._limits.hangup_poll, check)
+
+        timer = loop.call_later(self._limits.hangup_poll, check)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:
+                raise HungUp from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     @staticmethod
     def _write_error(writer: asyncio.StreamWriter, exc: BrokerError) -> None:
         if writer.is_closing():
             return
-        # One line: a client's own bytes (surrogate-escaped argv) may be quoted back, so never fail to encode.
-        text = " ".join(str(exc).splitlines())
-        writer.write(f"X{exc.exit_code} brokerd: {text}\n".encode("utf-8", "backslashreplace"))
+        writer.write(protocol.error_line(exc.exit_code, f"brokerd: {exc}"))
 
     def _parse(self, data: bytes) -> tuple[Request, execcred.ExecInfo]:
         # kubectl sends the same bytes on every call from one kubeconfig: parse them once (bounded cache).
         cached = self._requests.get(data)
         if cached is None:
-            request = parse_request(data[:-2])
+            request = parse_request(data)
             info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
             cached = (request, info)
             if len(self._requests) >= PARSE_CACHE_SIZE:
@@ -313,14 +343,25 @@ class Server:
         settings, options, notes = self._request_settings(request.argv[1:], request.env)
         for note in notes:
             caller.tell(note)
-        if options.browser_command and not self.caller_browser:
-            caller.tell("note: --browser-command is ignored: this daemon opens its own browser (caller_browser = "
-                        "false in its config)")
+        tokens = await self._token_for_caller(settings, options, caller)
+        token, expiry = self._sessions.credential(settings, tokens)
+        key = (caller.exec_info.api_version, token, expiry)
+        rendered = self._rendered.get(key)
+        if rendered is None:
+            if len(self._rendered) >= RENDER_CACHE_SIZE:
+                self._rendered.clear()
+            rendered = self._rendered[key] = execcred.render(*key)
+        return rendered
+
+    async def _token_for_caller(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
+        """sessions.get_token, without a --browser-command the caller may not choose (get-token and setup alike)."""
+        if options.browser_command and not (isinstance(caller, ShimCaller) and caller.chooses_browser):
+            caller.tell("note: --browser-command is ignored: this daemon opens its own browser for " + (
+                "forwarded callers (docs/remote.md)" if self.caller_browser else
+                "every caller (caller_browser = false in its config)"))
             options = replace(options, browser_command=None)
         with telling(caller.tell, options.verbosity):  # -v: this caller sees the log lines of its own request
-            tokens = await self._sessions.get_token(settings, options, caller)
-        token, expiry = self._sessions.credential(settings, tokens)
-        return execcred.render(caller.exec_info.api_version, token, expiry)
+            return await self._sessions.get_token(settings, options, caller)
 
     async def _version(self, request: Request, caller: ShimCaller) -> str:
         return f"brokerd {__version__}"  # as `brokerd version` prints it
@@ -341,7 +382,10 @@ class Server:
                     raise UsageError(f"logout: {name} needs a value")
                 value = args.pop(0)
             filters[name[2:].replace("-", "_")] = value
-        return json.dumps({"logged_out": await self._sessions.logout(**filters)})
+        try:
+            return json.dumps({"logged_out": await self._sessions.logout(**filters)})
+        finally:
+            self._rendered.clear()  # no token of a logged-out session stays in memory here
 
     async def _setup(self, request: Request, caller: ShimCaller) -> str:
         from brokerd.setup import kubeconfig_args, run_setup
@@ -350,7 +394,7 @@ class Server:
         known = {**FLAGS, **SETUP_FLAGS}
         own = parse_flags(args, known)
         flags = self._flags(args, request.env, known)
-        report = await run_setup(flags, self._client_for, self._sessions.get_token, caller)
+        report = await run_setup(flags, self._client_for, self._token_for_caller, caller)
         for note in ignored_flag_notes(flags):
             caller.tell(note)
         report["kubeconfig_args"] = kubeconfig_args(own)  # the command line's flags: a profile stays a profile

@@ -6,17 +6,28 @@ This runs on every kubectl call, so it imports almost nothing: ``posix`` and ``_
 loaded, ``os``/``json``/``subprocess`` are not (each costs milliseconds).  Run it as
 ``/abs/python3 -I -S /abs/path/shim.py get-token ...`` for the fastest start.  The daemon does all the work,
 including parsing the flags and building the ExecCredential; the shim relays bytes.  stdout carries only the
-ExecCredential; everything for the person goes to stderr.  Protocol: docs/architecture.md.
+ExecCredential; everything for the person goes to stderr.  Protocol: client_shim/protocol.py.
 """
 
 import _socket
 import posix
 import sys
 
-FORWARDED = (b"KUBERNETES_EXEC_INFO", b"BROWSER", b"DISPLAY", b"WAYLAND_DISPLAY", b"BROKERD_PROFILE")
-DESKTOP = (b"BROWSER", b"DISPLAY", b"WAYLAND_DISPLAY")  # not forwarded by a remote shim: its desktop is elsewhere
+from client_shim import protocol
+
 CONNECT_WAIT = 10.0  # seconds to wait for an autostarted daemon's socket
 REPLY_TIMEOUT = 3600.0  # the daemon bounds every login itself; this only guards against a wedged daemon
+
+
+class ShimError(Exception):
+    """Why a request to the daemon failed: the exit code and the one line for the person (printed by whoever
+    catches it: the shim's main or brokerd's CLI).  ``answered``: the daemon itself said so (it is running)."""
+
+    def __init__(self, code: int, text: str, *, answered: bool = False) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.answered = answered
 
 
 def _err(text: str) -> None:
@@ -125,19 +136,39 @@ def _remote(env: "dict[bytes, bytes]") -> bool:
 
 
 def build_request(argv: "list[str]", env: "dict[bytes, bytes]", program: str) -> bytes:
-    fields = [b"brokerd1", b"N" + program.encode("utf-8", "surrogateescape")]
-    fields += [b"A" + a.encode("utf-8", "surrogateescape") for a in argv]
-    remote = _remote(env)
-    fields += [b"E" + name + b"=" + env[name] for name in FORWARDED
-               if name in env and not (remote and name in DESKTOP)]
-    fields.append(b"T1" if posix.isatty(0) else b"T0")
-    return b"\0".join(fields) + b"\0\0"
+    return protocol.encode_request(argv, protocol.forwarded_env(env, _remote(env)), tty=posix.isatty(0),
+                                   program=program)
+
+
+def _check_dir(directory: bytes) -> bool:
+    """False when the directory is missing; ShimError when it is not the user's own 0700 directory."""
+    try:
+        st = posix.stat(directory)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ShimError(3, f"brokerd: cannot use the socket directory {_show(directory)}: {exc.strerror}") from None
+    problem = protocol.private_dir_problem(_show(directory), st.st_uid, st.st_mode, posix.geteuid())
+    if problem:
+        raise ShimError(3, "brokerd: " + problem)
+    return True
+
+
+def _show(path: bytes) -> str:
+    return protocol.for_terminal(path.decode("utf-8", "replace"))
 
 
 def _connect(path: bytes) -> "_socket.socket":
+    """Connect, then make sure the listener is our own uid before a byte is sent (SO_PEERCRED)."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
+        try:
+            _pid, uid = protocol.peer_credentials(sock)
+        except OSError as exc:
+            raise ShimError(3, f"brokerd: cannot check who serves {_show(path)}: {exc.strerror or exc}") from None
+        if uid != posix.geteuid():
+            raise ShimError(3, "brokerd: " + protocol.FOREIGN_LISTENER.format(path=_show(path), uid=uid))
     except BaseException:
         sock.close()
         raise
@@ -160,7 +191,8 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
         try:
             os.mkdir(level, 0o700)
         except FileExistsError:
-            continue  # another shim won the race to create it
+            continue  # another shim won the race to create it (or someone else did: checked below)
+    _check_dir(directory)
     # One starter at a time: shims that lose the race wait here, then find the winner's socket.
     lock = os.open(directory + b"/autostart.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -188,45 +220,40 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
                 pass
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                raise SystemExit(_fail(3, "brokerd: the daemon exited at start (status "
-                                          f"{os.waitstatus_to_exitcode(status)}); run `brokerd serve` to see why"))
+                raise ShimError(3, "brokerd: the daemon exited at start (status "
+                                   f"{os.waitstatus_to_exitcode(status)}); run `brokerd serve` to see why")
             time.sleep(0.02)
-        raise SystemExit(_fail(3, f"brokerd: started the daemon but it did not answer within {CONNECT_WAIT:.0f} s"))
+        raise ShimError(3, f"brokerd: started the daemon but it did not answer within {CONNECT_WAIT:.0f} s")
     finally:
         os.close(lock)
 
 
-def _fail(code: int, text: str) -> int:
-    _err(text)
-    return code
-
-
-def connect(env: "dict[bytes, bytes]") -> "_socket.socket":
+def connect(env: "dict[bytes, bytes]", *, autostart: bool = True) -> "_socket.socket":
     path = socket_path(env)
     try:
-        return _connect(path)
+        if _check_dir(path.rpartition(b"/")[0] or b"."):
+            return _connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
-        if _remote(env):
-            # Never start a daemon on the remote host: the one that can open the browser is at the other end.
-            where = path.decode("utf-8", "replace")
-            raise SystemExit(_fail(3, f"brokerd: nothing answers on the forwarded socket {where}; is the ssh "
-                                      "connection with -R up? (docs/remote.md)")) from None
-        if env.get(b"BROKERD_NO_AUTOSTART", b"") not in (b"", b"0"):
-            where = path.decode("utf-8", "replace")
-            raise SystemExit(_fail(3, f"brokerd: no daemon is listening on {where} (start it with `brokerd serve`, "
-                                      "or unset BROKERD_NO_AUTOSTART)")) from None
-        return _autostart(path, env)
+        pass  # nothing listens: the cases below
     except OSError as exc:
-        where = path.decode("utf-8", "replace")
-        raise SystemExit(_fail(3, f"brokerd: cannot connect to {where}: {exc.strerror or exc}")) from None
+        raise ShimError(3, f"brokerd: cannot connect to {_show(path)}: {exc.strerror or exc}") from None
+    if _remote(env):
+        # Never start a daemon on the remote host: the one that can open the browser is at the other end.
+        raise ShimError(3, f"brokerd: nothing answers on the forwarded socket {_show(path)}; is the ssh "
+                           "connection with -R up? (docs/remote.md)")
+    if not autostart or env.get(b"BROKERD_NO_AUTOSTART", b"") not in (b"", b"0"):
+        raise ShimError(3, f"brokerd: no daemon is listening on {_show(path)} (start it with `brokerd serve`, "
+                           "or unset BROKERD_NO_AUTOSTART)")
+    return _autostart(path, env)
 
 
 def _ask(sock: "_socket.socket", prompt: str, secret: bool) -> None:
     try:
         tty = open("/dev/tty", "r+b", buffering=0)  # noqa: SIM115 - closed below
     except OSError:
-        sock.sendall(b"R\0")
+        sock.sendall(protocol.answer_field(b""))
         return
+    prompt = protocol.for_terminal(prompt)
     with tty:
         if not secret:
             tty.write(prompt.encode())
@@ -247,11 +274,12 @@ def _ask(sock: "_socket.socket", prompt: str, secret: bool) -> None:
             finally:
                 termios.tcsetattr(fd, termios.TCSANOW, old)
                 tty.write(b"\n")
-    sock.sendall(b"R" + line.rstrip(b"\r\n").replace(b"\0", b"") + b"\0")
+    sock.sendall(protocol.answer_field(line.rstrip(b"\r\n")))
 
 
-def converse(sock: "_socket.socket", request: bytes, out: "list[bytes] | None" = None) -> int:
-    """Send the request, relay messages, print the result.  With ``out``, the result is appended there instead."""
+def converse(sock: "_socket.socket", request: bytes) -> bytes:
+    """Send the request, show the daemon's messages and prompts to the person, return the result's bytes.
+    ShimError when the daemon answers with an error or not at all."""
     sock.settimeout(REPLY_TIMEOUT)
     try:  # noqa: SIM105 - contextlib would cost an import on kubectl's hot path
         sock.sendall(request)
@@ -263,29 +291,36 @@ def converse(sock: "_socket.socket", request: bytes, out: "list[bytes] | None" =
         if nl < 0:
             chunk = sock.recv(65536)
             if not chunk:
-                return _fail(3, "brokerd: the daemon closed the connection without an answer (see its log)")
+                raise ShimError(3, "brokerd: the daemon closed the connection without an answer (see its log)")
             buf += chunk
             continue
         line, buf = buf[:nl], buf[nl + 1:]
         kind, body = line[:1], line[1:]
-        if kind == b"O":
-            if out is not None:
-                out.append(body)
-            else:
-                data = body + b"\n"
-                while data:
-                    data = data[posix.write(1, data):]
-            return 0
-        if kind == b"M":
-            _err(body.decode("utf-8", "replace"))
-        elif kind == b"X":
-            code, _, text = body.partition(b" ")
-            _err(text.decode("utf-8", "replace"))
-            return int(code) if code.isdigit() and int(code) > 0 else 1
-        elif kind in (b"Q", b"S"):
-            _ask(sock, body.decode("utf-8", "replace"), kind == b"S")
+        if kind == protocol.RESULT:
+            return body
+        if kind == protocol.MESSAGE:
+            _err(protocol.for_terminal(body.decode("utf-8", "replace")))
+        elif kind == protocol.ERROR:
+            code, text = protocol.parse_error(body)
+            raise ShimError(code, protocol.for_terminal(text), answered=True)
+        elif kind in (protocol.ASK, protocol.ASK_SECRET):
+            _ask(sock, body.decode("utf-8", "replace"), kind == protocol.ASK_SECRET)
         else:
-            return _fail(3, "brokerd: unexpected reply from the daemon (are the shim and daemon the same version?)")
+            raise ShimError(3, "brokerd: unexpected reply from the daemon (are the shim and daemon the same version?)")
+
+
+def request(argv: "list[str]", env: "dict[bytes, bytes]", program: str, *, autostart: bool = True) -> bytes:
+    """One request to the daemon (connect, maybe autostart, converse): the result's bytes, or ShimError."""
+    try:
+        sock = connect(env, autostart=autostart)
+        try:
+            return converse(sock, build_request(argv, env, program))
+        finally:
+            sock.close()
+    except TimeoutError:
+        raise ShimError(3, "brokerd: the daemon did not answer in time") from None
+    except OSError as exc:
+        raise ShimError(3, f"brokerd: lost the connection to the daemon: {exc.strerror or exc}") from None
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -296,21 +331,16 @@ def main(argv: "list[str] | None" = None) -> int:
         import os
 
         os.execv(sys.executable, [sys.executable, "-m", "brokerd", *args])
-    env = posix.environ
     try:
-        sock = connect(env)
-        try:
-            return converse(sock, build_request(args, env, program))
-        finally:
-            sock.close()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except TimeoutError:
-        return _fail(3, "brokerd: the daemon did not answer in time")
-    except OSError as exc:
-        return _fail(3, f"brokerd: lost the connection to the daemon: {exc.strerror or exc}")
+        data = request(args, posix.environ, program) + b"\n"
+    except ShimError as exc:
+        _err(exc.text)
+        return exc.code
     except KeyboardInterrupt:
         return 130
+    while data:
+        data = data[posix.write(1, data):]
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,63 @@ async def test_the_opener_hands_over_only_a_checked_url_as_one_argument(tmp_path
             break
         await asyncio.sleep(0.05)
     assert record.read_text().splitlines() == ["https://idp.example/auth?a=1&b=2"]
+
+
+# What `ssh -R` does as seen from the daemon: its peer is the local ssh process, relaying for another host.
+RELAY = """\
+import os, socket, sys, threading
+listen, target = sys.argv[1], sys.argv[2]
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(listen)
+server.listen(4)
+print("ready", flush=True)
+def pump(src, dst):
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+while True:
+    client, _ = server.accept()
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream.connect(target)
+    threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+    threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+"""
+
+
+def test_forwarded_callers_never_pick_the_browser_by_default(provider: TestProvider, tmp_path: Path) -> None:
+    """Issue 11.10: with the default config, a caller whose connection comes through ssh (here a relay process
+    whose executable is named ssh, as `ssh -R` is) gets the daemon's own browser, whatever BROWSER or
+    --browser-command it sends; a local caller still chooses (test_by_default_the_callers_browser_is_used)."""
+    script, marker = _evil(tmp_path)
+    ssh = tmp_path / "bin" / "ssh"
+    ssh.parent.mkdir()
+    shutil.copy(os.path.realpath(sys.executable), ssh)
+    with Daemon() as daemon:
+        forwarded = daemon.base / "forwarded.sock"  # in the daemon's 0700 directory, as the shim requires
+        relay = subprocess.Popen([str(ssh), "-I", "-c", RELAY, str(forwarded), str(daemon.socket)],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert relay.stdout is not None and relay.stdout.readline() == "ready\n", relay.stderr
+            remote_env = {"BROKERD_SOCKET": str(forwarded), "BROWSER": str(script), "DISPLAY": ":99"}
+            result = daemon.shim(login_args(provider.issuer, "--oidc-extra-scope=address",
+                                            "--authentication-timeout-sec=20", f"--browser-command={script}"),
+                                 env=remote_env)
+            # setup logs in too: the same rule (a new session, so a new login)
+            setup = daemon.cli("setup", *login_args(provider.issuer, "--oidc-extra-scope=phone",
+                                                     "--authentication-timeout-sec=20",
+                                                     f"--browser-command={script}")[1:], env=remote_env)
+        finally:
+            relay.kill()  # our own child, by PID
+            relay.communicate(timeout=10)
+        assert result.returncode == 0, result.stderr + daemon.log()
+        assert "--browser-command is ignored: this daemon opens its own browser for forwarded callers" in result.stderr
+        assert setup.returncode == 0 and "--browser-command is ignored" in setup.stderr, setup.stdout + setup.stderr
+        assert daemon.browser_openings() == 2  # the daemon's own browser did both logins ...
+    assert not marker.exists()  # ... and the remote caller's program never ran

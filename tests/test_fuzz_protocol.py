@@ -4,6 +4,8 @@ limits, slowloris and thousands of idle connections.  The >= 100k-case run is be
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
 import time
@@ -23,16 +25,19 @@ from brokerd.models import ProviderSettings
 from brokerd.oidc import OIDCClient
 from brokerd.server import Limits, Server, parse_request
 from brokerd.sessions import SessionManager
+from client_shim.protocol import MAGIC
 from tests.support.daemon import Daemon
 from tests.support.hostile import (
+    DEEP_JSON,
     LOGGED_INTERNAL_ERRORS,
-    MAGIC,
     bad_requests,
     check_answer,
     dead_issuer,
     exchange,
     request,
+    tracebacks,
 )
+from tests.support.provider import TestProvider
 from tests.support.wait import wait_until
 
 ISSUER = dead_issuer()
@@ -61,8 +66,10 @@ def _assert_healthy(d: Daemon) -> None:
 @given(data=bad_requests(ISSUER))
 def test_any_bytes_get_a_well_formed_answer(daemon: Daemon, data: bytes) -> None:
     raw = exchange(daemon.socket, data, timeout=15)
-    check_answer(data, raw)
+    check_answer(data, raw)  # never an "internal error" answer
     assert daemon.proc is not None and daemon.proc.poll() is None
+    log = daemon.log()  # checked per case, so hypothesis shrinks the request that caused it
+    assert not tracebacks(log) and not any(words in log for words in LOGGED_INTERNAL_ERRORS), log[-3000:]
 
 
 def test_daemon_is_healthy_after_the_property_test(daemon: Daemon) -> None:
@@ -78,12 +85,41 @@ def test_daemon_is_healthy_after_the_property_test(daemon: Daemon) -> None:
     (MAGIC + b"\0\0", b"no command given"),
     (MAGIC + b"\0A" + b"x" * 70_000 + b"\0\0", b"request larger than 65536 bytes"),
     (MAGIC + b"\0A" + b"x" * 2_000_000, b"request larger than 65536 bytes"),
+    (request("version", env={"KUBERNETES_EXEC_INFO": DEEP_JSON[0]}), b"KUBERNETES_EXEC_INFO is nested too deeply"),
+    (request("version", env={"KUBERNETES_EXEC_INFO": DEEP_JSON[2]}), b"KUBERNETES_EXEC_INFO is nested too deeply"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x",
+             "--authentication-timeout-sec=" + "9" * 400),
+     b"--authentication-timeout-sec: expected a whole number of at most 9 digits, got '9999"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "-v", "9" * 400),
+     b"--v: expected a whole number of at most 9 digits"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--authentication-timeout-sec=86400"),
+     b"--authentication-timeout-sec must be between 1 and 3600 (one hour)"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--authentication-timeout-sec=\u00b2"),
+     b"--authentication-timeout-sec: expected a whole number"),
+    (request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--listen-address=127.0.0.1:\u00b2"),
+     b"--listen-address: expected HOST:PORT"),
 ], ids=["no-magic", "bad-tag", "invalid-utf8-command", "invalid-utf8-flag", "exec-info-type", "empty", "huge",
-        "2MB-unterminated"])
+        "2MB-unterminated", "deep-exec-info", "deep-exec-info-spec", "400-digit-timeout", "400-digit-v",
+        "timeout-over-cap", "superscript-digit", "listen-superscript-port"])
 def test_clear_error_for_each_kind_of_bad_request(daemon: Daemon, data: bytes, words: bytes) -> None:
     answer = check_answer(data, exchange(daemon.socket, data))
     assert answer.terminal is not None and answer.terminal.startswith(b"X"), answer.lines
     assert words in answer.terminal, answer.terminal
+    assert len(answer.lines) == 1 and not tracebacks(daemon.log()), daemon.log()[-3000:]
+
+
+@pytest.mark.parametrize("url", ["http://localhost:" + "9" * 400, "http://localhost:99999", "http://[::1",
+                                 "http://localhost:\u00b2"])
+def test_a_bad_redirect_url_is_one_line_even_when_the_provider_answers(daemon: Daemon, provider: TestProvider,
+                                                                       url: str) -> None:
+    """The port of --oidc-redirect-url used to be read only when the login bound it, after discovery: with a
+    provider that answers, a bad one ended in "internal error" and a traceback."""
+    data = request("get-token", f"--oidc-issuer-url={provider.issuer}", "--oidc-client-id=kube_login",
+                   "--skip-open-browser", f"--oidc-redirect-url={url}")
+    answer = check_answer(data, exchange(daemon.socket, data))
+    assert answer.lines == [b"X2 brokerd: --oidc-redirect-url has no valid port or host: "
+                            + repr(url[:80]).encode("utf-8", "backslashreplace")], answer.lines
+    assert not tracebacks(daemon.log()), daemon.log()[-3000:]
 
 
 def test_unterminated_request_is_dropped_at_eof(daemon: Daemon) -> None:
@@ -209,7 +245,12 @@ async def test_request_size_limit(small_server: tuple[Path, Server]) -> None:
     assert raw.startswith(b"X2 brokerd: request larger than 4096 bytes"), raw
 
 
-async def test_connection_cap_evicts_idle_and_refuses_when_all_are_busy(
+def _password_login(i: int) -> bytes:
+    return request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--grant-type=password",
+                   f"--username=u{i}", tty=True)
+
+
+async def test_connection_cap_evicts_idle_and_keeps_room_for_admin_commands(
         small_server: tuple[Path, Server]) -> None:
     path, api = small_server
     idle = [await asyncio.open_unix_connection(str(path)) for _ in range(8)]
@@ -218,18 +259,21 @@ async def test_connection_cap_evicts_idle_and_refuses_when_all_are_busy(
     # A ninth connection with a real request: the oldest idle one makes room.
     assert (await _raw(path, request("version"))).startswith(b"O")
     assert await asyncio.wait_for(idle[0][0].read(), 1) == b""
-    # Now fill every slot with busy connections: each waits for an answer to a prompt it never gives.
+    # Fill the get-token budget (8 connections, 2 kept for admin commands) with callers that each wait for an
+    # answer to a prompt they never give.
     busy = []
-    for i in range(8):  # eight sessions (usernames): one login would be shared by all its callers
+    for i in range(6):  # six sessions (usernames): one login would be shared by all its callers
         reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(request("get-token", f"--oidc-issuer-url={ISSUER}", "--oidc-client-id=x", "--grant-type=password",
-                             f"--username=u{i}", tty=True))
+        writer.write(_password_login(i))
         await writer.drain()
         busy.append((reader, writer))
     for reader, _ in busy:
         assert (await asyncio.wait_for(reader.readline(), 2)).startswith(b"SPassword")
-    refused = await _raw(path, request("version"))
-    assert refused.startswith(b"X1 brokerd: brokerd is overloaded"), refused
+    refused = await _raw(path, _password_login(99))
+    assert refused == b"X1 brokerd: brokerd is busy with 6 waiting callers; try again\n", refused
+    # status, logout and version still get through (before the budget they were refused as "overloaded").
+    assert (await _raw(path, request("status"))).startswith(b'O{"sessions"')
+    assert (await _raw(path, request("version"))).startswith(b"O")
     for _, writer in [*idle, *busy]:
         writer.close()
     deadline = time.monotonic() + 3
@@ -245,3 +289,85 @@ def test_connection_cap_stays_below_the_fd_limit() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert Limits(max_connections=10**9).connection_cap() == soft - Limits().fd_reserve
     assert Limits(max_connections=5).connection_cap() == 5
+
+
+# ---- callers that wait on a login -------------------------------------------------------------------------------
+
+@pytest.fixture
+async def provider_server(provider: TestProvider, tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
+    """An in-process server on the real test provider, checking for hung-up callers every 50 ms."""
+    limits = Limits(hangup_poll=0.05)
+    async with aiohttp.ClientSession() as http:
+        oidc = OIDCClient(http, SystemClock())
+        callbacks = CallbackServer()
+        browser = BrowserOpener({})
+
+        async def client_for(_settings: ProviderSettings) -> OIDCClient:
+            return oidc
+
+        path = tmp_path / "s.sock"
+        config = Settings(socket_path=path, state_dir=tmp_path, persist=False)
+        sessions = SessionManager(client_for, LoginFlows(callbacks, browser), None, SystemClock())
+        api = Server(sessions, client_for, lambda: config, limits)
+        server = await asyncio.start_unix_server(api.handle, path=str(path), limit=limits.max_request)
+        try:
+            yield path, api
+        finally:
+            server.close()
+            await server.wait_closed()
+            await sessions.close()
+            await callbacks.close()
+            await browser.close()
+
+
+async def _wait_active(api: Server, count: int, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while api.active != count and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def test_callers_that_hang_up_leave_the_wait(provider: TestProvider,
+                                                   provider_server: tuple[Path, Server]) -> None:
+    """Issue 11.12: callers joined to a pending login that close their end are dropped from the wait (their slots
+    come back at once, not when the login times out); one that only half-closes still gets its answer."""
+    path, api = provider_server
+    args = ("get-token", f"--oidc-issuer-url={provider.issuer}", "--oidc-client-id=kube_login",
+            "--oidc-client-secret=insecure_secret", "--skip-open-browser", "--listen-address=127.0.0.1:0",
+            "--authentication-timeout-sec=5")
+    callers: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(4):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            callers.append((reader, writer))
+            writer.write(request(*args))
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            assert line.startswith(b"M") and b"http" in line, line  # each is told the login URL: it waits
+        assert api.active == 4
+        for _, writer in callers[:3]:
+            writer.close()
+        reader, writer = callers[3]
+        writer.write_eof()  # done sending, still listening
+        await _wait_active(api, 1, within=3.0)  # less than the login's 5 s
+        assert api.active == 1  # the login's own 5 s have not passed: the three were noticed
+        answer = await asyncio.wait_for(reader.read(), 15)
+        assert answer == b"X1 brokerd: no login was completed in the browser within 5 s\n", answer
+    finally:
+        for _, writer in callers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def test_logout_leaves_no_rendered_credential(provider: TestProvider,
+                                                    provider_server: tuple[Path, Server]) -> None:
+    """Issue 11.13: the daemon keeps the ExecCredential it rendered for the next caller; a logout empties it."""
+    path, api = provider_server
+    raw = await _raw(path, request("get-token", f"--oidc-issuer-url={provider.issuer}", "--oidc-client-id=kube_login",
+                                   "--oidc-client-secret=insecure_secret", "--grant-type=password",
+                                   "--username=alice", "--password=alice-password"), timeout=20)
+    assert raw.startswith(b"O"), raw
+    token = json.loads(raw[1:])["status"]["token"]
+    assert any(token in rendered for rendered in api._rendered.values())  # cached while the session lives
+    assert (await _raw(path, request("logout"), timeout=20)).startswith(b'O{"logged_out"')
+    assert not any(token in rendered for rendered in api._rendered.values())

@@ -106,3 +106,27 @@ def test_shim_and_daemon_compute_the_same_socket_path(tmp_path: Path, case: str)
         assert shim.startswith(env["XDG_RUNTIME_DIR"].rstrip("/") + "/brokerd/"), shim
     if case == "XDG_RUNTIME_DIR-unset-TMPDIR" and not Path(f"/run/user/{os.geteuid()}").is_dir():
         assert shim == f"{tmp_path}/tmpdir/runtime-{os.geteuid()}/brokerd/brokerd.sock"
+
+
+def test_shim_refuses_a_socket_directory_that_others_may_enter(tmp_path: Path) -> None:
+    """Issue 11.5 (any uid): the socket's directory must be the user's with mode 0700; one line, exit 3, and the
+    listener there never gets a connection."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    run.chmod(0o755)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(run / "brokerd.sock"))
+    listener.listen(1)
+    listener.setblocking(False)
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", str(SHIM), "version"], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL,
+                              env={"BROKERD_SOCKET": str(run / "brokerd.sock"), "PATH": "/usr/bin:/bin"})
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    finally:
+        listener.close()
+    assert (done.returncode, done.stdout) == (3, "")
+    assert done.stderr == f"brokerd: refusing the directory {run}: its mode is 0755 (it must be yours with mode 0700)\n"

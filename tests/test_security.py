@@ -10,9 +10,13 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import Daemon, login_args
+from tests.support.daemon import SHIM, Daemon, login_args
 from tests.support.hostile import Proxy, exchange, proxy_env, request, tracebacks
 from tests.support.net import module_port
-from tests.support.other_uid import NOBODY, SYSTEM_PYTHON, readable_shim, run_as
+from tests.support.other_uid import NOBODY, SYSTEM_PYTHON
 from tests.support.provider import ProviderFactory, TestProvider
 from tests.support.wait import wait_until
 
@@ -63,22 +67,72 @@ def status(d: Daemon) -> list[dict[str, Any]]:
 
 # ---- the socket: only our own uid ------------------------------------------------------------------------------
 
-@pytest.fixture
-def nobodys_shim() -> Iterator[Path]:
-    with readable_shim() as shim:
-        yield shim
+NEEDS_ROOT = pytest.mark.skipif(os.getuid() != 0 or SYSTEM_PYTHON is None or shutil.which("setpriv") is None,
+                                reason="needs root, setpriv and /usr/bin/python3 (to become another uid)")
+
+# Run as another uid with `python3 -I -S -c`: nothing is read from the checkout, which may sit in a 0700 directory.
+RAW_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect(sys.argv[1])
+s.sendall(bytes.fromhex(sys.argv[2]))
+out = b""
+while chunk := s.recv(65536):
+    out += chunk
+sys.stdout.write(out.decode())
+"""
+
+# Another user's listener: makes its directory (unless it exists), listens, says "ready", then reports how many
+# bytes its first caller sent before hanging up.
+LISTENER = """
+import os, socket, sys
+path = sys.argv[1]
+os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+os.chmod(path, 0o777)
+s.listen(1)
+print("ready", flush=True)
+s.settimeout(20)
+try:
+    conn, _ = s.accept()
+except TimeoutError:
+    print("nobody came", flush=True)
+    sys.exit(0)
+conn.settimeout(20)
+got = b""
+while chunk := conn.recv(65536):
+    got += chunk
+print(f"got {len(got)} bytes", flush=True)
+"""
 
 
-@pytest.mark.skipif(os.getuid() != 0 or SYSTEM_PYTHON is None, reason="needs root (to become another uid)")
-def test_other_uid_is_refused_by_the_peer_check_and_logged(daemon: Daemon, nobodys_shim: Path) -> None:
+def as_user(uid: int, *argv: str, env: dict[str, str] | None = None,
+            **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv],
+                            env=env or {"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_shim(socket_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"BROKERD_SOCKET": str(socket_path), "BROKERD_NO_AUTOSTART": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-I", "-S", str(SHIM), *args], env=env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+
+
+@NEEDS_ROOT
+def test_other_uid_is_refused_by_the_peer_check_and_logged(daemon: Daemon) -> None:
     def as_nobody() -> subprocess.CompletedProcess[str]:
-        env = {"BROKERD_SOCKET": str(daemon.socket), "BROKERD_NO_AUTOSTART": "1", "PATH": "/usr/bin:/bin"}
-        return run_as(NOBODY, [str(SYSTEM_PYTHON), "-I", "-S", str(nobodys_shim), "version"], env,
-                      cwd=nobodys_shim.parent)
+        assert SYSTEM_PYTHON is not None
+        proc = as_user(NOBODY, SYSTEM_PYTHON, "-I", "-S", "-c", RAW_CLIENT, str(daemon.socket),
+                       request("version").hex())
+        out, err = proc.communicate(timeout=30)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     # As installed: the 0700 directory alone keeps the other user out.
     blocked = as_nobody()
-    assert blocked.returncode == 3 and "Permission denied" in blocked.stderr, blocked
+    assert blocked.returncode == 1 and "PermissionError" in blocked.stderr, blocked
     # Loosen the filesystem (this test's own dirs only) so that only the SO_PEERCRED check stands in the way.
     run_dir = daemon.socket.parent
     modes = {p: p.stat().st_mode & 0o777 for p in (daemon.base, run_dir, daemon.socket)}
@@ -90,12 +144,117 @@ def test_other_uid_is_refused_by_the_peer_check_and_logged(daemon: Daemon, nobod
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
-    assert refused.returncode == 1, refused
-    assert refused.stdout == ""
-    assert refused.stderr == "brokerd: brokerd serves only the user that runs it\n"
+    assert refused.returncode == 0, refused
+    assert refused.stdout == "X1 brokerd: brokerd serves only the user that runs it\n"
     assert f"refused a connection from uid {NOBODY} (only uid 0 may use this daemon)" in daemon.log()
     # And our own uid still gets in.
     assert exchange(daemon.socket, request("version")).startswith(b"O")
+
+
+@NEEDS_ROOT
+def test_shim_and_daemon_refuse_a_socket_directory_another_user_made(tmp_path: Path) -> None:
+    """Issue 11.5: another user who creates the socket's directory first (the /tmp/runtime-<uid> fallback) gets
+    nothing: the shim does not connect (not one byte of kubectl's arguments, client secret included), and the
+    daemon will not serve from there.  Both say the same line."""
+    assert SYSTEM_PYTHON is not None
+    shared = Path(tempfile.mkdtemp(prefix="bkshared", dir="/tmp"))
+    try:
+        shared.chmod(0o1777)  # like /tmp
+        sock_path = shared / "runtime-0" / "brokerd" / "brokerd.sock"
+        listener = as_user(NOBODY, SYSTEM_PYTHON, "-I", "-S", "-c", LISTENER, str(sock_path))
+        try:
+            assert listener.stdout is not None
+            assert listener.stdout.readline() == "ready\n", listener.stderr
+            shim = run_shim(sock_path, *login_args("https://idp.invalid", "--oidc-client-secret=s3cret"))
+            line = f"brokerd: refusing the directory {sock_path.parent}: it is owned by uid {NOBODY} " \
+                   "(it must be yours with mode 0700)\n"
+            assert (shim.returncode, shim.stdout, shim.stderr) == (3, "", line)
+            # The daemon, pointed at the same place, refuses it with the same line.
+            served = subprocess.run([sys.executable, "-m", "brokerd", "serve"], capture_output=True, text=True,
+                                    timeout=60, env={**os.environ, "BROKERD_SOCKET": str(sock_path),
+                                                     "BROKERD_STATE_DIR": str(tmp_path / "state"),
+                                                     "BROKERD_CONFIG": str(tmp_path / "none.toml")})
+            assert (served.returncode, served.stderr) == (2, line), served
+        finally:
+            listener.terminate()  # our own child, by PID
+            out, _ = listener.communicate(timeout=20)
+        assert "got" not in out, out  # no caller ever reached the other user's listener
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@NEEDS_ROOT
+def test_shim_sends_nothing_to_a_listener_of_another_uid(tmp_path: Path) -> None:
+    """Issue 11.5: even in the user's own 0700 directory, the shim checks who listens (SO_PEERCRED) before it
+    sends a byte."""
+    assert SYSTEM_PYTHON is not None
+    private = Path(tempfile.mkdtemp(prefix="bk", dir="/tmp"))
+    try:
+        private.chmod(0o755)
+        run = private / "run"
+        run.mkdir(mode=0o700)
+        os.chown(run, NOBODY, NOBODY)  # long enough for the other user to bind there ...
+        sock_path = run / "brokerd.sock"
+        listener = as_user(NOBODY, SYSTEM_PYTHON, "-I", "-S", "-c", LISTENER, str(sock_path))
+        try:
+            assert listener.stdout is not None
+            assert listener.stdout.readline() == "ready\n", listener.stderr
+            os.chown(run, 0, 0)  # ... then the directory is ours and private again, the listener still theirs
+            shim = run_shim(sock_path, *login_args("https://idp.invalid", "--oidc-client-secret=s3cret"))
+            out, _ = listener.communicate(timeout=20)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.wait(timeout=10)
+        assert (shim.returncode, shim.stdout) == (3, ""), shim
+        assert shim.stderr == f"brokerd: refusing the socket {sock_path}: it is served by uid {NOBODY}, not by you\n"
+        assert out.splitlines()[-1] == "got 0 bytes", out
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+HIGH_UID = 3_000_000_000  # >= 2**31: negative when unpacked as a signed int
+
+
+@NEEDS_ROOT
+def test_a_uid_above_2_to_the_31_is_served_by_its_own_daemon(tmp_path: Path) -> None:
+    """Issue 11.14: ucred's uid is unsigned.  Unpacked as "3i", uid 3000000000 read as negative and the daemon
+    refused its own user.  The daemon and the shim run as that uid from a copy of the code it can read."""
+    code = Path(tempfile.mkdtemp(prefix="bkcode", dir="/tmp"))
+    home = Path(tempfile.mkdtemp(prefix="bkhome", dir="/tmp"))
+    try:
+        code.chmod(0o755)
+        for package in ("brokerd", "client_shim"):
+            shutil.copytree(SHIM.parents[1] / package, code / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        os.chown(home, HIGH_UID, HIGH_UID)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(code), "HOME": str(home),
+               "BROKERD_SOCKET": str(home / "run" / "brokerd.sock"), "BROKERD_STATE_DIR": str(home / "state"),
+               "BROKERD_CONFIG": str(home / "none.toml"), "BROKERD_NO_AUTOSTART": "1"}
+        probe = as_user(HIGH_UID, sys.executable, "-c", "import aiohttp, brokerd.daemon", env=env)
+        _, probe_err = probe.communicate(timeout=60)
+        if probe.returncode != 0:
+            pytest.skip(f"the interpreter's packages are not readable by another uid: {probe_err}")
+        daemon = as_user(HIGH_UID, sys.executable, "-m", "brokerd", "serve", "-v", env=env)
+        try:
+            deadline = time.monotonic() + 30
+            done = None
+            while time.monotonic() < deadline and daemon.poll() is None:
+                shim = as_user(HIGH_UID, sys.executable, "-I", "-S", str(code / "client_shim" / "shim.py"),
+                               "version", env=env)
+                out, err = shim.communicate(timeout=30)
+                done = (shim.returncode, out, err)
+                if "no daemon is listening" not in err:
+                    break
+                time.sleep(0.1)
+        finally:
+            daemon.terminate()
+            _, log = daemon.communicate(timeout=30)
+        assert done is not None and done[0] == 0 and done[1].startswith("brokerd "), (done, log)
+        assert "refused a connection" not in log, log
+    finally:
+        shutil.rmtree(code, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # ---- the callback listener ---------------------------------------------------------------------------------------

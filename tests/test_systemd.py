@@ -32,6 +32,7 @@ from brokerd.systemd import (
     watchdog_interval,
     watchdog_task,
 )
+from client_shim import protocol
 from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -547,14 +548,13 @@ def brokerd_cli_available() -> bool:
 
 
 def raw_request(sock_path: Path, *args: str) -> list[str]:
-    """One request in protocol version 1 (docs/architecture.md), without the shim."""
-    fields = ["brokerd1", *(f"A{a}" for a in args), "Nbrokerd", "T0"]
+    """One request (client_shim/protocol.py), without the shim."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(20)
         client.connect(str(sock_path))
-        client.sendall("\0".join(fields).encode() + b"\0\0")
+        client.sendall(protocol.encode_request(args, {}, tty=False, program="brokerd"))
         data = b""
-        while not data.endswith(b"\n") or data.split(b"\n")[-2][:1] not in (b"O", b"X"):
+        while not data.endswith(b"\n") or data.split(b"\n")[-2][:1] not in protocol.TERMINAL:
             chunk = client.recv(65536)
             if not chunk:
                 break

@@ -1,6 +1,6 @@
 /* The floor for the shim: a minimal C client of brokerd's socket protocol (docs/architecture.md).
  *
- * Same request as client_shim/shim.py (brokerd1, N<program>, A<arg>..., forwarded E<NAME>=<value>, T<tty>, then an
+ * Same request as client_shim/protocol.py (magic, N<program>, A<arg>..., forwarded E<NAME>=<value>, T<tty>, then an
  * empty field), same reply handling for the lines a cached token produces (M -> stderr, O -> stdout, X -> exit
  * code).  No prompts, no autostart: this only measures the cost of a process that talks to the socket.
  * Socket path: $BROKERD_SOCKET (the benchmark always sets it).
@@ -12,8 +12,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-static const char *FORWARDED[] = {"KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY",
-                                  "BROKERD_PROFILE"};
+/* BROKERD_MAGIC and BROKERD_FORWARDED come from client_shim/protocol.py (bench/rig.py passes them with -D). */
+static const char *FORWARDED[] = {BROKERD_FORWARDED};
 
 static char req[65536];
 static size_t len;
@@ -40,7 +40,7 @@ static int write_all(int fd, const char *p, size_t n) {
 int main(int argc, char **argv) {
     const char *path = getenv("BROKERD_SOCKET");
     if (!path || strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) return 3;
-    if (put(0, "brokerd1", NULL) || put('N', "kubectl-oidc_login", NULL)) return 3;
+    if (put(0, BROKERD_MAGIC, NULL) || put('N', "kubectl-oidc_login", NULL)) return 3;
     for (int i = 1; i < argc; i++)
         if (put('A', argv[i], NULL)) return 3;
     for (size_t i = 0; i < sizeof FORWARDED / sizeof *FORWARDED; i++) {

@@ -23,11 +23,10 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
+from client_shim import protocol
+from client_shim.protocol import LINE_KINDS, MAGIC, TERMINAL
 from tests.support.net import free_port
 
-MAGIC = b"brokerd1"
-TERMINAL = (b"O", b"X")
-LINE_KINDS = (b"M", b"O", b"X", b"Q", b"S")
 INTERNAL_ERROR = b"brokerd: internal error in brokerd (details in its log)"
 LOGGED_INTERNAL_ERRORS = ("internal error while serving a request", "internal error on a client connection")
 
@@ -73,11 +72,9 @@ def exchange(path: Path | str, data: bytes, *, timeout: float = 10.0, half_close
 
 
 def request(*argv: str, env: dict[str, str] | None = None, tty: bool = False) -> bytes:
-    fields = [MAGIC, b"Nbrokerd-test"]
-    fields += [b"A" + a.encode("utf-8", "surrogateescape") for a in argv]
-    fields += [b"E" + f"{k}={v}".encode() for k, v in (env or {}).items()]
-    fields.append(b"T1" if tty else b"T0")
-    return b"\0".join(fields) + b"\0\0"
+    """A request as a shim would send it, with any environment (the daemon must drop what it does not forward)."""
+    raw_env = {k.encode(): v.encode() for k, v in (env or {}).items()}
+    return protocol.encode_request(argv, raw_env, tty=tty, program="brokerd-test")
 
 
 @dataclass
@@ -89,7 +86,7 @@ class Answer:
         return self.lines[-1] if self.lines and self.lines[-1][:1] in TERMINAL else None
 
 
-def check_answer(data: bytes, raw: bytes, *, max_request: int = 64 * 1024) -> Answer:
+def check_answer(data: bytes, raw: bytes, *, max_request: int = protocol.MAX_REQUEST) -> Answer:
     """The protocol invariants for any request: well-formed lines, at most one terminal line and only at the end,
     exit codes that are numbers, and an answer to every complete request of allowed size."""
     assert raw == b"" or raw.endswith(b"\n"), f"answer does not end in a newline: {raw[-200:]!r}"
@@ -124,6 +121,15 @@ FLAGS = [
 ENV_NAMES = ["KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "BROKERD_PROFILE", "PATH", ""]
 _text = st.text(max_size=40)
 _bytes = st.binary(max_size=40)
+# Numbers that broke float(), int() or the stack: 400 digits, floats out of range, digits int() does not take.
+HUGE_NUMBERS = ["9" * 400, "-" + "9" * 400, "1e999", "inf", "nan", "\u00b2", "\u0663", "0x10", "1_000"]
+# Values with a port in them (--oidc-redirect-url, --listen-address) whose port is out of range or not ASCII digits.
+BAD_PORTS = [f"{prefix}{port}" for prefix in ("http://localhost:", "127.0.0.1:", "http://[::1")
+             for port in ("99999", "9" * 400, "\u00b2", "-1", "")]
+# KUBERNETES_EXEC_INFO nested deeper than the interpreter's stack (json recurses).
+DEEP_JSON = ["[" * 30_000 + "]" * 30_000, '{"a":' * 20_000 + "1" + "}" * 20_000,
+             '{"apiVersion":"client.authentication.k8s.io/v1","spec":{"interactive":' + "[" * 30_000 + "]" * 30_000
+             + "}}"]
 
 
 def _encoded(value: str | bytes) -> bytes:
@@ -134,7 +140,8 @@ def _encoded(value: str | bytes) -> bytes:
 def flag_field(draw: st.DrawFn, issuer: str) -> bytes:
     mangled = _bytes.map(lambda b: "--oidc-" + b.decode("utf-8", "surrogateescape"))
     name = draw(st.one_of(st.sampled_from(FLAGS), mangled))
-    value = draw(st.one_of(_text, _bytes, st.sampled_from(["1", "-1", "0", "x", "auto", "password", "no"])))
+    value = draw(st.one_of(_text, _bytes, st.sampled_from(["1", "-1", "0", "x", "auto", "password", "no"]),
+                           st.sampled_from(HUGE_NUMBERS), st.sampled_from(BAD_PORTS)))
     form = draw(st.sampled_from(["eq", "bare", "split"]))
     if form == "eq":
         return b"A" + _encoded(name) + b"=" + _encoded(value)
@@ -146,7 +153,7 @@ def flag_field(draw: st.DrawFn, issuer: str) -> bytes:
 @st.composite
 def structured_request(draw: st.DrawFn, issuer: str) -> bytes:
     """Mostly-valid requests with one or more things wrong: tags, types, encodings, framing."""
-    magic = draw(st.sampled_from([MAGIC, MAGIC, MAGIC, b"brokerd2", b"", b"BROKERD1", b"brokerd1\xff"]))
+    magic = draw(st.sampled_from([MAGIC, MAGIC, MAGIC, MAGIC[:-1] + b"2", b"", MAGIC.upper(), MAGIC + b"\xff"]))
     fields = [magic]
     command = draw(st.one_of(st.sampled_from(COMMANDS), _text))
     fields.append(b"A" + _encoded(command))
@@ -159,7 +166,8 @@ def structured_request(draw: st.DrawFn, issuer: str) -> bytes:
         elif kind == "env":
             name = draw(st.sampled_from(ENV_NAMES))
             value = draw(st.one_of(_text, _bytes, st.just('{"apiVersion":"client.authentication.k8s.io/v1",'
-                                                          '"spec":{"interactive":true}}'), st.just("{}")))
+                                                          '"spec":{"interactive":true}}'), st.just("{}"),
+                                  st.sampled_from(DEEP_JSON)))
             sep = draw(st.sampled_from([b"=", b"", b"=="]))
             fields.append(b"E" + name.encode() + sep + _encoded(value))
         elif kind == "tty":
