@@ -195,6 +195,42 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
     return 0
 
 
+def shim_target() -> tuple[str, str]:
+    """The interpreter and shim file of the direct kubeconfig form: this interpreter (its path, not resolved: a
+    venv's python is a symlink whose path selects the venv) and the launcher beside client_shim/core.py (it
+    imports core from cached bytecode)."""
+    from client_shim import core as shim
+
+    return (os.path.abspath(sys.executable),
+            os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or ".")), "shim.py"))
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    from brokerd import kubeconfig
+
+    revert = args.action == "revert"
+    files = kubeconfig.kubeconfig_files(args.kubeconfig, os.environ)
+    changes = kubeconfig.plan(files, args.user or [], kubeconfig.Target(*shim_target()), revert=revert)
+    if not changes:
+        done = "in the kubelogin form" if revert else "in the direct form"
+        print(f"nothing to do: every matching user is already {done} ({', '.join(map(str, files))})",
+              file=sys.stderr)
+        return 0
+    for change in changes:
+        sys.stdout.write(change.diff())
+    if args.dry_run:
+        return 0
+    for change in changes:
+        try:
+            backup = kubeconfig.write(change)
+        except OSError as exc:
+            print(f"brokerd: cannot write {change.path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        verb = "reverted" if revert else "converted"
+        print(f"{verb} {', '.join(change.users)} in {change.path} (previous text in {backup})", file=sys.stderr)
+    return 0
+
+
 def _passthrough(argv: list[str]) -> int:
     """``brokerd get-token|setup ...``: the same request the shim sends, from the full CLI."""
     from client_shim import core as shim
@@ -231,9 +267,7 @@ def _setup(argv: list[str]) -> int:
     if code:
         return code
     doc = json.loads(out[0])
-    # The launcher beside core.py: the file kubectl should run (it imports core from cached bytecode).
-    shim_path = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or ".")), "shim.py")
-    print(render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path))
+    print(render_report(doc, doc.get("kubeconfig_args", []), *shim_target()))
     return 0 if doc.get("logged_in") else 1
 
 
@@ -255,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_logout)
     p = sub.add_parser("clean", help="forget all sessions (works without the daemon)")
     p.set_defaults(fn=cmd_clean)
+    p = sub.add_parser("kubeconfig", help="rewrite kubelogin users into brokerd's direct form, or back",
+                       description="convert: every user whose exec runs kubelogin (kubectl oidc-login get-token, "
+                                   "kubelogin get-token, kubectl-oidc_login get-token) gets the direct form "
+                                   "(this interpreter with -I -S and the shim file; every flag kept). revert: back "
+                                   "to `kubectl oidc-login get-token`. Prints a unified diff; keeps a backup.")
+    p.add_argument("action", choices=["convert", "revert"])
+    p.add_argument("--kubeconfig", metavar="PATH", help="the file to edit (default: $KUBECONFIG's files, else "
+                                                        "~/.kube/config; a user is edited where it is defined)")
+    p.add_argument("--user", action="append", metavar="NAME", help="only this user (repeatable; default: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the diff only, write nothing")
+    p.set_defaults(fn=cmd_kubeconfig)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     p = sub.add_parser("install-systemd", help="install the systemd user units")
