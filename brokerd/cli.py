@@ -142,13 +142,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logout(args: argparse.Namespace) -> int:
     if not (args.all or args.issuer or args.client_id):
-        print("brokerd: say which sessions to end: --all, --issuer URL and/or --client-id ID", file=sys.stderr)
-        return 2
+        return _logout_bare()
     argv = ["logout"]
     if args.issuer:
         argv += ["--issuer", args.issuer]
     if args.client_id:
         argv += ["--client-id", args.client_id]
+    return _end_sessions(argv)
+
+
+def _end_sessions(argv: list[str]) -> int:
     doc = _ask_daemon(argv)
     ended = doc.get("logged_out", [])
     if not ended:
@@ -156,6 +159,47 @@ def cmd_logout(args: argparse.Namespace) -> int:
     for s in ended:
         print(f"logged out of {s['issuer']} (client {s['client_id']}, session {s['session']}): {s['result']}")
     return 0
+
+
+def _logout_bare() -> int:
+    """One session: end it (as `gh auth logout` does).  Several: ask at a terminal, else name the choices.
+
+    The daemon ends sessions by issuer and client id, so a choice is one such pair (with every session under it).
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in _ask_daemon(["status"]).get("sessions", []):
+        groups.setdefault((s["issuer"], s["client_id"]), []).append(s)
+    if not groups:
+        print("no sessions")
+        return 0
+    choices = list(groups.items())
+    if len(choices) > 1:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            print(f"brokerd: {len(choices)} sessions; say which to end (or --all):", file=sys.stderr)
+            for (issuer, client_id), members in choices:
+                print(f"  brokerd logout --issuer {issuer} --client-id {client_id}    # {_who(members)}",
+                      file=sys.stderr)
+            return 2
+        for n, ((issuer, client_id), members) in enumerate(choices, 1):
+            print(f"  {n}) {issuer}  client {client_id}  {_who(members)}", file=sys.stderr)
+        try:
+            answer = input(f"end which? [1-{len(choices)}, all] ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 1
+        if answer == "all":
+            return _end_sessions(["logout"])
+        if not (answer.isdigit() and 1 <= int(answer) <= len(choices)):
+            print(f"brokerd: expected a number from 1 to {len(choices)} or `all`, got {answer!r}", file=sys.stderr)
+            return 2
+        choices = [choices[int(answer) - 1]]
+    (issuer, client_id), _ = choices[0]
+    return _end_sessions(["logout", "--issuer", issuer, "--client-id", client_id])
+
+
+def _who(members: list[dict[str, Any]]) -> str:
+    names = [m.get("session_name") or m.get("email") or m.get("username") or m["session"] for m in members]
+    return ", ".join(str(n) for n in names)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -272,20 +316,25 @@ def _setup(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brokerd", description="Local OIDC token broker for kubectl.")
+    parser = argparse.ArgumentParser(
+        prog="brokerd", description="Local OIDC token broker for kubectl.",
+        epilog="Also `brokerd get-token ...` and `brokerd setup ...`, the same as `kubectl oidc-login get-token|setup "
+               "...`: see `brokerd get-token --help` and `brokerd setup --help`.")
     parser.add_argument("--version", action="version", version=f"brokerd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the daemon in the foreground, logging to stderr")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log every step (never a token)")
     p.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("status", help="show the sessions the daemon holds")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("logout", help="end sessions and revoke their refresh tokens")
-    p.add_argument("--all", action="store_true")
-    p.add_argument("--issuer")
-    p.add_argument("--client-id")
+    p = sub.add_parser("logout", help="end sessions and revoke their refresh tokens",
+                       description="Without flags: ends the only session; with several, asks which at a terminal, "
+                                   "else names them and the flags to choose.")
+    p.add_argument("--all", action="store_true", help="end every session")
+    p.add_argument("--issuer", metavar="URL", help="end the sessions of this issuer")
+    p.add_argument("--client-id", metavar="ID", help="end the sessions of this client id (with --issuer: both)")
     p.set_defaults(fn=cmd_logout)
     p = sub.add_parser("clean", help="forget all sessions (works without the daemon)")
     p.set_defaults(fn=cmd_clean)
@@ -303,14 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     p = sub.add_parser("install-systemd", help="install the systemd user units")
-    p.add_argument("--uninstall", action="store_true")
-    p.add_argument("--unit-dir")
+    p.add_argument("--uninstall", action="store_true", help="remove the units instead")
+    p.add_argument("--unit-dir", metavar="DIR", help="where the units go (default: systemd's user unit dir)")
     p.set_defaults(fn=cmd_install_systemd)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] in (["get-token"], ["setup"]) and ("--help" in args_list or "-h" in args_list):
+        from client_shim.usage import main as usage  # these flags are the shim's; argparse does not know them
+
+        return usage(args_list, "brokerd")
     if args_list[:1] == ["get-token"]:
         return _passthrough(args_list)
     if args_list[:1] == ["setup"]:
