@@ -65,6 +65,7 @@ def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: b
     """pip and pip -e venvs (and pipx, pipx --editable when ``pipx``), each with the launcher it installed."""
     pip_env = dict(os.environ)
     pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    pip_env.setdefault("PIP_RETRIES", "0")  # offline (unshare -n): fail over to the local index at once
     out: list[Install] = []
     for editable in (False, True):
         venv = workdir / ("pip-e" if editable else "pip")
