@@ -10,6 +10,7 @@ comparison, the wrapper pip writes for a console script (the previous release's 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -61,6 +62,18 @@ def _run(argv: list[str], env: Mapping[str, str] | None = None) -> None:
         raise BenchError(f"{' '.join(argv[:5])} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
 
 
+def _pipx(interpreter: str, workdir: Path, pip_env: Mapping[str, str]) -> str:
+    """$BENCH_PIPX, else pipx on PATH, else pipx installed into a throwaway venv (needs PyPI or a local index that
+    has it: inside `unshare -n`, provide one with BENCH_PIPX)."""
+    found = os.environ.get("BENCH_PIPX") or shutil.which("pipx")
+    if found:
+        return found
+    tool = workdir / "pipx-tool"
+    _run([interpreter, "-m", "venv", str(tool)])
+    _run([str(tool / "bin" / "python"), "-m", "pip", "install", "--quiet", "pipx"], pip_env)
+    return str(tool / "bin" / "pipx")
+
+
 def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: bool) -> list[Install]:
     """pip and pip -e venvs (and pipx, pipx --editable when ``pipx``), each with the launcher it installed."""
     pip_env = dict(os.environ)
@@ -81,13 +94,11 @@ def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: b
                        str(workdir / "pip" / "bin" / "python"), str(wrapper), env))
     if not pipx:
         return out
-    tool = workdir / "pipx-tool"
-    _run([interpreter, "-m", "venv", str(tool)])
-    _run([str(tool / "bin" / "python"), "-m", "pip", "install", "--quiet", "pipx"], pip_env)
+    pipx_cmd = _pipx(interpreter, workdir, pip_env)
     for editable in (False, True):
         home, bindir = workdir / f"pipx-home{'-e' if editable else ''}", workdir / f"pipx-bin{'-e' if editable else ''}"
         px_env = dict(pip_env, PIPX_HOME=str(home), PIPX_BIN_DIR=str(bindir), PIPX_MAN_DIR=str(workdir / "man"))
-        _run([str(tool / "bin" / "pipx"), "install", "--python", interpreter, *(["--editable"] if editable else []),
+        _run([pipx_cmd, "install", "--python", interpreter, *(["--editable"] if editable else []),
               str(ROOT)], px_env)
         python = str(home / "venvs" / "brokerd" / "bin" / "python")
         launcher = str(bindir / "kubectl-oidc_login")  # pipx's symlink, as PATH finds it
