@@ -74,7 +74,7 @@ def test_other_uid_is_refused_by_the_peer_check_and_logged(daemon: Daemon) -> No
     def as_nobody() -> subprocess.CompletedProcess[str]:
         env = {"BROKERD_SOCKET": str(daemon.socket), "BROKERD_NO_AUTOSTART": "1", "PATH": "/usr/bin:/bin"}
         return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
-                               str(SYSTEM_PYTHON), "-I", "-S", str(SHIM), "version"],
+                               str(SYSTEM_PYTHON), "-I", "-S", str(SHIM), "status"],  # version never asks
                               env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
 
     # As installed: the 0700 directory alone keeps the other user out.
