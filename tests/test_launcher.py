@@ -63,8 +63,14 @@ def test_pip_layout_moved_venv_and_pipx_symlink(tmp_path: Path) -> None:
     bindir = tmp_path / "local-bin"
     bindir.mkdir()
     (bindir / "kubectl-oidc_login").symlink_to(home / "venvs" / "brokerd" / "bin" / "kubectl-oidc_login")
-    for env in ({"PIPX_HOME": str(home)}, {"PIPX_HOME": str(tmp_path / "not-pipx")}):  # by stat, by readlink
+    fake_home = tmp_path / "home"
+    (fake_home / ".local" / "share").mkdir(parents=True)
+    for env in ({"PIPX_HOME": str(home)},  # found by a stat
+                {"PIPX_HOME": str(tmp_path / "not-pipx"), "HOME": str(fake_home)},  # by readlink
+                {"HOME": str(fake_home)}):  # by readlink, without PIPX_HOME
         _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], env))
+    (fake_home / ".local" / "share" / "pipx").symlink_to(home)  # pipx's default home: found by a stat
+    _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], {"HOME": str(fake_home)}))
     # Called by name through PATH, as kubectl's plugin lookup does.
     _reached_the_shim(_run(["kubectl-oidc_login", "get-token"],
                            {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "PIPX_HOME": "/nonexistent"}))
