@@ -222,3 +222,17 @@ def test_kubectl_with_the_converted_file_gets_a_token_without_a_new_login(
         third = run_kubectl(["auth", "whoami", "-o", "json"], kubeconfig, env=daemon.env, kubectl=kubectl)
         assert third.returncode == 0, third.stderr
         assert daemon.browser_openings() == 1
+
+
+def test_convert_updates_a_direct_form_that_names_another_venv(tmp_path: Path) -> None:
+    """After the venv moved, convert points the direct form at the current interpreter and shim, flags kept."""
+    config = tmp_path / "config"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\nusers:\n- name: moved\n  user:\n    exec:\n"
+        "      apiVersion: client.authentication.k8s.io/v1beta1\n      command: /old/venv/bin/python\n"
+        "      args: [-I, -S, /old/venv/lib/python3.11/site-packages/client_shim/shim.py, get-token,\n"
+        "             --oidc-client-id=k]\n")
+    done = brokerd("kubeconfig", "convert", "--kubeconfig", str(config))
+    assert done.returncode == 0, done.stderr
+    moved = users(config)["moved"]
+    assert moved["command"] == sys.executable and moved["args"] == [*DIRECT_PREFIX, "--oidc-client-id=k"]
