@@ -1,11 +1,12 @@
 """``bench/run``: every benchmark section in one run, printed as Markdown tables (see docs/benchmarks.md).
 
-    bench/run [--quick] [--sections 1,2,3,4,5,6]
+    bench/run [--quick] [--sections 1,2,3,4,5,6,7]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import tempfile
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import memory, scale, startup, throughput
+from bench import installs, memory, scale, startup, throughput
 from bench.harness import BenchError, Table, machine
 from bench.rig import Daemon, compile_helpers, login_args, login_with_browser
 from tests.support.provider import node_modules_missing, start_provider
@@ -65,6 +66,10 @@ def run(sections: set[int], quick: bool, workdir: Path) -> None:
                 assert extra is not None
                 _say("section 6: restart")
                 _show(memory.restart(provider, [("1 session", main), ("100 sessions", extra)], restarts))
+            if 7 in sections:
+                _say("section 7: installed launchers (fresh pip and pipx installs into the temp dir)")
+                (workdir / "installs").mkdir()
+                _show(installs.installed_launchers(main, provider.issuer, workdir / "installs", rounds1 // 2))
         finally:
             main.close()
             if extra is not None:
@@ -74,7 +79,7 @@ def run(sections: set[int], quick: bool, workdir: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about a minute); for a smoke test")
-    parser.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated section numbers")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated section numbers")
     args = parser.parse_args()
     sections = {int(s) for s in args.sections.split(",") if s.strip()}
     problem = node_modules_missing()
@@ -86,6 +91,8 @@ def main() -> int:
     print(f"## brokerd benchmarks\n\n`{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}: {info['nproc']} cores "
           f"({info['cpu']}), Linux {info['kernel']}, Python {info['python']}; load average at start "
           f"{info['load']}\n", flush=True)
+    print(f"Interpreter of sections 1-6: {sys.executable} -> {os.path.realpath(sys.executable)}; section 7 also "
+          f"uses {', '.join(label for label, _ in installs.interpreters())}.\n", flush=True)
     start = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="bkbench", dir="/tmp") as tmp:

@@ -46,7 +46,7 @@ def shim_start(daemon: Daemon, issuer: str, helpers: Mapping[str, str], rounds: 
     bare = Variant("`python -I -S -c pass` (same interpreter)", [PY, "-I", "-S", "-c", "pass"], env)
     shim = Variant("shim, direct form: `python -I -S shim.py get-token ...`", [PY, "-I", "-S", SHIM, *args], env)
     floor = Variant("C client of the same socket (floor)", [helpers["client"], *args], env)
-    script = Variant("`kubectl-oidc_login get-token ...` (pip console script)", [console_script, *args], env)
+    script = Variant("`kubectl-oidc_login get-token ...` (installed launcher, pip -e)", [console_script, *args], env)
     variants = [bare, shim, floor, script]
     tokens = {_token(check_output(v.argv, v.env)) for v in variants[1:]}
     if len(tokens) != 1:
@@ -73,10 +73,14 @@ def kubectl_call(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdi
     api_dir = workdir / "apiserver"
     api_dir.mkdir()
     with start_apiserver(issuer, static_token=static_token, workdir=api_dir) as api:
-        direct = write_kubeconfig(workdir / "kc-direct", api.url, api.ca_file, ["-I", "-S", SHIM, *args],
-                                  exec_command=PY, kubectl=kubectl)
         dropin = write_kubeconfig(workdir / "kc-dropin", api.url, api.ca_file, ["oidc-login", *args],
                                   exec_command="kubectl", kubectl=kubectl)
+        # The direct form as a user gets it: the seed (drop-in) kubeconfig, converted by `brokerd kubeconfig`.
+        direct = workdir / "kc-direct"
+        direct.write_text(dropin.read_text())
+        check_output([PY, "-m", "brokerd", "kubeconfig", "convert", "--kubeconfig", str(direct)], daemon.env)
+        if SHIM not in direct.read_text():
+            raise BenchError("brokerd kubeconfig convert did not write the direct form")
         floor = write_kubeconfig(workdir / "kc-floor", api.url, api.ca_file, args, exec_command=helpers["client"],
                                  kubectl=kubectl)
         static = write_static_token_kubeconfig(workdir / "kc-static", api.url, api.ca_file, static_token,
@@ -94,8 +98,8 @@ def kubectl_call(daemon: Daemon, issuer: str, helpers: Mapping[str, str], workdi
             return Variant(name, [kubectl, "get", "--raw", "/version"], env)
 
         v_static = variant("static token in the kubeconfig", static)
-        v_direct = variant("shim, direct form (`/abs/python -I -S /abs/shim.py`)", direct)
-        v_dropin = variant("shim, drop-in form (`kubectl oidc-login get-token`)", dropin)
+        v_direct = variant("converted form (`brokerd kubeconfig convert`: /abs/python -I -S /abs/shim.py)", direct)
+        v_dropin = variant("seed form (`kubectl oidc-login get-token`, installed launcher)", dropin)
         v_floor = variant("C client of the socket as the exec plugin (floor)", floor)
         variants = [v_static, v_direct, v_dropin, v_floor]
         api.reset()

@@ -176,13 +176,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logout(args: argparse.Namespace) -> int:
     if not (args.all or args.issuer or args.client_id):
-        print("brokerd: say which sessions to end: --all, --issuer URL and/or --client-id ID", file=sys.stderr)
-        return 2
+        return _logout_bare()
     argv = ["logout"]
     if args.issuer:
         argv += ["--issuer", args.issuer]
     if args.client_id:
         argv += ["--client-id", args.client_id]
+    return _end_sessions(argv)
+
+
+def _end_sessions(argv: list[str]) -> int:
     doc = _ask_daemon(argv)
     ended = doc.get("logged_out", [])
     if not ended:
@@ -191,6 +194,47 @@ def cmd_logout(args: argparse.Namespace) -> int:
         print(f"logged out of {_shown(s['issuer'])} (client {_shown(s['client_id'])}, session {_shown(s['session'])}):"
               f" {_shown(s['result'])}")
     return 0
+
+
+def _logout_bare() -> int:
+    """One session: end it (as `gh auth logout` does).  Several: ask at a terminal, else name the choices.
+
+    The daemon ends sessions by issuer and client id, so a choice is one such pair (with every session under it).
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in _ask_daemon(["status"]).get("sessions", []):
+        groups.setdefault((s["issuer"], s["client_id"]), []).append(s)
+    if not groups:
+        print("no sessions")
+        return 0
+    choices = list(groups.items())
+    if len(choices) > 1:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            print(f"brokerd: {len(choices)} sessions; say which to end (or --all):", file=sys.stderr)
+            for (issuer, client_id), members in choices:
+                print(f"  brokerd logout --issuer {issuer} --client-id {client_id}    # {_who(members)}",
+                      file=sys.stderr)
+            return 2
+        for n, ((issuer, client_id), members) in enumerate(choices, 1):
+            print(f"  {n}) {issuer}  client {client_id}  {_who(members)}", file=sys.stderr)
+        try:
+            answer = input(f"end which? [1-{len(choices)}, all] ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 1
+        if answer == "all":
+            return _end_sessions(["logout"])
+        if not (answer.isdigit() and 1 <= int(answer) <= len(choices)):
+            print(f"brokerd: expected a number from 1 to {len(choices)} or `all`, got {answer!r}", file=sys.stderr)
+            return 2
+        choices = [choices[int(answer) - 1]]
+    (issuer, client_id), _ = choices[0]
+    return _end_sessions(["logout", "--issuer", issuer, "--client-id", client_id])
+
+
+def _who(members: list[dict[str, Any]]) -> str:
+    names = [m.get("session_name") or m.get("email") or m.get("username") or m["session"] for m in members]
+    return ", ".join(str(n) for n in names)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -238,6 +282,42 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
     return 0
 
 
+def shim_target() -> tuple[str, str]:
+    """The interpreter and shim file of the direct kubeconfig form: this interpreter (its path, not resolved: a
+    venv's python is a symlink whose path selects the venv) and the launcher beside client_shim/core.py (it
+    imports core from cached bytecode)."""
+    from client_shim import core as shim
+
+    return (os.path.abspath(sys.executable),
+            os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or ".")), "shim.py"))
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    from brokerd import kubeconfig
+
+    revert = args.action == "revert"
+    files = kubeconfig.kubeconfig_files(args.kubeconfig, os.environ)
+    changes = kubeconfig.plan(files, args.user or [], kubeconfig.Target(*shim_target()), revert=revert)
+    if not changes:
+        done = "in the kubelogin form" if revert else "in the direct form"
+        print(f"nothing to do: every matching user is already {done} ({', '.join(map(str, files))})",
+              file=sys.stderr)
+        return 0
+    for change in changes:
+        sys.stdout.write(change.diff())
+    if args.dry_run:
+        return 0
+    for change in changes:
+        try:
+            backup = kubeconfig.write(change)
+        except OSError as exc:
+            print(f"brokerd: cannot write {change.path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        verb = "reverted" if revert else "converted"
+        print(f"{verb} {', '.join(change.users)} in {change.path} (previous text in {backup})", file=sys.stderr)
+    return 0
+
+
 def _passthrough(argv: list[str]) -> int:
     """``brokerd get-token ...``: the same request the shim sends, from the full CLI."""
     data = _call_daemon(argv, autostart=True) + b"\n"
@@ -250,39 +330,52 @@ def _setup(argv: list[str]) -> int:
     """``brokerd setup`` / ``kubectl oidc-login setup``: the daemon logs in and checks; the report is rendered here,
     where the interpreter and shim paths for the direct kubeconfig form are known."""
     from brokerd.setup import render_report
-    from client_shim import core as shim
 
     doc = json.loads(_call_daemon(argv, autostart=True))
-    # The launcher beside core.py: the file kubectl should run (it imports core from cached bytecode).
-    shim_path = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or ".")), "shim.py")
-    report = render_report(doc, doc.get("kubeconfig_args", []), os.path.abspath(sys.executable), shim_path)
+    report = render_report(doc, doc.get("kubeconfig_args", []), *shim_target())
     print("\n".join(_shown(line) for line in report.split("\n")))  # claims and provider text: no control chars
     return 0 if doc.get("logged_in") else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brokerd", description="Local OIDC token broker for kubectl.")
+    parser = argparse.ArgumentParser(
+        prog="brokerd", description="Local OIDC token broker for kubectl.",
+        epilog="Also `brokerd get-token ...` and `brokerd setup ...`, the same as `kubectl oidc-login get-token|setup "
+               "...`: see `brokerd get-token --help` and `brokerd setup --help`.")
     parser.add_argument("--version", action="version", version=f"brokerd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the daemon in the foreground, logging to stderr")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log every step (never a token)")
     p.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("status", help="show the sessions the daemon holds")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("logout", help="end sessions and revoke their refresh tokens")
-    p.add_argument("--all", action="store_true")
-    p.add_argument("--issuer")
-    p.add_argument("--client-id")
+    p = sub.add_parser("logout", help="end sessions and revoke their refresh tokens",
+                       description="Without flags: ends the only session; with several, asks which at a terminal, "
+                                   "else names them and the flags to choose.")
+    p.add_argument("--all", action="store_true", help="end every session")
+    p.add_argument("--issuer", metavar="URL", help="end the sessions of this issuer")
+    p.add_argument("--client-id", metavar="ID", help="end the sessions of this client id (with --issuer: both)")
     p.set_defaults(fn=cmd_logout)
     p = sub.add_parser("clean", help="forget all sessions (works without the daemon)")
     p.set_defaults(fn=cmd_clean)
+    p = sub.add_parser("kubeconfig", help="rewrite kubelogin users into brokerd's direct form, or back",
+                       description="convert: every user whose exec runs kubelogin (kubectl oidc-login get-token, "
+                                   "kubelogin get-token, kubectl-oidc_login get-token) gets the direct form "
+                                   "(this interpreter with -I -S and the shim file; every flag kept). revert: back "
+                                   "to `kubectl oidc-login get-token`. Prints a unified diff; keeps a backup.")
+    p.add_argument("action", choices=["convert", "revert"])
+    p.add_argument("--kubeconfig", metavar="PATH", help="the file to edit (default: $KUBECONFIG's files, else "
+                                                        "~/.kube/config; a user is edited where it is defined)")
+    p.add_argument("--user", action="append", metavar="NAME", help="only this user (repeatable; default: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the diff only, write nothing")
+    p.set_defaults(fn=cmd_kubeconfig)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     p = sub.add_parser("install-systemd", help="install the systemd user units")
-    p.add_argument("--uninstall", action="store_true")
-    p.add_argument("--unit-dir")
+    p.add_argument("--uninstall", action="store_true", help="remove the units instead")
+    p.add_argument("--unit-dir", metavar="DIR", help="where the units go (default: systemd's user unit dir)")
     p.set_defaults(fn=cmd_install_systemd)
     return parser
 
@@ -291,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from client_shim.core import ShimError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] in (["get-token"], ["setup"]) and ("--help" in args_list or "-h" in args_list):
+        from client_shim.usage import main as usage  # these flags are the shim's; argparse does not know them
+
+        return usage(args_list, "brokerd")
     try:
         if args_list[:1] == ["get-token"]:
             return _passthrough(args_list)

@@ -342,7 +342,9 @@ def render_report(doc: Mapping[str, Any], kube_args: Sequence[str], interpreter:
         return "\n".join(lines)
     drop_in, direct = set_credentials_commands(kube_args, interpreter, shim)
     lines += ["", "## Kubeconfig", "", "Drop-in form (as kubelogin; kubectl's plugin dispatch adds ~50 ms per call):",
-              "", drop_in, "", "Direct form (fastest: absolute interpreter, -I -S, the shim itself):", "", direct]
+              "", drop_in, "", "Direct form (fastest: absolute interpreter, -I -S, the shim itself):", "", direct,
+              "", "A kubeconfig that already runs kubelogin converts to the direct form in place (with a backup; "
+                  "`brokerd kubeconfig revert` undoes it):", "", "  brokerd kubeconfig convert --dry-run"]
     if any(a.startswith("--oidc-client-secret=") for a in kube_args):
         lines += ["", f"Replace {SECRET_PLACEHOLDER} with the client secret, or better keep it out of the "
                       "kubeconfig in a profile of brokerd's config.toml and use --profile=NAME instead."]

@@ -326,6 +326,10 @@ def request(argv: "list[str]", env: "dict[bytes, bytes]", program: str, *, autos
 def main(argv: "list[str] | None" = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     program = sys.argv[0].rpartition("/")[2] if sys.argv and sys.argv[0] else "brokerd-shim"
+    if not args or args[0] in ("help", "version", "--version") or "--help" in args or "-h" in args:
+        from client_shim.usage import main as usage  # help and version never reach (or start) a daemon
+
+        return usage(args, program)
     if args[:1] in (["clean"], ["setup"], ["install-systemd"]):
         # Not on kubectl's hot path: these run in the full CLI (clean must work without a daemon).
         import os

@@ -121,7 +121,7 @@ def test_shim_refuses_a_socket_directory_that_others_may_enter(tmp_path: Path) -
     listener.listen(1)
     listener.setblocking(False)
     try:
-        done = subprocess.run([sys.executable, "-I", "-S", str(SHIM), "version"], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-I", "-S", str(SHIM), "status"], capture_output=True, text=True,
                               timeout=30, stdin=subprocess.DEVNULL,
                               env={"BROKERD_SOCKET": str(run / "brokerd.sock"), "PATH": "/usr/bin:/bin"})
         with pytest.raises(BlockingIOError):

@@ -78,6 +78,7 @@ def test_setup_reports_what_the_api_server_sees_and_its_commands_work(
     assert "problem (no-refresh-token)" in out  # no offline_access asked for
     assert "--exec-command=kubectl" in out and "--exec-arg=oidc-login" in out
     assert f"--exec-arg={SHIM}" in out and "--exec-arg=-I" in out
+    assert "brokerd kubeconfig convert --dry-run" in out  # issue 14: setup points kubelogin users at convert
     assert KUBE_LOGIN_CLIENT_SECRET not in out and "YOUR_CLIENT_SECRET" in out
     assert "kind: ClusterRoleBinding" in out and "kind: Group" in out and 'name: "admins"' in out
     assert daemon.browser_openings() == 1

@@ -1,0 +1,144 @@
+"""Section 7: the installed ``kubectl-oidc_login`` as a new user gets it, per installer, against the bare interpreter.
+
+Fresh installs into the temp dir, as a user would type them: ``pip install .`` and ``pip install -e .`` into a
+venv, ``pipx install .`` and ``pipx install --editable .`` (pipx itself goes into a throwaway venv).  pip takes
+the dependencies from its cache or index.  Each launcher asks the bench daemon for the same cached token; each
+install's row is divided by ``python -I -S -c pass`` of the same interpreter, in the same interleaved rounds.  For
+comparison, the wrapper pip writes for a console script (the previous release's entry point), in the pip venv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.harness import BenchError, Table, Variant, check_output, median, ms, quantile, round_robin, verdict
+from bench.rig import EXEC_INFO_V1BETA1, ROOT, Daemon, login_args
+
+TARGET = 1.25
+INSTALL_TIMEOUT = 900.0
+PIP_WRAPPER = """#!{python}
+# -*- coding: utf-8 -*-
+import re
+import sys
+from client_shim.core import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
+@dataclass(frozen=True)
+class Install:
+    name: str
+    python: str  # the environment's interpreter (its bin/python), for the bare baseline
+    launcher: str
+    env: Mapping[str, str]
+
+
+def interpreters() -> list[tuple[str, str]]:
+    """Debian's /usr/bin/python3 when present, and the interpreter the bench venv was made from, when different."""
+    found: list[tuple[str, str]] = []
+    if Path("/usr/bin/python3").exists():
+        found.append(("Debian /usr/bin/python3", "/usr/bin/python3"))
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if not found or os.path.realpath(found[0][1]) != base:
+        found.append((f"this machine's python3 ({base})", base))
+    return found
+
+
+def _run(argv: list[str], env: Mapping[str, str] | None = None) -> None:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
+                              env=dict(env or os.environ), stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{' '.join(argv[:4])}: no result within {INSTALL_TIMEOUT:.0f} s") from None
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:5])} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
+
+
+def _pipx(interpreter: str, workdir: Path, pip_env: Mapping[str, str]) -> str:
+    """$BENCH_PIPX, else pipx on PATH, else pipx installed into a throwaway venv (needs PyPI or a local index that
+    has it: inside `unshare -n`, provide one with BENCH_PIPX)."""
+    found = os.environ.get("BENCH_PIPX") or shutil.which("pipx")
+    if found:
+        return found
+    tool = workdir / "pipx-tool"
+    _run([interpreter, "-m", "venv", str(tool)])
+    _run([str(tool / "bin" / "python"), "-m", "pip", "install", "--quiet", "pipx"], pip_env)
+    return str(tool / "bin" / "pipx")
+
+
+def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: bool) -> list[Install]:
+    """pip and pip -e venvs (and pipx, pipx --editable when ``pipx``), each with the launcher it installed."""
+    pip_env = dict(os.environ)
+    pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    pip_env.setdefault("PIP_RETRIES", "0")  # offline (unshare -n): fail over to the local index at once
+    out: list[Install] = []
+    for editable in (False, True):
+        venv = workdir / ("pip-e" if editable else "pip")
+        _run([interpreter, "-m", "venv", str(venv)])
+        _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *(["-e"] if editable else []),
+              str(ROOT)], pip_env)
+        out.append(Install(f"`pip install {'-e ' if editable else ''}.`", str(venv / "bin" / "python"),
+                           str(venv / "bin" / "kubectl-oidc_login"), env))
+    wrapper = workdir / "pip" / "bin" / "kubectl-oidc_login-pip-wrapper"
+    wrapper.write_text(PIP_WRAPPER.format(python=workdir / "pip" / "bin" / "python"))
+    wrapper.chmod(0o755)
+    out.append(Install("pip's console-script wrapper (previous release), `pip install .`",
+                       str(workdir / "pip" / "bin" / "python"), str(wrapper), env))
+    if not pipx:
+        return out
+    pipx_cmd = _pipx(interpreter, workdir, pip_env)
+    for editable in (False, True):
+        home, bindir = workdir / f"pipx-home{'-e' if editable else ''}", workdir / f"pipx-bin{'-e' if editable else ''}"
+        px_env = dict(pip_env, PIPX_HOME=str(home), PIPX_BIN_DIR=str(bindir), PIPX_MAN_DIR=str(workdir / "man"))
+        _run([pipx_cmd, "install", "--python", interpreter, *(["--editable"] if editable else []),
+              str(ROOT)], px_env)
+        python = str(home / "venvs" / "brokerd" / "bin" / "python")
+        launcher = str(bindir / "kubectl-oidc_login")  # pipx's symlink, as PATH finds it
+        label = f"`pipx install {'--editable ' if editable else ''}.`"
+        # With PIPX_HOME in the environment the launcher finds pipx's venv by a stat; without, by readlink.
+        out.append(Install(f"{label} (PIPX_HOME set)", python, launcher, dict(env, PIPX_HOME=str(home))))
+        if not editable:
+            out.append(Install(f"{label} (symlink resolved by readlink)", python, launcher, env))
+    return out
+
+
+def installed_launchers(daemon: Daemon, issuer: str, workdir: Path, rounds: int) -> Table:
+    env = dict(daemon.env)
+    env["KUBERNETES_EXEC_INFO"] = EXEC_INFO_V1BETA1
+    env.pop("PIPX_HOME", None)
+    args = login_args(issuer)
+    table = Table("7. The installed `kubectl-oidc_login get-token ...`, cached token, per installer",
+                  ["interpreter", "install", "median wall", "p10 - p90", "median CPU", "x bare (wall)",
+                   "x bare (CPU)", "target", ""])
+    rounds_done = 0
+    for i, (label, interpreter) in enumerate(interpreters()):
+        installs = install_all(interpreter, workdir / f"py{i}", env, pipx=(i == 0))
+        bare = Variant("bare", [installs[0].python, "-I", "-S", "-c", "pass"], env)
+        variants = [bare] + [Variant(inst.name, [inst.launcher, *args], inst.env) for inst in installs]
+        for v in variants[1:]:
+            if '"ExecCredential"' not in check_output(v.argv, v.env):
+                raise BenchError(f"{v.name}: printed no ExecCredential")
+        res = round_robin(variants, rounds, max_seconds=240)
+        base = res["bare"]
+        table.add(label, "`python -I -S -c pass`", ms(median(base.wall)),
+                  f"{ms(quantile(base.wall, 0.1))} - {ms(quantile(base.wall, 0.9))}", ms(median(base.cpu)),
+                  "1.00", "1.00", "", "")
+        for v in variants[1:]:
+            s = res[v.name]
+            ratio, cpu_ratio = median(s.wall) / median(base.wall), median(s.cpu) / median(base.cpu)
+            graded = "wrapper" not in v.name
+            table.add(label, v.name, ms(median(s.wall)), f"{ms(quantile(s.wall, 0.1))} - {ms(quantile(s.wall, 0.9))}",
+                      ms(median(s.cpu)), f"{ratio:.2f}", f"{cpu_ratio:.2f}", f"<= {TARGET}" if graded else "",
+                      verdict(ratio <= TARGET) if graded else "")
+        rounds_done = len(base.wall)
+    table.notes.append(f"{rounds_done} interleaved rounds per interpreter; every variant printed an ExecCredential "
+                       "for the same cached session first.  pipx installs are measured with the first interpreter.")
+    return table

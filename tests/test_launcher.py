@@ -1,0 +1,101 @@
+"""Issue 14 item 1: the installed kubectl-oidc_login launcher (launchers/) in real venv layouts.
+
+The editable layout is the test venv itself (scripts/test installs with -e; tests/test_e2e_kubectl.py and
+tests/test_kubeconfig.py run kubectl through it).  Here: a venv laid out as `pip install .` leaves it, moved to
+another directory, reached through a pipx-style symlink, and run by an interpreter whose site-packages has no brokerd.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import BIN, ROOT
+
+LAUNCHER = ROOT / "launchers" / "kubectl-oidc_login"
+PYVER = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _venv(where: Path) -> Path:
+    """A venv with brokerd's client_shim where `pip install .` puts it, and the launcher in bin/ (0755, as pip)."""
+    base = Path(getattr(sys, "_base_executable", sys.executable))
+    done = subprocess.run([str(base), "-m", "venv", "--without-pip", str(where)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    site = where / "lib" / PYVER / "site-packages"
+    shutil.copytree(ROOT / "client_shim", site / "client_shim", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(LAUNCHER, where / "bin" / "kubectl-oidc_login")
+    (where / "bin" / "kubectl-oidc_login").chmod(0o755)
+    return where
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = dict(os.environ)
+    full.update({"BROKERD_SOCKET": "/nonexistent/brokerd.sock", "BROKERD_NO_AUTOSTART": "1"})
+    full.update(env or {})
+    return subprocess.run(argv, env=full, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def _reached_the_shim(result: subprocess.CompletedProcess[str]) -> None:
+    # The shim ran: it looked for the daemon on the socket it was given (exit 3 and its one-line message).
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("brokerd: no daemon is listening on /nonexistent/brokerd.sock"), result.stderr
+
+
+def test_pip_layout_moved_venv_and_pipx_symlink(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    _reached_the_shim(_run([str(venv / "bin" / "kubectl-oidc_login"), "get-token", "--oidc-issuer-url=x"]))
+
+    moved = tmp_path / "elsewhere" / "venv2"
+    moved.parent.mkdir()
+    venv.rename(moved)
+    _reached_the_shim(_run([str(moved / "bin" / "kubectl-oidc_login"), "get-token"]))
+
+    # pipx: ~/.local/bin/kubectl-oidc_login -> $PIPX_HOME/venvs/brokerd/bin/kubectl-oidc_login
+    home = tmp_path / "pipx"
+    (home / "venvs").mkdir(parents=True)
+    moved.rename(home / "venvs" / "brokerd")
+    bindir = tmp_path / "local-bin"
+    bindir.mkdir()
+    (bindir / "kubectl-oidc_login").symlink_to(home / "venvs" / "brokerd" / "bin" / "kubectl-oidc_login")
+    fake_home = tmp_path / "home"
+    (fake_home / ".local" / "share").mkdir(parents=True)
+    for env in ({"PIPX_HOME": str(home)},  # found by a stat
+                {"PIPX_HOME": str(tmp_path / "not-pipx"), "HOME": str(fake_home)},  # by readlink
+                {"HOME": str(fake_home)}):  # by readlink, without PIPX_HOME
+        _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], env))
+    (fake_home / ".local" / "share" / "pipx").symlink_to(home)  # pipx's default home: found by a stat
+    _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], {"HOME": str(fake_home)}))
+    # Called by name through PATH, as kubectl's plugin lookup does.
+    _reached_the_shim(_run(["kubectl-oidc_login", "get-token"],
+                           {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "PIPX_HOME": "/nonexistent"}))
+
+
+def test_the_interpreter_runs_isolated(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    # -I: PYTHON* variables are ignored; -S: no site, so a .pth file in site-packages never runs.
+    (venv / "lib" / PYVER / "site-packages" / "evil.pth").write_text("import sys; sys.exit(42)\n")
+    result = _run([str(venv / "bin" / "kubectl-oidc_login"), "get-token"], {"PYTHONSTARTUP": "/dev/null",
+                                                                            "PYTHONPATH": str(tmp_path)})
+    _reached_the_shim(result)
+
+
+def test_site_packages_without_brokerd_gives_one_clear_line(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    shutil.rmtree(venv / "lib" / PYVER / "site-packages" / "client_shim")  # as after a minor Python upgrade
+    result = _run([str(venv / "bin" / "kubectl-oidc_login"), "get-token"])
+    assert result.returncode == 3 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "reinstall brokerd" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not (BIN / "kubectl-oidc_login").exists(), reason="the package is not installed in this venv")
+def test_the_installed_launchers_are_the_isolated_ones() -> None:
+    for name in ("kubectl-oidc_login", "brokerd-shim"):
+        installed = (BIN / name).read_text()
+        assert installed == LAUNCHER.read_text(), f"{name} is not launchers/kubectl-oidc_login; reinstall (pip -e .)"
+        _reached_the_shim(_run([str(BIN / name), "get-token"]))
