@@ -150,7 +150,8 @@ class LoginFlows:
             raise LoginTimeout(
                 f"no code was entered within {options.authentication_timeout:.0f} s") from None
         code, iss = parse_pasted_code(answer, auth.state)
-        return await oidc.exchange_code(settings, auth, code, iss=iss)
+        # A pasted address is a redirect and must carry iss where the provider sends one; a typed code cannot.
+        return await oidc.exchange_code(settings, auth, code, iss=iss, redirected=code != answer.strip())
 
     async def _password(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions,
                         caller: Caller) -> TokenSet:

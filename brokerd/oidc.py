@@ -24,6 +24,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
 from . import idtoken
+from .client_auth import check_response_issuer
 from .clock import Clock
 from .errors import (
     DiscoveryError,
@@ -300,11 +301,11 @@ class OIDCClient:
         return AuthRequest(url=url, state=state, nonce=nonce, code_verifier=verifier, redirect_uri=redirect_uri)
 
     async def exchange_code(self, settings: ProviderSettings, auth: AuthRequest, code: str, *,
-                            iss: str | None = None) -> TokenSet:
-        """Redeem a code; ``iss`` is the callback's RFC 9207 ``iss`` parameter, checked when the provider sent it."""
+                            iss: str | None = None, redirected: bool = True) -> TokenSet:
+        """Redeem a code; ``iss`` is the callback's RFC 9207 ``iss`` parameter (``redirected`` is False only for a
+        code the person typed, which carries none)."""
         meta = await self.metadata(settings.issuer)
-        if iss is not None and iss != meta.issuer:
-            raise TokenValidationError(f"callback came from issuer {safe_text(iss)!r}, expected {meta.issuer!r}")
+        check_response_issuer(meta, iss, redirected=redirected)
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": auth.redirect_uri}
         if auth.code_verifier is not None:
             form["code_verifier"] = auth.code_verifier
