@@ -7,8 +7,31 @@ is read here, off the event loop, and its contents never reach a message or a lo
 
 from __future__ import annotations
 
-from .errors import TokenValidationError
+import asyncio
+import base64
+import json
+import logging
+import os
+import stat
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import quote_plus
+
+from authlib.common.security import generate_token
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc import jwk, jwt
+from joserfc.errors import JoseError, SecurityWarning
+from joserfc.jwk import Key, KeySet
+
+from .clock import Clock
+from .errors import TokenValidationError, UsageError
+from .models import ProviderSettings
 from .oidc_wire import ProviderMetadata, safe_text
+
+log = logging.getLogger("brokerd.client_auth")
 
 
 def check_response_issuer(meta: ProviderMetadata, iss: str | None, *, redirected: bool) -> None:
@@ -25,3 +48,159 @@ def check_response_issuer(meta: ProviderMetadata, iss: str | None, *, redirected
         raise TokenValidationError(
             f"the login answer carries no 'iss' although {meta.issuer} always sends one (RFC 9207); the code was "
             "not used")
+
+
+# ---- client authentication -------------------------------------------------------------------------------------
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# Short: an assertion is good for one request (its jti is single-use at the provider anyway).
+ASSERTION_LIFETIME = 60
+MAX_KEY_FILE = 64 * 1024
+_ALG_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA"}
+
+
+@dataclass(frozen=True)
+class AssertionKey:
+    key: Key = field(repr=False)
+    alg: str
+    kid: str | None
+
+
+def _pick(keys: KeySet, kid: str | None, path: str) -> Key:
+    private = [k for k in keys.keys if k.is_private and (kid is None or k.kid == kid)]
+    if len(private) != 1:
+        which = f"with kid {kid!r}" if kid else "(name one with --oidc-client-assertion-kid)"
+        raise UsageError(f"--oidc-client-assertion-key {path}: {len(private)} private keys {which}; need exactly one")
+    return private[0]
+
+
+def _import(data: bytes, path: str, kid: str | None) -> Key:
+    """A private key from PEM (PKCS#8, PKCS#1 or SEC1), a JWK or a JWKS.  Errors name the file, never its bytes."""
+    text = data.strip()
+    try:
+        if text.startswith(b"{"):
+            doc = json.loads(text)
+            if isinstance(doc, dict) and isinstance(doc.get("keys"), list):
+                return _pick(KeySet.import_key_set(doc), kid, path)  # type: ignore[arg-type]
+            key: Key = jwk.import_key(doc)
+        else:
+            loaded = serialization.load_pem_private_key(text, password=None)
+            key_type: Literal["RSA", "EC", "OKP"] = "OKP"
+            if isinstance(loaded, rsa.RSAPrivateKey):
+                key_type = "RSA"
+            elif isinstance(loaded, ec.EllipticCurvePrivateKey):
+                key_type = "EC"
+            key = jwk.import_key(text, key_type)
+    except UsageError:
+        raise
+    except (JoseError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise UsageError(f"--oidc-client-assertion-key {path}: not a private key brokerd can use (PEM RSA, EC "
+                         f"P-256/384/521 or Ed25519, or JWK/JWKS JSON): {type(exc).__name__}") from None
+    if not key.is_private:
+        raise UsageError(f"--oidc-client-assertion-key {path}: holds a public key; the private one signs")
+    return key
+
+
+def _default_alg(key: Key) -> str:
+    if isinstance(key, jwk.RSAKey):
+        return "RS256"
+    curve = key.as_dict().get("crv")
+    alg = _ALG_BY_CURVE.get(str(curve))
+    if alg is None:
+        raise UsageError(f"a key on curve {curve} needs --oidc-client-assertion-alg")
+    return alg
+
+
+def load_assertion_key(path: str, alg: str | None, kid: str | None) -> tuple[AssertionKey, bool]:
+    """Blocking (call in a thread): the key and whether its file is readable by others than its owner."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"--oidc-client-assertion-key {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE:
+            raise UsageError(f"--oidc-client-assertion-key {path}: not a regular file of at most {MAX_KEY_FILE} bytes")
+        key = _import(f.read(MAX_KEY_FILE), path, kid)
+    return AssertionKey(key, alg or _default_alg(key), kid or key.kid), bool(st.st_mode & 0o077)
+
+
+def make_assertion(client_id: str, audience: str, key: Key, alg: str, kid: str | None, now: float) -> str:
+    """RFC 7523 2.2 / OIDC Core 9: iss = sub = client_id, the audience, a unique jti, a short life."""
+    header: dict[str, Any] = {"alg": alg, "typ": "JWT"}
+    if kid:
+        header["kid"] = kid
+    claims = {"iss": client_id, "sub": client_id, "aud": audience, "jti": generate_token(32),
+              "iat": int(now), "exp": int(now) + ASSERTION_LIFETIME}
+    try:
+        with warnings.catch_warnings():
+            # joserfc flags EdDSA as superseded by Ed25519 (RFC 9864); providers still ask for EdDSA by name.
+            warnings.simplefilter("ignore", SecurityWarning)
+            return jwt.encode(header, claims, key, algorithms=[alg])
+    except (JoseError, ValueError) as exc:
+        raise UsageError(f"cannot sign a client assertion with {alg} and this key ({type(exc).__name__})") from None
+
+
+def choose_method(settings: ProviderSettings, advertised: tuple[str, ...]) -> str:
+    """The configured method, else as brokerd always did: basic, post when only post is offered, none without a
+    secret."""
+    configured = settings.registration.method
+    if configured is not None:
+        return configured
+    if not settings.client_secret:
+        return "none"
+    if "client_secret_basic" not in advertised and "client_secret_post" in advertised:
+        return "client_secret_post"
+    return "client_secret_basic"
+
+
+class ClientAuthenticator:
+    """Adds client authentication to one request.  One per OIDCClient; remembers which key files it warned
+    about, so a world-readable key is reported once, not on every refresh."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._warned: set[str] = set()
+
+    async def apply(self, settings: ProviderSettings, meta: ProviderMetadata, form: dict[str, str], *,
+                    endpoint: str = "token") -> dict[str, str]:
+        """Fill ``form`` and return the headers that authenticate the client at ``endpoint`` (token, revocation,
+        pushed_authorization_request, device_authorization).  The token endpoint URL is the assertion's audience:
+        RFC 7523 3 names it, Authelia (fosite) requires it at every endpoint, and oidc-provider, Keycloak and Okta
+        accept it."""
+        advertised = meta.token_endpoint_auth_methods_supported
+        method = choose_method(settings, advertised)
+        own = meta.raw.get(f"{endpoint}_endpoint_auth_methods_supported")
+        if isinstance(own, list) and own and method not in own and settings.registration.method is None:
+            # An endpoint with its own list: fall back only to a method it advertises that we can do.
+            method = next((m for m in ("client_secret_basic", "client_secret_post") if m in own and
+                           settings.client_secret), method)
+        if method == "none":
+            form["client_id"] = settings.client_id
+            return {}
+        secret = settings.client_secret or ""
+        if method == "client_secret_post":
+            form["client_id"] = settings.client_id
+            form["client_secret"] = secret
+            return {}
+        if method == "client_secret_basic":
+            pair = f"{quote_plus(settings.client_id, safe='')}:{quote_plus(secret, safe='')}"
+            return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode("ascii")}
+        reg = settings.registration
+        if method == "client_secret_jwt":
+            key: Key = jwk.OctKey.import_key(secret.encode())
+            alg, kid = reg.assertion_alg or "HS256", reg.assertion_kid
+        else:
+            assert reg.assertion_key is not None  # parse_registration insists on it
+            loaded, exposed = await asyncio.to_thread(load_assertion_key, reg.assertion_key, reg.assertion_alg,
+                                                      reg.assertion_kid)
+            if exposed and reg.assertion_key not in self._warned:
+                self._warned.add(reg.assertion_key)
+                log.warning("the client assertion key %s can be read by other users; chmod 600 it",
+                            reg.assertion_key)
+            key, alg, kid = loaded.key, loaded.alg, loaded.kid
+        form["client_id"] = settings.client_id
+        form["client_assertion_type"] = ASSERTION_TYPE
+        form["client_assertion"] = make_assertion(settings.client_id, meta.token_endpoint, key, alg, kid,
+                                                  self._clock.now())
+        return {}

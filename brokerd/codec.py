@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from brokerd.models import LoginOptions, ProviderSettings, Session, TLSOptions, TokenSet
+from brokerd.registration import ClientRegistration
 
 
 class BadEntry(ValueError):
@@ -30,6 +31,7 @@ def session_to_dict(session: Session) -> dict[str, Any]:
             "use_access_token": s.use_access_token,
             "redirect_url": s.redirect_url,
             "username": s.username,
+            **({"registration": reg} if (reg := s.registration.non_defaults()) else {}),
         },
         "tokens": {
             "id_token": t.id_token,
@@ -88,6 +90,7 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         use_access_token=_get(sd, "use_access_token", bool),
         redirect_url=_get(sd, "redirect_url", str, optional=True),
         username=_get(sd, "username", str, optional=True),
+        registration=_registration(sd.get("registration")),
     )
     tokens = TokenSet(
         id_token=_get(td, "id_token", str),
@@ -102,6 +105,13 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
     if settings.key.value != stored_key:
         raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
     return Session(key=settings.key, settings=settings, tokens=tokens, options=_options(doc.get("options")))
+
+
+def _registration(doc: Any) -> ClientRegistration:
+    try:
+        return ClientRegistration.from_doc(doc)
+    except ValueError as exc:
+        raise BadEntry(str(exc)) from None
 
 
 def _strings(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ from typing import Literal
 
 from brokerd.errors import UsageError
 from brokerd.models import DEFAULT_LISTEN, LoginOptions, ProviderSettings, TLSOptions
+from brokerd.registration import FLAG_NAMES as REGISTRATION_FLAGS
+from brokerd.registration import parse_registration
 
 Kind = Literal["str", "bool", "int", "list", "kv", "array"]
 
@@ -48,6 +50,8 @@ FLAGS: dict[str, Kind] = {
     "certificate-authority-data": "array",
     "insecure-skip-tls-verify": "bool",
     "v": "int",
+    # How the client is registered (brokerd/registration.py): client authentication, PAR, response mode, JWE.
+    **dict.fromkeys(REGISTRATION_FLAGS, "str"),
 }
 # Flags of `setup` only: what the API server is configured with, to show the user it will see.
 SETUP_FLAGS: dict[str, Kind] = {
@@ -246,6 +250,7 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
         use_access_token=flags.bool_("oidc-use-access-token"),
         redirect_url=redirect,
         username=flags.str_("session-name") or username,
+        registration=parse_registration(flags.str_, has_secret=flags.str_("oidc-client-secret") is not None),
     )
     verbosity = flags.values.get("v", 0)
     assert isinstance(verbosity, int)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+from brokerd.registration import ClientRegistration
+
 DEFAULT_LISTEN = ("127.0.0.1:8000", "127.0.0.1:18000")
 EXEC_API_V1BETA1 = "client.authentication.k8s.io/v1beta1"
 EXEC_API_V1 = "client.authentication.k8s.io/v1"
@@ -33,6 +35,7 @@ class ProviderSettings:
     use_access_token: bool = False
     redirect_url: str | None = None
     username: str | None = None
+    registration: ClientRegistration = field(default_factory=ClientRegistration)
 
     def __post_init__(self) -> None:
         # Normalize so that the key is stable whatever order the flags came in (kubelogin #1638).
@@ -56,6 +59,8 @@ class ProviderSettings:
             "redirect_url": self.redirect_url,
             "username": self.username,
         }
+        if reg := self.registration.non_defaults():
+            doc["registration"] = reg
         return SessionKey(hashlib.sha256(canonical_json(doc).encode()).hexdigest())
 
 

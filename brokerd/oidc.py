@@ -9,14 +9,13 @@ Secrets (tokens, codes, verifiers, client secrets) never appear in exception mes
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from authlib.common.security import generate_token
@@ -24,7 +23,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
 from . import idtoken
-from .client_auth import check_response_issuer
+from .client_auth import ClientAuthenticator, check_response_issuer
 from .clock import Clock
 from .errors import (
     DiscoveryError,
@@ -104,6 +103,7 @@ class OIDCClient:
         self._jwks: dict[str, tuple[float, KeySet]] = {}
         self._jwks_refetched_at: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._authenticator = ClientAuthenticator(clock)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -148,24 +148,13 @@ class OIDCClient:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    def _client_auth(self, settings: ProviderSettings, meta: ProviderMetadata,
-                     form: dict[str, str]) -> dict[str, str]:
-        """client_secret_basic (RFC 6749 2.3.1: form-encode id and secret before base64); client_secret_post only
-        when the provider does not offer basic; a public client sends just its id."""
-        if not settings.client_secret:
-            form["client_id"] = settings.client_id
-            return {}
-        methods = meta.token_endpoint_auth_methods_supported
-        if "client_secret_basic" not in methods and "client_secret_post" in methods:
-            form["client_id"] = settings.client_id
-            form["client_secret"] = settings.client_secret
-            return {}
-        pair = f"{quote_plus(settings.client_id, safe='')}:{quote_plus(settings.client_secret, safe='')}"
-        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode("ascii")}
+    async def _client_auth(self, settings: ProviderSettings, meta: ProviderMetadata, form: dict[str, str],
+                           endpoint: str = "token") -> dict[str, str]:
+        return await self._authenticator.apply(settings, meta, form, endpoint=endpoint)
 
     async def _post_form(self, settings: ProviderSettings, meta: ProviderMetadata, url: str,
-                         form: dict[str, str], what: str) -> dict[str, Any]:
-        headers = self._client_auth(settings, meta, form)
+                         form: dict[str, str], what: str, endpoint: str = "token") -> dict[str, Any]:
+        headers = await self._client_auth(settings, meta, form, endpoint)
         status, ctype, body = await self._send("POST", url, data=form, headers=headers)
         return parse_token_response(status, ctype, body, f"{what} at {origin(url)}")
 
@@ -330,7 +319,7 @@ class OIDCClient:
         if meta.revocation_endpoint is None:
             return False
         form = {"token": token, "token_type_hint": token_type_hint}
-        headers = self._client_auth(settings, meta, form)
+        headers = await self._client_auth(settings, meta, form, "revocation")
         status, ctype, body = await self._send("POST", meta.revocation_endpoint, data=form, headers=headers)
         if status == 200:
             return True
@@ -353,7 +342,7 @@ class OIDCClient:
             form["code_challenge"] = create_s256_code_challenge(verifier)
             form["code_challenge_method"] = "S256"
         doc = await self._post_form(settings, meta, meta.device_authorization_endpoint, form,
-                                    "device authorization endpoint")
+                                    "device authorization endpoint", "device_authorization")
         device_code, user_code = doc.get("device_code"), doc.get("user_code")
         uri = doc.get("verification_uri") or doc.get("verification_url")  # Google spells it _url
         complete, expires_in, interval = doc.get("verification_uri_complete"), doc.get("expires_in"), doc.get(

@@ -20,6 +20,11 @@ const DEFAULTS = {
   auth_code_ttl: 60, device_code_ttl: 600, refresh_tokens: 'offline_access', rotate_refresh_tokens: true,
   groups_in_id_token: false, id_token_claims: ['email', 'email_verified', 'name', 'preferred_username'],
   pkce_required: true, min_state_length: 8, consent: 'offline_access', default_client: {}, clients: [],
+  // Off by default so the plain code flow stays what older tests expect; a test that wants PAR turns it on (and a
+  // client's require_pushed_authorization_requests makes it the only way in, like Authelia's setting).
+  par: false,
+  client_auth_signing_algs: ['HS256', 'HS384', 'HS512', 'RS256', 'RS384', 'RS512', 'PS256', 'ES256', 'ES384',
+    'ES512', 'Ed25519', 'EdDSA'],
   users: {
     alice: { password: 'alice-password', email: 'alice@example.com', name: 'Alice Admin', groups: ['admins', 'dev'] },
     bob: { password: 'bob-password', email: 'bob@example.com', name: 'Bob Builder', groups: ['dev'] },
@@ -185,8 +190,10 @@ async function main() {
         RefreshToken: cfg.refresh_token_ttl, AuthorizationCode: cfg.auth_code_ttl, DeviceCode: cfg.device_code_ttl,
         Interaction: 600, Session: 86400, Grant: 86400,
       },
+      enabledJWA: { clientAuthSigningAlgValues: cfg.client_auth_signing_algs },
       features: {
         devInteractions: { enabled: false },
+        pushedAuthorizationRequests: { enabled: cfg.par, requirePushedAuthorizationRequests: false },
         claimsParameter: { enabled: true },
         revocation: { enabled: true },
         introspection: { enabled: true },
