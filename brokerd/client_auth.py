@@ -27,9 +27,9 @@ from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import Key, KeySet
 
 from .clock import Clock
-from .errors import TokenValidationError, UsageError
+from .errors import ProviderError, TokenValidationError, UsageError
 from .models import ProviderSettings
-from .oidc_wire import ProviderMetadata, safe_text
+from .oidc_wire import ProviderMetadata, origin, safe_text
 
 log = logging.getLogger("brokerd.client_auth")
 
@@ -204,3 +204,27 @@ class ClientAuthenticator:
         form["client_assertion"] = make_assertion(settings.client_id, meta.token_endpoint, key, alg, kid,
                                                   self._clock.now())
         return {}
+
+
+# ---- pushed authorization requests -----------------------------------------------------------------------------
+
+def pushed_request_endpoint(settings: ProviderSettings, meta: ProviderMetadata) -> str | None:
+    """Where to push the authorization request (RFC 9126), or None to send it through the browser: ``auto`` pushes
+    whenever discovery offers an endpoint, so state, nonce and the PKCE challenge stay out of the browser's history
+    and any command line."""
+    mode = settings.registration.par
+    endpoint = meta.raw.get("pushed_authorization_request_endpoint")
+    usable = endpoint if isinstance(endpoint, str) and endpoint.startswith(("https://", "http://")) else None
+    if mode == "never":
+        return None
+    if mode == "always" and usable is None:
+        raise UsageError(f"--oidc-par=always but {meta.issuer} offers no pushed authorization request endpoint; use "
+                         "--oidc-par=auto")
+    return usable
+
+
+def pushed_request_uri(doc: dict[str, Any], endpoint: str) -> str:
+    request_uri = doc.get("request_uri")
+    if not isinstance(request_uri, str) or not request_uri:
+        raise ProviderError(f"pushed authorization request endpoint at {origin(endpoint)} returned no request_uri")
+    return request_uri

@@ -23,7 +23,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
 from . import idtoken
-from .client_auth import ClientAuthenticator, check_response_issuer
+from .client_auth import ClientAuthenticator, check_response_issuer, pushed_request_endpoint, pushed_request_uri
 from .clock import Clock
 from .errors import (
     DiscoveryError,
@@ -156,7 +156,8 @@ class OIDCClient:
                          form: dict[str, str], what: str, endpoint: str = "token") -> dict[str, Any]:
         headers = await self._client_auth(settings, meta, form, endpoint)
         status, ctype, body = await self._send("POST", url, data=form, headers=headers)
-        return parse_token_response(status, ctype, body, f"{what} at {origin(url)}")
+        # 201 Created is how a pushed authorization request succeeds (RFC 9126 2.2).
+        return parse_token_response(200 if status == 201 else status, ctype, body, f"{what} at {origin(url)}")
 
     # ---- discovery and keys -----------------------------------------------------------------------------------
 
@@ -284,6 +285,11 @@ class OIDCClient:
         if "groups" in settings.scopes and meta.claims_parameter_supported and "claims" not in extras:
             params["claims"] = GROUPS_CLAIMS_REQUEST
         params.update(extras)
+        if (pushed := pushed_request_endpoint(settings, meta)) is not None:
+            # RFC 9126: the parameters go to the provider directly, authenticated; the browser sees only a handle.
+            doc = await self._post_form(settings, meta, pushed, dict(params), "pushed authorization request endpoint",
+                                        "pushed_authorization_request")
+            params = {"client_id": settings.client_id, "request_uri": pushed_request_uri(doc, pushed)}
         parts = urlsplit(meta.authorization_endpoint)
         query = urlencode([*parse_qsl(parts.query, keep_blank_values=True), *params.items()])
         url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))

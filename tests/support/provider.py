@@ -94,7 +94,7 @@ class TestProvider:
     ) -> None:
         """Break the next ``count`` requests (None: until cleared) to ``target``.
 
-        target: token, discovery, jwks, revocation, userinfo, device_authorization, auth.
+        target: token, discovery, jwks, revocation, userinfo, device_authorization, auth, pushed_authorization.
         kind: status (default 500), delay (``seconds``, then served normally), drop (connection closed),
         empty_body (200, no body), nonstandard_error (400 {"error":"weird"}), html (200 text/html page).
         grant_type (token only): hit only requests of that grant (authorization_code, refresh_token,
@@ -135,6 +135,11 @@ class TestProvider:
     def last_auth(self) -> dict[str, str]:
         """Query parameters of the last GET /auth ({} before the first)."""
         result: dict[str, str] = self._call("GET", "last_auth")
+        return result
+
+    def last_pushed(self) -> dict[str, str]:
+        """Form parameters of the last pushed authorization request, without client credentials ({} before)."""
+        result: dict[str, str] = self._call("GET", "last_pushed")
         return result
 
     def log(self) -> str:
