@@ -118,7 +118,8 @@ class LoginFlows:
             auth = await oidc.authorization_request(
                 settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
             waiter = lease.expect(auth.state, path=urlsplit(redirect_uri).path or "/",
-                                  open_url_after=options.open_url_after_authentication)
+                                  open_url_after=options.open_url_after_authentication,
+                                  form_post=settings.registration.response_mode.startswith("form_post"))
             announce(f"Open this URL to log in: {auth.url}")
             if not options.skip_open_browser:
                 opened = await self._browser.open(auth.url, command=options.browser_command, caller_env=caller.env)
@@ -130,7 +131,7 @@ class LoginFlows:
             except TimeoutError:
                 raise LoginTimeout(
                     f"no login was completed in the browser within {options.authentication_timeout:.0f} s") from None
-            return await oidc.exchange_code(settings, auth, result.code, iss=result.iss)
+            return await oidc.exchange_code(settings, auth, result.code, iss=result.iss, response=result.response)
         finally:
             await lease.release()
 

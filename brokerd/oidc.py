@@ -22,7 +22,7 @@ from authlib.common.security import generate_token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
-from . import idtoken
+from . import idtoken, jarm
 from .client_auth import ClientAuthenticator, check_response_issuer, pushed_request_endpoint, pushed_request_uri
 from .clock import Clock
 from .errors import (
@@ -284,6 +284,8 @@ class OIDCClient:
         # Authelia 4.39 puts groups in the ID token only when asked through the claims parameter.
         if "groups" in settings.scopes and meta.claims_parameter_supported and "claims" not in extras:
             params["claims"] = GROUPS_CLAIMS_REQUEST
+        if settings.registration.response_mode != "query":
+            params["response_mode"] = settings.registration.response_mode
         params.update(extras)
         if (pushed := pushed_request_endpoint(settings, meta)) is not None:
             # RFC 9126: the parameters go to the provider directly, authenticated; the browser sees only a handle.
@@ -296,10 +298,15 @@ class OIDCClient:
         return AuthRequest(url=url, state=state, nonce=nonce, code_verifier=verifier, redirect_uri=redirect_uri)
 
     async def exchange_code(self, settings: ProviderSettings, auth: AuthRequest, code: str, *,
-                            iss: str | None = None, redirected: bool = True) -> TokenSet:
+                            iss: str | None = None, redirected: bool = True, response: str | None = None) -> TokenSet:
         """Redeem a code; ``iss`` is the callback's RFC 9207 ``iss`` parameter (``redirected`` is False only for a
-        code the person typed, which carries none)."""
+        code the person typed, which carries none); ``response`` a JARM response, whose code replaces ``code``."""
         meta = await self.metadata(settings.issuer)
+        if response is not None:
+            code = await jarm.verify_response(
+                response, keys=lambda refetch: self._key_set(meta.jwks_uri, refetch=refetch), meta=meta,
+                client_id=settings.client_id, state=auth.state, now=self._clock.now())
+            iss = meta.issuer  # verified inside the signed response
         check_response_issuer(meta, iss, redirected=redirected)
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": auth.redirect_uri}
         if auth.code_verifier is not None:
