@@ -14,7 +14,6 @@ import logging
 import os
 import stat
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote_plus
 
@@ -59,29 +58,22 @@ MAX_KEY_FILE = 64 * 1024
 _ALG_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA"}
 
 
-@dataclass(frozen=True)
-class AssertionKey:
-    key: Key = field(repr=False)
-    alg: str
-    kid: str | None
-
-
-def _pick(keys: KeySet, kid: str | None, path: str) -> Key:
+def _pick(keys: KeySet, kid: str | None, where: str) -> Key:
     private = [k for k in keys.keys if k.is_private and (kid is None or k.kid == kid)]
     if len(private) != 1:
         which = f"with kid {kid!r}" if kid else "(name one with --oidc-client-assertion-kid)"
-        raise UsageError(f"--oidc-client-assertion-key {path}: {len(private)} private keys {which}; need exactly one")
+        raise UsageError(f"{where}: {len(private)} private keys {which}; need exactly one")
     return private[0]
 
 
-def _import(data: bytes, path: str, kid: str | None) -> Key:
+def _import(data: bytes, where: str, kid: str | None) -> Key:
     """A private key from PEM (PKCS#8, PKCS#1 or SEC1), a JWK or a JWKS.  Errors name the file, never its bytes."""
     text = data.strip()
     try:
         if text.startswith(b"{"):
             doc = json.loads(text)
             if isinstance(doc, dict) and isinstance(doc.get("keys"), list):
-                return _pick(KeySet.import_key_set(doc), kid, path)  # type: ignore[arg-type]
+                return _pick(KeySet.import_key_set(doc), kid, where)  # type: ignore[arg-type]
             key: Key = jwk.import_key(doc)
         else:
             loaded = serialization.load_pem_private_key(text, password=None)
@@ -94,10 +86,10 @@ def _import(data: bytes, path: str, kid: str | None) -> Key:
     except UsageError:
         raise
     except (JoseError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise UsageError(f"--oidc-client-assertion-key {path}: not a private key brokerd can use (PEM RSA, EC "
+        raise UsageError(f"{where}: not a private key brokerd can use (PEM RSA, EC "
                          f"P-256/384/521 or Ed25519, or JWK/JWKS JSON): {type(exc).__name__}") from None
     if not key.is_private:
-        raise UsageError(f"--oidc-client-assertion-key {path}: holds a public key; the private one signs")
+        raise UsageError(f"{where}: holds a public key; brokerd needs the private one")
     return key
 
 
@@ -111,18 +103,19 @@ def _default_alg(key: Key) -> str:
     return alg
 
 
-def load_assertion_key(path: str, alg: str | None, kid: str | None) -> tuple[AssertionKey, bool]:
-    """Blocking (call in a thread): the key and whether its file is readable by others than its owner."""
+def read_private_key(path: str, flag: str, kid: str | None) -> tuple[Key, bool]:
+    """Blocking (call in a thread): the key in the file ``--flag`` names, and whether others than its owner can
+    read the file."""
+    where = f"--{flag} {path}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        raise UsageError(f"--oidc-client-assertion-key {path}: {exc.strerror}") from None
+        raise UsageError(f"{where}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE:
-            raise UsageError(f"--oidc-client-assertion-key {path}: not a regular file of at most {MAX_KEY_FILE} bytes")
-        key = _import(f.read(MAX_KEY_FILE), path, kid)
-    return AssertionKey(key, alg or _default_alg(key), kid or key.kid), bool(st.st_mode & 0o077)
+            raise UsageError(f"{where}: not a regular file of at most {MAX_KEY_FILE} bytes")
+        return _import(f.read(MAX_KEY_FILE), where, kid), bool(st.st_mode & 0o077)
 
 
 def make_assertion(client_id: str, audience: str, key: Key, alg: str, kid: str | None, now: float) -> str:
@@ -162,6 +155,14 @@ class ClientAuthenticator:
         self._clock = clock
         self._warned: set[str] = set()
 
+    async def private_key(self, path: str, flag: str, kid: str | None, what: str) -> Key:
+        """A key file's key, read in a thread; a file others can read is used, with one warning per path."""
+        key, exposed = await asyncio.to_thread(read_private_key, path, flag, kid)
+        if exposed and path not in self._warned:
+            self._warned.add(path)
+            log.warning("the %s %s can be read by other users; chmod 600 it", what, path)
+        return key
+
     async def apply(self, settings: ProviderSettings, meta: ProviderMetadata, form: dict[str, str], *,
                     endpoint: str = "token") -> dict[str, str]:
         """Fill ``form`` and return the headers that authenticate the client at ``endpoint`` (token, revocation,
@@ -192,13 +193,9 @@ class ClientAuthenticator:
             alg, kid = reg.assertion_alg or "HS256", reg.assertion_kid
         else:
             assert reg.assertion_key is not None  # parse_registration insists on it
-            loaded, exposed = await asyncio.to_thread(load_assertion_key, reg.assertion_key, reg.assertion_alg,
-                                                      reg.assertion_kid)
-            if exposed and reg.assertion_key not in self._warned:
-                self._warned.add(reg.assertion_key)
-                log.warning("the client assertion key %s can be read by other users; chmod 600 it",
-                            reg.assertion_key)
-            key, alg, kid = loaded.key, loaded.alg, loaded.kid
+            key = await self.private_key(reg.assertion_key, "oidc-client-assertion-key", reg.assertion_kid,
+                                         "client assertion key")
+            alg, kid = reg.assertion_alg or _default_alg(key), reg.assertion_kid or key.kid
         form["client_id"] = settings.client_id
         form["client_assertion_type"] = ASSERTION_TYPE
         form["client_assertion"] = make_assertion(settings.client_id, meta.token_endpoint, key, alg, kid,

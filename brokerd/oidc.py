@@ -22,7 +22,7 @@ from authlib.common.security import generate_token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
-from . import idtoken, jarm
+from . import id_token_jwe, idtoken, jarm
 from .client_auth import ClientAuthenticator, check_response_issuer, pushed_request_endpoint, pushed_request_uri
 from .clock import Clock
 from .errors import (
@@ -233,7 +233,7 @@ class OIDCClient:
         refresh_token = refresh if isinstance(refresh, str) and refresh else None
         if refresh_token is None and previous is not None:
             refresh_token = previous.refresh_token  # providers without rotation send none back
-        raw_id = doc.get("id_token")
+        raw_id = await id_token_jwe.signed_id_token(settings, doc.get("id_token"), self._authenticator.private_key)
         if isinstance(raw_id, str) and raw_id:
             claims = await self.verify_id_token(settings, raw_id, nonce=nonce)
             if previous is not None and previous.claims:

@@ -24,6 +24,7 @@ const DEFAULTS = {
   // Off by default so the plain code flow stays what older tests expect; a test that wants PAR turns it on (and a
   // client's require_pushed_authorization_requests makes it the only way in, like Authelia's setting).
   par: false,
+  encryption: false, // clients opt in with id_token_encrypted_response_alg and an enc key in their jwks
   jarm: false, // jwtResponseModes (clients opt in with authorization_signed_response_alg and response_modes)
   client_auth_signing_algs: ['HS256', 'HS384', 'HS512', 'RS256', 'RS384', 'RS512', 'PS256', 'ES256', 'ES384',
     'ES512', 'Ed25519', 'EdDSA'],
@@ -198,6 +199,7 @@ async function main() {
         devInteractions: { enabled: false },
         pushedAuthorizationRequests: { enabled: cfg.par, requirePushedAuthorizationRequests: false },
         jwtResponseModes: { enabled: cfg.jarm },
+        encryption: { enabled: cfg.encryption },
         claimsParameter: { enabled: true },
         revocation: { enabled: true },
         introspection: { enabled: true },
