@@ -75,6 +75,8 @@ def op(provider_factory: ProviderFactory, keys: Keys) -> TestProvider:
          "redirect_uris": REDIRECTS, "grant_types": GRANTS, "response_types": ["code"], "scope": SCOPE},
         {"client_id": "secretjwt", "client_secret": SECRET_JWT, "token_endpoint_auth_method": "client_secret_jwt",
          "redirect_uris": REDIRECTS, "grant_types": GRANTS, "response_types": ["code"], "scope": SCOPE},
+        {"client_id": "secretpost", "client_secret": SECRET_JWT, "token_endpoint_auth_method": "client_secret_post",
+         "redirect_uris": REDIRECTS, "grant_types": GRANTS, "response_types": ["code"], "scope": SCOPE},
     ]
     return provider_factory({"clients": clients})
 
@@ -118,6 +120,22 @@ async def test_only_the_registered_method_works(op: TestProvider, keys: Keys, oi
     secret_jwt = ProviderSettings(issuer=op.issuer, client_id="secretjwt", client_secret=SECRET_JWT,
                                   registration=ClientRegistration(auth_method="client_secret_jwt"))
     assert (await oidc.password_grant(secret_jwt, "bob", "bob-password")).claims["aud"] == "secretjwt"
+    # client_secret_post: the provider (like Authelia) holds the client to it although discovery offers basic too.
+    post = ProviderSettings(issuer=op.issuer, client_id="secretpost", client_secret=SECRET_JWT)
+    with pytest.raises(TokenEndpointError, match="invalid_client"):
+        await oidc.password_grant(post, "bob", "bob-password")
+    post = ProviderSettings(issuer=op.issuer, client_id="secretpost", client_secret=SECRET_JWT,
+                            registration=ClientRegistration(auth_method="client_secret_post"))
+    assert (await oidc.password_grant(post, "bob", "bob-password")).claims["aud"] == "secretpost"
+
+
+def test_a_profile_holds_the_client_authentication(op: TestProvider, keys: Keys, tmp_path: Path) -> None:
+    config = (f'[profiles.hardened]\noidc-issuer-url = "{op.issuer}"\noidc-client-id = "pkjwt"\n'
+              f'oidc-client-auth-method = "private_key_jwt"\n'
+              f'oidc-client-assertion-key = "{keys.paths["ed25519.pem"]}"\noidc-extra-scope = ["groups"]\n')
+    with Daemon(config=config) as d:
+        claims = jwt_claims(exec_token(d.shim(["get-token", "--profile=hardened"])))
+    assert claims["aud"] == "pkjwt" and claims["groups"] == ["admins", "dev"]
 
 
 async def test_a_key_others_can_read_is_used_with_one_warning(op: TestProvider, keys: Keys, oidc: OIDCClient,
