@@ -24,7 +24,7 @@ from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
 from tests.support.provider import ProviderFactory, TestProvider, client_key_pair
 
 SECRET_JWT = "a-client-secret-long-enough-for-hs256-0123456789abcdef0123456789"
-GRANTS = ["authorization_code", "refresh_token", "password"]
+GRANTS = ["authorization_code", "refresh_token", "password", "urn:ietf:params:oauth:grant-type:device_code"]
 REDIRECTS = ["http://localhost:8000", "http://localhost:18000"]
 SCOPE = "openid groups email profile offline_access"
 
@@ -127,6 +127,14 @@ async def test_only_the_registered_method_works(op: TestProvider, keys: Keys, oi
     post = ProviderSettings(issuer=op.issuer, client_id="secretpost", client_secret=SECRET_JWT,
                             registration=ClientRegistration(auth_method="client_secret_post"))
     assert (await oidc.password_grant(post, "bob", "bob-password")).claims["aud"] == "secretpost"
+
+
+async def test_the_device_authorization_endpoint_takes_the_assertion_too(op: TestProvider, keys: Keys,
+                                                                        oidc: OIDCClient) -> None:
+    device = await oidc.start_device_authorization(_pk_settings(op, keys.paths["p384.pem"]))
+    assert device.user_code and device.verification_uri.startswith(op.issuer)
+    with pytest.raises(TokenEndpointError, match=r"^device authorization endpoint .*invalid_client"):
+        await oidc.start_device_authorization(_pk_settings(op, keys.paths["stranger.pem"]))
 
 
 def test_a_profile_holds_the_client_authentication(op: TestProvider, keys: Keys, tmp_path: Path) -> None:
