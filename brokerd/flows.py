@@ -140,6 +140,9 @@ class LoginFlows:
         """For SSH sessions: the URL goes to the caller's terminal, the person types back the code, or pastes the
         whole address the browser ended on (then state and iss are checked as the loopback listener would)."""
         redirect_uri = settings.redirect_url or OOB_REDIRECT
+        if settings.registration.response_mode.startswith("form_post"):
+            raise UsageError("--oidc-response-mode=form_post cannot work with --grant-type=authcode-keyboard (the "
+                             "browser posts the answer, there is no address to paste); use query.jwt or query")
         auth = await oidc.authorization_request(
             settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
         announce(f"Open this URL in a browser on any machine to log in: {auth.url}")
@@ -150,6 +153,8 @@ class LoginFlows:
         except TimeoutError:
             raise LoginTimeout(
                 f"no code was entered within {options.authentication_timeout:.0f} s") from None
+        if response := dict(parse_qsl(urlsplit(answer.strip()).query)).get("response"):
+            return await oidc.exchange_code(settings, auth, "", response=response)  # JARM: verified, code inside
         code, iss = parse_pasted_code(answer, auth.state)
         # A pasted address is a redirect and must carry iss where the provider sends one; a typed code cannot.
         return await oidc.exchange_code(settings, auth, code, iss=iss, redirected=code != answer.strip())

@@ -23,6 +23,7 @@ from brokerd.registration import ClientRegistration
 from tests.support import browser
 from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
 from tests.support.provider import ProviderFactory, TestProvider, rsa_jwk
+from tests.test_grants import PtyRun
 
 REDIRECTS = ["http://localhost:8000", "http://localhost:18000", "http://localhost:18997/done"]
 COMMON = {"redirect_uris": REDIRECTS, "grant_types": ["authorization_code", "refresh_token"],
@@ -121,3 +122,20 @@ async def test_the_jarm_client_cannot_use_a_plain_query_response(op: TestProvide
     auth = await oidc.authorization_request(settings, REDIRECTS[2])
     landed = await asyncio.to_thread(browser.login, auth.url, follow_callback=False, timeout=30)
     assert landed.callback_params["error"] == "invalid_request"
+
+
+def test_authcode_keyboard_with_a_pasted_jarm_answer(op: TestProvider, daemon: Daemon) -> None:
+    args = login_args(op.issuer, "--grant-type=authcode-keyboard", "--oidc-redirect-url=" + REDIRECTS[2],
+                      "--oidc-response-mode=query.jwt", client_id="jarm", secret="jarm-secret")
+    run = PtyRun(daemon.shim_argv(args), daemon.env)
+    url = run.expect(r"to log in: (\S+)").group(1)
+    landed = browser.login(url, follow_callback=False, timeout=30)
+    assert "response" in landed.callback_params and "code" not in landed.callback_params
+    run.expect("Enter the code")
+    run.send(landed.callback_url + "\n")
+    code, out, terminal = run.finish()
+    assert code == 0, terminal + daemon.log()
+    assert jwt_claims(json.loads(out)["status"]["token"])["aud"] == "jarm"
+    refused = daemon.shim([*(a for a in args if not a.startswith("--oidc-response-mode")),
+                           "--oidc-response-mode=form_post.jwt"])
+    assert "cannot work with --grant-type=authcode-keyboard" in refused.stderr and refused.returncode != 0
