@@ -15,9 +15,10 @@ import aiohttp
 import pytest
 
 from brokerd.clock import SystemClock
+from brokerd.codec import BadEntry, session_from_dict, session_to_dict
 from brokerd.errors import TokenEndpointError, UsageError
 from brokerd.flags import build_request, parse_flags
-from brokerd.models import ProviderSettings
+from brokerd.models import ProviderSettings, Session, TokenSet
 from brokerd.oidc import OIDCClient
 from brokerd.registration import ClientRegistration
 from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
@@ -224,3 +225,22 @@ def test_the_key_file_path_keys_the_session_and_defaults_keep_old_keys() -> None
                              registration=ClientRegistration(assertion_key="/b.pem"))
     assert len({plain.key, one.key, other.key}) == 3
 
+
+
+def test_the_store_keeps_the_registration_and_reads_old_entries() -> None:
+    reg = ClientRegistration(auth_method="private_key_jwt", assertion_key="/k.pem", par="always",
+                             response_mode="query.jwt", id_token_decryption_key="/d.pem")
+    settings = ProviderSettings(issuer="https://idp.example", client_id="c", registration=reg)
+    session = Session(key=settings.key, settings=settings, tokens=TokenSet(id_token="t", expires_at=2.0, issued_at=1.0))
+    doc = session_to_dict(session)
+    assert doc["settings"]["registration"] == {"auth_method": "private_key_jwt", "assertion_key": "/k.pem",
+                                               "par": "always", "response_mode": "query.jwt",
+                                               "id_token_decryption_key": "/d.pem"}
+    assert session_from_dict(json.loads(json.dumps(doc))).settings.registration == reg
+    plain = ProviderSettings(issuer="https://idp.example", client_id="c")
+    old = session_to_dict(Session(key=plain.key, settings=plain, tokens=session.tokens))
+    assert "registration" not in old["settings"]  # what a store written before this looks like
+    assert session_from_dict(old).settings.registration == ClientRegistration()
+    old["settings"]["registration"] = {"auth_method": 3}
+    with pytest.raises(BadEntry, match="registration"):
+        session_from_dict(old)
