@@ -1,6 +1,6 @@
 """Encrypted ID tokens against the real test provider, for clients whose ``id_token_encrypted_response_alg`` is set
-(RSA-OAEP-256 with A256GCM, ECDH-ES with A128CBC-HS256): brokerd decrypts with --oidc-id-token-decryption-key,
-verifies the signed JWT inside and serves that one, which kube-apiserver accepts."""
+(RSA-OAEP-256 with A256GCM, ECDH-ES with A128CBC-HS256, ECDH-ES+A256KW with A256GCM): brokerd decrypts with
+--oidc-id-token-decryption-key, verifies the signed JWT inside and serves that one, which kube-apiserver accepts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from tests.support.provider import ProviderFactory, TestProvider, client_key_pai
 COMMON = {"redirect_uris": ["http://localhost:8000", "http://localhost:18000"],
           "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
           "scope": "openid groups email profile offline_access", "token_endpoint_auth_method": "client_secret_basic"}
-CLIENTS = {"jwe-rsa": ("RSA", "RSA-OAEP-256", "A256GCM"), "jwe-ec": ("P-256", "ECDH-ES", "A128CBC-HS256")}
+CLIENTS = {"jwe-rsa": ("RSA", "RSA-OAEP-256", "A256GCM"), "jwe-ec": ("P-256", "ECDH-ES", "A128CBC-HS256"),
+           "jwe-ec-kw": ("P-384", "ECDH-ES+A256KW", "A256GCM")}
 
 
 @pytest.fixture(scope="module")

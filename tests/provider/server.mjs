@@ -194,7 +194,10 @@ async function main() {
         RefreshToken: cfg.refresh_token_ttl, AuthorizationCode: cfg.auth_code_ttl, DeviceCode: cfg.device_code_ttl,
         Interaction: 600, Session: 86400, Grant: 86400,
       },
-      enabledJWA: { clientAuthSigningAlgValues: cfg.client_auth_signing_algs },
+      enabledJWA: {
+        clientAuthSigningAlgValues: cfg.client_auth_signing_algs,
+        idTokenEncryptionAlgValues: ['RSA-OAEP', 'RSA-OAEP-256', 'ECDH-ES', 'ECDH-ES+A128KW', 'ECDH-ES+A256KW'],
+      },
       features: {
         devInteractions: { enabled: false },
         pushedAuthorizationRequests: { enabled: cfg.par, requirePushedAuthorizationRequests: false },
