@@ -16,6 +16,8 @@ from typing import Literal
 
 from brokerd.errors import UsageError
 from brokerd.models import DEFAULT_LISTEN, LoginOptions, ProviderSettings, TLSOptions
+from brokerd.registration import FLAG_NAMES as REGISTRATION_FLAGS
+from brokerd.registration import parse_registration
 
 Kind = Literal["str", "bool", "int", "list", "kv", "array"]
 
@@ -49,6 +51,8 @@ FLAGS: dict[str, Kind] = {
     "certificate-authority-data": "array",
     "insecure-skip-tls-verify": "bool",
     "v": "int",
+    # How the client is registered (brokerd/registration.py): client authentication, PAR, response mode, JWE.
+    **dict.fromkeys(REGISTRATION_FLAGS, "str"),
 }
 # Flags of `setup` only: what the API server is configured with, to show the user it will see.
 SETUP_FLAGS: dict[str, Kind] = {
@@ -258,6 +262,7 @@ def provider_settings(flags: ParsedFlags) -> ProviderSettings:
         username=flags.str_("session-name") or flags.str_("username"),
         tls=tls_options(flags),
         request_headers=tuple(flags.kv("oidc-request-header")),
+        registration=parse_registration(flags.str_, has_secret=flags.str_("oidc-client-secret") is not None),
     )
 
 
