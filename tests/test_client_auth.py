@@ -244,3 +244,26 @@ def test_the_store_keeps_the_registration_and_reads_old_entries() -> None:
     old["settings"]["registration"] = {"auth_method": 3}
     with pytest.raises(BadEntry, match="registration"):
         session_from_dict(old)
+
+
+def test_a_key_file_gone_at_refresh_keeps_the_refresh_token(op: TestProvider, keys: Keys, daemon: Daemon,
+                                                             tmp_path: Path) -> None:
+    """The assertion is built before the refresh token leaves: a key file brokerd cannot read then is one line, the
+    token was never sent and stays; once the file is back the next refresh uses it (no second login)."""
+    key = tmp_path / "moving.pem"
+    key.write_bytes(keys.paths["rsa.pem"].read_bytes())
+    key.chmod(0o600)
+    args = login_args(op.issuer, f"--oidc-client-assertion-key={key}", client_id="pkjwt", secret=None,
+                      scopes=("offline_access",))
+    before = op.counters()
+    exec_token(daemon.shim(args))
+    key.rename(tmp_path / "moved.pem")
+    failed = daemon.shim([*args, "--force-refresh"])
+    assert failed.returncode != 0 and failed.stdout == "" and "Traceback" not in failed.stderr
+    assert f"--oidc-client-assertion-key {key}: No such file" in failed.stderr
+    (tmp_path / "moved.pem").rename(key)
+    exec_token(daemon.shim([*args, "--force-refresh"]))
+    after = op.counters()
+    grants = {g: after["token_grants"][g] - before["token_grants"][g] for g in ("authorization_code", "refresh_token")}
+    assert grants == {"authorization_code": 1, "refresh_token": 1}
+    assert after["refresh_reuse_detected"] == before["refresh_reuse_detected"]

@@ -90,3 +90,27 @@ def test_kube_apiserver_accepts_the_served_token(op: TestProvider, daemon: Daemo
         whoami = run_kubectl(["auth", "whoami", "-o", "json"], kubeconfig, env=daemon.env, timeout=60)
     assert whoami.returncode == 0, whoami.stderr + daemon.log()
     assert f"{op.issuer}#{op.sub('alice')}" in whoami.stdout
+
+
+def test_a_decryption_key_gone_at_refresh_keeps_the_new_refresh_token(
+        op: TestProvider, daemon: Daemon, tmp_path: Path,
+        key_files: dict[str, tuple[Path, dict[str, str]]]) -> None:
+    """The refresh answer's token is adopted before the ID token is decrypted: a key file brokerd cannot read then
+    is one line, and the adopted token (never sent) stays; once the file is back it refreshes, no second login."""
+    key = tmp_path / "moving.pem"
+    key.write_bytes(key_files["jwe-rsa"][0].read_bytes())
+    key.chmod(0o600)
+    args = _args(op, "jwe-rsa", f"--oidc-id-token-decryption-key={key}")
+    before = op.counters()
+    exec_token(daemon.shim(args))
+    key.rename(tmp_path / "moved.pem")
+    failed = daemon.shim([*args, "--force-refresh"])
+    assert failed.returncode != 0 and failed.stdout == "" and "Traceback" not in failed.stderr
+    assert f"--oidc-id-token-decryption-key {key}: No such file" in failed.stderr
+    (tmp_path / "moved.pem").rename(key)
+    refreshed = exec_token(daemon.shim([*args, "--force-refresh"]))
+    assert refreshed.count(".") == 2
+    after = op.counters()
+    grants = {g: after["token_grants"][g] - before["token_grants"][g] for g in ("authorization_code", "refresh_token")}
+    assert grants == {"authorization_code": 1, "refresh_token": 2}
+    assert after["refresh_reuse_detected"] == before["refresh_reuse_detected"]
