@@ -55,6 +55,7 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # Short: an assertion is good for one request (its jti is single-use at the provider anyway).
 ASSERTION_LIFETIME = 60
 MAX_KEY_FILE = 64 * 1024
+KEY_READ_TIMEOUT = 10.0  # s; as tls.FILE_READ_TIMEOUT (not imported: tls.py imports oidc.py, which imports this)
 _ALG_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA"}
 
 
@@ -157,7 +158,13 @@ class ClientAuthenticator:
 
     async def private_key(self, path: str, flag: str, kid: str | None, what: str) -> Key:
         """A key file's key, read in a thread; a file others can read is used, with one warning per path."""
-        key, exposed = await asyncio.to_thread(read_private_key, path, flag, kid)
+        try:
+            # Off the loop and bounded, like the CA files (tls.py): a hung network mount fails this request only.
+            key, exposed = await asyncio.wait_for(asyncio.to_thread(read_private_key, path, flag, kid),
+                                                  KEY_READ_TIMEOUT)
+        except TimeoutError:
+            raise UsageError(f"--{flag} {path}: reading it took longer than {KEY_READ_TIMEOUT:g} s (a hung network "
+                             "file system?)") from None
         if exposed and path not in self._warned:
             self._warned.add(path)
             log.warning("the %s %s can be read by other users; chmod 600 it", what, path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from brokerd import client_auth
 from brokerd.clock import SystemClock
 from brokerd.codec import BadEntry, session_from_dict, session_to_dict
 from brokerd.errors import TokenEndpointError, UsageError
@@ -267,3 +269,25 @@ def test_a_key_file_gone_at_refresh_keeps_the_refresh_token(op: TestProvider, ke
     grants = {g: after["token_grants"][g] - before["token_grants"][g] for g in ("authorization_code", "refresh_token")}
     assert grants == {"authorization_code": 1, "refresh_token": 1}
     assert after["refresh_reuse_detected"] == before["refresh_reuse_detected"]
+
+
+async def test_a_key_file_that_never_reads_is_one_line_in_bounded_time(
+        op: TestProvider, keys: Keys, oidc: OIDCClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung network mount cannot be made here, so the read is held by an event instead (the one fake): the
+    request fails with one line after the limit, nothing is sent, and the event loop was never blocked."""
+    release = threading.Event()
+    real = client_auth.read_private_key
+
+    def hung(path: str, flag: str, kid: str | None) -> tuple[Any, bool]:
+        release.wait(30)
+        return real(path, flag, kid)
+
+    monkeypatch.setattr(client_auth, "read_private_key", hung)
+    monkeypatch.setattr(client_auth, "KEY_READ_TIMEOUT", 0.2, raising=False)
+    before = op.counters()["token_requests"]
+    try:
+        with pytest.raises(UsageError, match=r"^--oidc-client-assertion-key .*: reading it took longer than 0.2 s"):
+            await oidc.password_grant(_pk_settings(op, keys.paths["rsa.pem"]), "alice", "alice-password")
+    finally:
+        release.set()
+    assert op.counters()["token_requests"] == before
