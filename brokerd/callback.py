@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from brokerd import jarm
 from brokerd.errors import CallbackUnavailable, LoginDenied, UsageError
 
 log = logging.getLogger("brokerd.callback")
@@ -38,6 +39,7 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>brokerd</title
 class CallbackResult:
     code: str = field(repr=False)
     iss: str | None
+    response: str | None = field(default=None, repr=False)  # a JARM response: verified before its code is used
 
 
 @dataclass
@@ -45,6 +47,7 @@ class _Pending:
     future: asyncio.Future[CallbackResult]
     path: str
     open_url_after: str | None
+    form_post: bool = False  # response_mode form_post(.jwt): the answer comes as a POST, and only so
 
 
 class _Listener:
@@ -57,26 +60,31 @@ class _Listener:
         self.runner: web.ServerRunner | None = None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method != "GET" or request.path == "/favicon.ico":
+        posted = request.method == "POST"
+        if ((request.method != "GET" and not (posted and any(p.form_post for p in self.pending.values())))
+                or request.path == "/favicon.ico"):
             return web.Response(status=404)
-        state = request.query.get("state")
+        # POST: response_mode form_post (the provider's page submits the answer as a form).
+        form = (await request.post()) if posted else request.query
+        query = {k: v for k, v in form.items() if isinstance(v, str)}
+        state = jarm.routing_state(query)
         pending = self.pending.get(state) if state else None
-        if pending is None or request.path != pending.path:
+        if pending is None or request.path != pending.path or posted != pending.form_post:
             # A stale tab, a forged request or a replay: say so and keep waiting for the real redirect.
             log.info("callback on port %d with an unknown state or path ignored", self.port)
             return _page(400, "Unknown or expired login", "This login link is not the one brokerd is waiting for. "
                          "Go back to your terminal and run the command again.")
         if pending.future.done():
             return _page(400, "Login already finished", "You can close this tab.")
-        if error := request.query.get("error"):
-            description = request.query.get("error_description") or ""
+        if error := query.get("error"):
+            description = query.get("error_description") or ""
             reason = f"{error}: {description}" if description else error
             pending.future.set_exception(LoginDenied(f"the provider refused the login ({reason[:300]})"))
             return _page(403, "Login failed", html.escape(reason[:300]))
-        code = request.query.get("code")
-        if not code:
+        code, response = query.get("code", ""), query.get("response")
+        if not code and response is None:
             return _page(400, "Login failed", "The provider sent no authorization code.")
-        pending.future.set_result(CallbackResult(code=code, iss=request.query.get("iss")))
+        pending.future.set_result(CallbackResult(code=code, iss=query.get("iss"), response=response))
         if pending.open_url_after:
             return web.Response(status=302, headers={"Location": pending.open_url_after})
         return _page(200, "Logged in", "You are logged in. You can close this tab and go back to your terminal.")
@@ -158,10 +166,10 @@ class Lease:
         return f"{self._listener.scheme}://localhost:{self._listener.port}"
 
     def expect(
-        self, state: str, *, path: str = "/", open_url_after: str | None = None
+        self, state: str, *, path: str = "/", open_url_after: str | None = None, form_post: bool = False
     ) -> asyncio.Future[CallbackResult]:
         future: asyncio.Future[CallbackResult] = asyncio.get_running_loop().create_future()
-        self._listener.pending[state] = _Pending(future, path or "/", open_url_after)
+        self._listener.pending[state] = _Pending(future, path or "/", open_url_after, form_post)
         self._states.append(state)
         return future
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from brokerd.models import ProviderSettings, Session, TLSOptions, TokenSet
+from brokerd.registration import ClientRegistration
 
 
 class BadEntry(ValueError):
@@ -31,6 +32,7 @@ def session_to_dict(session: Session) -> dict[str, Any]:
             "use_access_token": s.use_access_token,
             "redirect_url": s.redirect_url,
             "username": s.username,
+            **({"registration": reg} if (reg := s.registration.non_defaults()) else {}),
         },
         "tokens": {
             "id_token": t.id_token,
@@ -94,6 +96,7 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         username=_get(sd, "username", str, optional=True),
         tls=tls,
         request_headers=headers,
+        registration=_registration(sd.get("registration")),
     )
     tokens = TokenSet(
         id_token=_get(td, "id_token", str),
@@ -112,6 +115,13 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         if legacy.key.value != stored_key:
             raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
     return Session(key=settings.key, settings=settings, tokens=tokens)
+
+
+def _registration(doc: Any) -> ClientRegistration:
+    try:
+        return ClientRegistration.from_doc(doc)
+    except ValueError as exc:
+        raise BadEntry(str(exc)) from None
 
 
 def _strings(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 from brokerd.errors import UsageError
 from brokerd.models import DEFAULT_LISTEN, LoginOptions, ProviderSettings, TLSOptions
+from brokerd.registration import FLAG_NAMES as REGISTRATION_FLAGS
+from brokerd.registration import parse_registration
 
 Kind = Literal["str", "bool", "int", "list", "kv", "array"]
 
@@ -50,6 +52,8 @@ FLAGS: dict[str, Kind] = {
     "certificate-authority-data": "array",
     "insecure-skip-tls-verify": "bool",
     "v": "int",
+    # How the client is registered (brokerd/registration.py): client authentication, PAR, response mode, JWE.
+    **dict.fromkeys(REGISTRATION_FLAGS, "str"),
 }
 # Flags of `setup` only: what the API server is configured with, to show the user it will see.
 SETUP_FLAGS: dict[str, Kind] = {
@@ -268,6 +272,7 @@ def provider_settings(flags: ParsedFlags) -> ProviderSettings:
         username=flags.str_("session-name") or flags.str_("username"),
         tls=tls_options(flags),
         request_headers=tuple(flags.kv("oidc-request-header")),
+        registration=parse_registration(flags.str_, has_secret=flags.str_("oidc-client-secret") is not None),
     )
 
 

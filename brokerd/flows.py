@@ -136,7 +136,8 @@ class LoginFlows:
                 settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
             browser_url(auth.url, "the login URL (the authorization endpoint)")
             waiter = lease.expect(auth.state, path=urlsplit(redirect_uri).path or "/",
-                                  open_url_after=options.open_url_after_authentication)
+                                  open_url_after=options.open_url_after_authentication,
+                                  form_post=settings.registration.response_mode.startswith("form_post"))
             announce(f"Open this URL to log in: {auth.url}")
             if not options.skip_open_browser:
                 opened = await self._browser.open(auth.url, command=options.browser_command, caller_env=caller.env)
@@ -148,7 +149,7 @@ class LoginFlows:
             except TimeoutError:
                 raise LoginTimeout(
                     f"no login was completed in the browser within {options.authentication_timeout:.0f} s") from None
-            return await oidc.exchange_code(settings, auth, result.code, iss=result.iss)
+            return await oidc.exchange_code(settings, auth, result.code, iss=result.iss, response=result.response)
         finally:
             await lease.release()
 
@@ -157,6 +158,9 @@ class LoginFlows:
         """For SSH sessions: the URL goes to the caller's terminal, the person types back the code, or pastes the
         whole address the browser ended on (then state and iss are checked as the loopback listener would)."""
         redirect_uri = settings.redirect_url or OOB_REDIRECT
+        if settings.registration.response_mode.startswith("form_post"):
+            raise UsageError("--oidc-response-mode=form_post cannot work with --grant-type=authcode-keyboard (the "
+                             "browser posts the answer, there is no address to paste); use query.jwt or query")
         auth = await oidc.authorization_request(
             settings, redirect_uri, pkce_method=options.pkce_method, login_hint=settings.username)
         announce(f"Open this URL in a browser on any machine to log in: {auth.url}")
@@ -167,8 +171,11 @@ class LoginFlows:
         except TimeoutError:
             raise LoginTimeout(
                 f"no code was entered within {options.authentication_timeout:.0f} s") from None
+        if response := dict(parse_qsl(urlsplit(answer.strip()).query)).get("response"):
+            return await oidc.exchange_code(settings, auth, "", response=response)  # JARM: verified, code inside
         code, iss = parse_pasted_code(answer, auth.state)
-        return await oidc.exchange_code(settings, auth, code, iss=iss)
+        # A pasted address is a redirect and must carry iss where the provider sends one; a typed code cannot.
+        return await oidc.exchange_code(settings, auth, code, iss=iss, redirected=code != answer.strip())
 
     async def _password(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions,
                         caller: Caller) -> TokenSet:

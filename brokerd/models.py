@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+from brokerd.registration import ClientRegistration
+
 DEFAULT_LISTEN = ("127.0.0.1:8000", "127.0.0.1:18000")
 EXEC_API_V1BETA1 = "client.authentication.k8s.io/v1beta1"
 EXEC_API_V1 = "client.authentication.k8s.io/v1"
@@ -46,6 +48,7 @@ class ProviderSettings:
     # --insecure-skip-tls-verify) gets a session of its own and can never weaken another session's refreshes.
     tls: TLSOptions = field(default_factory=TLSOptions)
     request_headers: tuple[tuple[str, str], ...] = ()
+    registration: ClientRegistration = field(default_factory=ClientRegistration)
 
     def __post_init__(self) -> None:
         # Normalize so that the key is stable whatever order the flags came in (kubelogin #1638).
@@ -75,6 +78,8 @@ class ProviderSettings:
                           "insecure_skip_verify": self.tls.insecure_skip_verify}
         if self.request_headers:
             doc["request_headers"] = [list(h) for h in self.request_headers]
+        if reg := self.registration.non_defaults():
+            doc["registration"] = reg
         return SessionKey(hashlib.sha256(canonical_json(doc).encode()).hexdigest())
 
 

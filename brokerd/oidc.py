@@ -9,7 +9,6 @@ Secrets (tokens, codes, verifiers, client secrets) never appear in exception mes
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import math
@@ -17,14 +16,15 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from authlib.common.security import generate_token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
-from . import idtoken
+from . import id_token_jwe, idtoken, jarm
+from .client_auth import ClientAuthenticator, check_response_issuer, pushed_request_endpoint, pushed_request_uri
 from .clock import Clock
 from .errors import (
     DiscoveryError,
@@ -134,6 +134,7 @@ class OIDCClient:
         self._jwks: dict[str, tuple[float, KeySet]] = {}
         self._jwks_refetched_at: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._authenticator = ClientAuthenticator(clock)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -178,26 +179,16 @@ class OIDCClient:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    def _client_auth(self, settings: ProviderSettings, meta: ProviderMetadata,
-                     form: dict[str, str]) -> dict[str, str]:
-        """client_secret_basic (RFC 6749 2.3.1: form-encode id and secret before base64); client_secret_post only
-        when the provider does not offer basic; a public client sends just its id."""
-        if not settings.client_secret:
-            form["client_id"] = settings.client_id
-            return {}
-        methods = meta.token_endpoint_auth_methods_supported
-        if "client_secret_basic" not in methods and "client_secret_post" in methods:
-            form["client_id"] = settings.client_id
-            form["client_secret"] = settings.client_secret
-            return {}
-        pair = f"{quote_plus(settings.client_id, safe='')}:{quote_plus(settings.client_secret, safe='')}"
-        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode("ascii")}
+    async def _client_auth(self, settings: ProviderSettings, meta: ProviderMetadata, form: dict[str, str],
+                           endpoint: str = "token") -> dict[str, str]:
+        return await self._authenticator.apply(settings, meta, form, endpoint=endpoint)
 
     async def _post_form(self, settings: ProviderSettings, meta: ProviderMetadata, url: str,
-                         form: dict[str, str], what: str) -> dict[str, Any]:
-        headers = self._client_auth(settings, meta, form)
+                         form: dict[str, str], what: str, endpoint: str = "token") -> dict[str, Any]:
+        headers = await self._client_auth(settings, meta, form, endpoint)
         status, ctype, body = await self._send("POST", url, data=form, headers=headers)
-        return parse_token_response(status, ctype, body, f"{what} at {origin(url)}")
+        # 201 Created is how a pushed authorization request succeeds (RFC 9126 2.2).
+        return parse_token_response(200 if status == 201 else status, ctype, body, f"{what} at {origin(url)}")
 
     # ---- discovery and keys -----------------------------------------------------------------------------------
 
@@ -274,7 +265,7 @@ class OIDCClient:
         refresh_token = refresh if isinstance(refresh, str) and refresh else None
         if refresh_token is None and previous is not None:
             refresh_token = previous.refresh_token  # providers without rotation send none back
-        raw_id = doc.get("id_token")
+        raw_id = await id_token_jwe.signed_id_token(settings, doc.get("id_token"), self._authenticator.private_key)
         if isinstance(raw_id, str) and raw_id:
             claims = await self.verify_id_token(settings, raw_id, nonce=nonce)
             if previous is not None and previous.claims:
@@ -325,18 +316,30 @@ class OIDCClient:
         # Authelia 4.39 puts groups in the ID token only when asked through the claims parameter.
         if "groups" in settings.scopes and meta.claims_parameter_supported and "claims" not in extras:
             params["claims"] = GROUPS_CLAIMS_REQUEST
+        if settings.registration.response_mode != "query":
+            params["response_mode"] = settings.registration.response_mode
         params.update(extras)
+        if (pushed := pushed_request_endpoint(settings, meta)) is not None:
+            # RFC 9126: the parameters go to the provider directly, authenticated; the browser sees only a handle.
+            doc = await self._post_form(settings, meta, pushed, dict(params), "pushed authorization request endpoint",
+                                        "pushed_authorization_request")
+            params = {"client_id": settings.client_id, "request_uri": pushed_request_uri(doc, pushed)}
         parts = urlsplit(meta.authorization_endpoint)
         query = urlencode([*parse_qsl(parts.query, keep_blank_values=True), *params.items()])
         url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
         return AuthRequest(url=url, state=state, nonce=nonce, code_verifier=verifier, redirect_uri=redirect_uri)
 
     async def exchange_code(self, settings: ProviderSettings, auth: AuthRequest, code: str, *,
-                            iss: str | None = None) -> TokenSet:
-        """Redeem a code; ``iss`` is the callback's RFC 9207 ``iss`` parameter, checked when the provider sent it."""
+                            iss: str | None = None, redirected: bool = True, response: str | None = None) -> TokenSet:
+        """Redeem a code; ``iss`` is the callback's RFC 9207 ``iss`` parameter (``redirected`` is False only for a
+        code the person typed, which carries none); ``response`` a JARM response, whose code replaces ``code``."""
         meta = await self.metadata(settings.issuer)
-        if iss is not None and iss != meta.issuer:
-            raise TokenValidationError(f"callback came from issuer {safe_text(iss)!r}, expected {meta.issuer!r}")
+        if response is not None:
+            code = await jarm.verify_response(
+                response, keys=lambda refetch: self._key_set(meta.jwks_uri, refetch=refetch), meta=meta,
+                client_id=settings.client_id, state=auth.state, now=self._clock.now())
+            iss = meta.issuer  # verified inside the signed response
+        check_response_issuer(meta, iss, redirected=redirected)
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": auth.redirect_uri}
         if auth.code_verifier is not None:
             form["code_verifier"] = auth.code_verifier
@@ -375,7 +378,7 @@ class OIDCClient:
         if meta.revocation_endpoint is None:
             return False
         form = {"token": token, "token_type_hint": token_type_hint}
-        headers = self._client_auth(settings, meta, form)
+        headers = await self._client_auth(settings, meta, form, "revocation")
         status, ctype, body = await self._send("POST", meta.revocation_endpoint, data=form, headers=headers)
         if status == 200:
             return True
@@ -398,7 +401,7 @@ class OIDCClient:
             form["code_challenge"] = create_s256_code_challenge(verifier)
             form["code_challenge_method"] = "S256"
         doc = await self._post_form(settings, meta, meta.device_authorization_endpoint, form,
-                                    "device authorization endpoint")
+                                    "device authorization endpoint", "device_authorization")
         device_code, user_code = doc.get("device_code"), doc.get("user_code")
         uri = doc.get("verification_uri") or doc.get("verification_url")  # Google spells it _url
         complete, expires_in, interval = doc.get("verification_uri_complete"), doc.get("expires_in"), doc.get(

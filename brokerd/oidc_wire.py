@@ -18,6 +18,8 @@ STANDARD_ERRORS = frozenset({
     "invalid_scope", "authorization_pending", "slow_down", "access_denied", "expired_token",
     "unsupported_token_type", "server_error", "temporarily_unavailable",
 })
+# Endpoints other than the token endpoint where the client authenticates, and that may list methods of their own.
+AUTHENTICATED_ENDPOINTS = ("revocation", "pushed_authorization_request", "device_authorization")
 _TOKENISH = re.compile(r"[A-Za-z0-9_\-.~+/=]{24,}")
 
 
@@ -33,6 +35,18 @@ class ProviderMetadata:
     id_token_signing_alg_values_supported: tuple[str, ...]
     token_endpoint_auth_methods_supported: tuple[str, ...]
     claims_parameter_supported: bool
+    # What a hardened client registration needs (client_auth.py, jarm.py): RFC 9126, RFC 9207, JARM, and the
+    # methods an endpoint other than the token endpoint lists for itself (RFC 8414 revocation_..., or others).
+    pushed_authorization_request_endpoint: str | None = None
+    authorization_response_iss_parameter_supported: bool = False
+    authorization_signing_alg_values_supported: tuple[str, ...] = ("RS256",)
+    endpoint_auth_methods: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def auth_methods_for(self, endpoint: str) -> tuple[str, ...]:
+        """The client authentication methods ``endpoint`` (token, revocation, ...) lists; () when it lists none."""
+        if endpoint == "token":
+            return self.token_endpoint_auth_methods_supported
+        return dict(self.endpoint_auth_methods).get(endpoint, ())
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> ProviderMetadata:
@@ -58,6 +72,16 @@ class ProviderMetadata:
             token_endpoint_auth_methods_supported=names("token_endpoint_auth_methods_supported",
                                                         ("client_secret_basic",)),
             claims_parameter_supported=doc.get("claims_parameter_supported") is True,
+            # Optional: a value that is no URL is taken as no endpoint (--oidc-par=auto then sends no PAR).
+            pushed_authorization_request_endpoint=par if isinstance(par := doc.get(
+                "pushed_authorization_request_endpoint"), str) and par.startswith(("https://", "http://")) else None,
+            authorization_response_iss_parameter_supported=doc.get(
+                "authorization_response_iss_parameter_supported") is True,
+            authorization_signing_alg_values_supported=names("authorization_signing_alg_values_supported",
+                                                             ("RS256",)),
+            endpoint_auth_methods=tuple(
+                (endpoint, methods) for endpoint in AUTHENTICATED_ENDPOINTS
+                if (methods := names(f"{endpoint}_endpoint_auth_methods_supported", ()))),
         )
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from brokerd.errors import InvalidGrant, ProviderError, TokenEndpointError
+from brokerd.errors import InvalidGrant, ProviderError, TokenEndpointError, UsageError
 from brokerd.models import ProviderSettings, SessionKey, TokenSet
 
 # A gateway that says it timed out waiting for the provider has forwarded the request: it may have been processed.
@@ -61,7 +61,11 @@ def refresh_token_lost(exc: BaseException) -> bool:
     connection could be made), or the provider answered with an error status (it refused the request; a 504 is
     a gateway that gave up waiting for the provider, so that one is not proof).  A 2xx answer we cannot use, a
     dropped connection, a timeout after sending, and an ID token that fails verification all count as spent.
+    A ``UsageError`` is brokerd's own configuration (a client assertion key file it cannot read or use), found
+    while building the request: nothing left, the token stays (fixing the file cures it).
     """
+    if isinstance(exc, UsageError):
+        return False
     if isinstance(exc, InvalidGrant):
         return True
     if isinstance(exc, TokenEndpointError) and exc.status is not None:
@@ -78,8 +82,11 @@ def answered_refresh_unusable(exc: BaseException) -> bool:
 
     The adopted token was never sent, so no network failure can have spent it: a JWKS that cannot be reached is
     transient, and the next attempt sends the new token.  An ID token that fails verification (or no ID token when
-    the old one expired: ``InvalidGrant``) is not cured by asking again: drop it, and log in once.
+    the old one expired: ``InvalidGrant``) is not cured by asking again: drop it, and log in once.  A
+    ``UsageError`` (an ID token decryption key file brokerd cannot read or use) is cured by fixing the file: keep.
     """
+    if isinstance(exc, UsageError):
+        return False
     return not isinstance(exc, ProviderError) or isinstance(exc, InvalidGrant)
 
 

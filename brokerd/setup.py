@@ -5,12 +5,15 @@ Runs in the daemon (``run_setup``, reached through server.py's ``setup`` handler
 Checks before the login (each would otherwise end in a browser error page and a timeout):
 issuer mismatch between the URL and discovery, and a redirect URI the provider does not accept (then the variants
 people confuse, localhost/127.0.0.1, trailing slash, port, are tried to name the one that works).
-Checks after it: groups claim missing from the ID token, no refresh token, username claim missing or unusable.
+Then the client's registration (setup_registration.py): authentication method, JWT assertion, PAR, response mode.
+Checks after it: groups claim missing from the ID token (and whether userinfo has it), no refresh token, username
+claim missing or unusable.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shlex
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -20,15 +23,19 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
-from brokerd.errors import BrokerError, DiscoveryError
+from brokerd.errors import BrokerError, DiscoveryError, TokenEndpointError
 from brokerd.flags import FLAGS, SETUP_FLAGS, ParsedFlags, login_options, provider_settings
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient
 from brokerd.oidc_wire import safe_text
+from brokerd.setup_registration import registration_diagnosis
 
 SECRET_PLACEHOLDER = "YOUR_CLIENT_SECRET"
 NOT_REPEATED = frozenset({"password", "force-refresh", "v", *SETUP_FLAGS})  # never in the printed kubeconfig
 PROBE_TIMEOUT = 10.0
+
+GROUPS_SOURCE = {"id_token": " (from the ID token)",
+                 "userinfo": " (the provider has groups, but only in userinfo: the API server reads the ID token)"}
 
 GetToken = Callable[[ProviderSettings, LoginOptions, Caller], Awaitable[TokenSet]]
 
@@ -282,14 +289,22 @@ async def run_setup(flags: ParsedFlags, client_for: ClientFactory, get_token: Ge
     report: dict[str, Any] = {"issuer": settings.issuer, "client_id": settings.client_id, "logged_in": False,
                               "view": asdict(view), "scopes": list(settings.scopes)}
     finding = await check_issuer(oidc, settings.issuer)
-    if finding is None and options.grant_type in ("auto", "authcode") and options.password is None:
+    authcode = options.grant_type in ("auto", "authcode") and options.password is None
+    if finding is None and authcode:
         caller.tell("setup: checking the redirect URI with the provider")
-        finding = await check_redirect(oidc, settings, options)
+        with contextlib.suppress(TokenEndpointError):  # a refused pushed request: diagnosed just below
+            finding = await check_redirect(oidc, settings, options)
+    if finding is None and (diagnosis := await registration_diagnosis(
+            oidc, settings, options, redirect_uris(settings, options)[0] if authcode else None)):
+        finding = Finding(diagnosis.code, diagnosis.problem, diagnosis.fix, fatal=True)
     if finding is not None:
         report["findings"] = [asdict(finding)]
         return report
     tokens = await get_token(settings, options, caller)
     claims = jwt_claims(tokens.id_token) or dict(tokens.claims)
+    in_id_token = view.groups_claim in claims
+    report["groups_source"] = "id_token" if in_id_token else (
+        "userinfo" if await _userinfo_groups(oidc, settings.issuer, tokens, view.groups_claim) else "none")
     report.update(logged_in=True, claims=claims, refresh_token=bool(tokens.refresh_token),
                   username=api_username(claims, settings.issuer, view), groups=api_groups(claims, view),
                   id_token_lifetime=round(tokens.expires_at - tokens.issued_at),
@@ -331,7 +346,8 @@ def render_report(doc: Mapping[str, Any], kube_args: Sequence[str], interpreter:
         lines += ["", f"The API server (--oidc-username-claim={view.get('username_claim')}, "
                       f"--oidc-groups-claim={view.get('groups_claim')}) will see:",
                   f"  username: {doc.get('username') or '(none: the token would be rejected)'}",
-                  f"  groups:   {', '.join(groups) if groups else '(none)'}",
+                  f"  groups:   {', '.join(groups) if groups else '(none)'}"
+                  f"{GROUPS_SOURCE.get(str(doc.get('groups_source')), '')}",
                   f"  refresh token: {'yes' if doc.get('refresh_token') else 'no'}; "
                   f"ID token lifetime {doc.get('id_token_lifetime')} s"]
     else:

@@ -121,13 +121,13 @@ async def test_code_flow_with_pkce_nonce_and_groups(env: Env, oidc: OIDCClient) 
     assert counters["token_grants"]["authorization_code"] == 1 and counters["consent_shown"] == 1
     # The code is single-use.
     with pytest.raises(InvalidGrant):
-        await oidc.exchange_code(settings, auth, query["code"])
+        await oidc.exchange_code(settings, auth, query["code"], iss=query["iss"])
 
 
 async def test_code_flow_public_client(env: Env, oidc: OIDCClient) -> None:
     settings = env.settings(client_id=PUBLIC_ID, client_secret=None, scopes=("openid", "email"))
     auth, query = await code_login(env, oidc, settings, user="bob")
-    tokens = await oidc.exchange_code(settings, auth, query["code"])
+    tokens = await oidc.exchange_code(settings, auth, query["code"], iss=query["iss"])
     assert tokens.claims["email"] == "bob@example.com" and tokens.refresh_token is None
 
 

@@ -36,6 +36,7 @@ from brokerd.errors import (
 from brokerd.models import ProviderSettings, Served, TokenSet
 from brokerd.oidc import OIDCClient
 from brokerd.oidc_wire import safe_text
+from brokerd.registration import ClientRegistration
 
 CLIENT_ID = "kube cli:1"  # a space and a colon: client_secret_basic must form-encode them
 SECRET = "s3cr:et/+&=%"
@@ -584,3 +585,23 @@ async def test_device_flow_gives_up_at_expiry(op: FakeOP, client: OIDCClient) ->
     with pytest.raises(LoginTimeout):
         await client.poll_device_token(settings(op), device)
     assert len(op.requests) - 1 == 3  # polls at +5, +10, +15; at +20 the code is dead
+
+
+async def test_an_endpoint_with_its_own_auth_methods_gets_one_it_advertises(op: FakeOP, client: OIDCClient) -> None:
+    """Discovery may list methods per endpoint (revocation_endpoint_auth_methods_supported): with no method
+    configured, brokerd uses one that endpoint offers; a configured method is used everywhere as given."""
+    op.discovery_extra.update(token_endpoint_auth_methods_supported=["client_secret_post"],
+                              revocation_endpoint_auth_methods_supported=["client_secret_basic"])
+    op.reply(200, b"", "")
+    assert await client.revoke(settings(op), "rt-x") is True
+    _, headers, form = op.requests[-1]
+    assert headers["Authorization"].startswith("Basic ") and "client_secret" not in form
+    op.reply(200, {"access_token": "at", "token_type": "Bearer", "expires_in": 60})
+    await client.client_credentials(settings(op))
+    _, headers, form = op.requests[-1]
+    assert "Authorization" not in headers and form["client_secret"] == SECRET
+    op.reply(200, b"", "")
+    configured = settings(op, registration=ClientRegistration(auth_method="client_secret_post"))
+    assert await client.revoke(configured, "rt-y") is True
+    _, headers, form = op.requests[-1]
+    assert "Authorization" not in headers and form["client_secret"] == SECRET

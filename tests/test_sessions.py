@@ -149,8 +149,9 @@ def _not_sent() -> ProviderError:
     (_not_sent(), False),
     (ProviderError("no answer within 30 s"), True),
     (TokenValidationError("bad signature"), True),
+    (UsageError("--oidc-client-assertion-key /k.pem: No such file or directory"), False),
 ], ids=["invalid_grant", "500", "nonstandard-400", "unusable-200", "504", "not-sent", "maybe-delivered",
-        "bad-id-token"])
+        "bad-id-token", "assertion-key-unusable"])
 def test_which_failures_spend_the_refresh_token(exc: Exception, lost: bool) -> None:
     assert refresh_token_lost(exc) is lost
 

@@ -12,9 +12,10 @@ const DEVICE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 const KIND_BY_PATH = {
   '/token': 'token', '/.well-known/openid-configuration': 'discovery', '/jwks': 'jwks',
   '/token/revocation': 'revocation', '/me': 'userinfo', '/device/auth': 'device_authorization', '/auth': 'auth',
-  '/token/introspection': 'introspection',
+  '/token/introspection': 'introspection', '/request': 'pushed_authorization',
 };
-const CLIENT_AUTH_KINDS = new Set(['token', 'revocation', 'device_authorization', 'introspection']);
+const CLIENT_AUTH_KINDS = new Set(['token', 'revocation', 'device_authorization', 'introspection',
+  'pushed_authorization']);
 const DEFAULTS = {
   otp: '123456', two_factor: true, id_token_ttl: 3600, access_token_ttl: 3600, refresh_token_ttl: 5400,
   auth_code_ttl: 60, device_code_ttl: 600, refresh_tokens: 'offline_access', rotate_refresh_tokens: true,
@@ -23,6 +24,13 @@ const DEFAULTS = {
   // Discovery fields to replace, e.g. { jwks_uri: 'http://127.0.0.1:N/jwks' }: endpoints on another host (a relay
   // the test can stop, so that host refuses connections).
   discovery_overrides: {},
+  // Off by default so the plain code flow stays what older tests expect; a test that wants PAR turns it on (and a
+  // client's require_pushed_authorization_requests makes it the only way in, like Authelia's setting).
+  par: false,
+  encryption: false, // clients opt in with id_token_encrypted_response_alg and an enc key in their jwks
+  jarm: false, // jwtResponseModes (clients opt in with authorization_signed_response_alg and response_modes)
+  client_auth_signing_algs: ['HS256', 'HS384', 'HS512', 'RS256', 'RS384', 'RS512', 'PS256', 'ES256', 'ES384',
+    'ES512', 'Ed25519', 'EdDSA'],
   users: {
     alice: { password: 'alice-password', email: 'alice@example.com', name: 'Alice Admin', groups: ['admins', 'dev'] },
     bob: { password: 'bob-password', email: 'bob@example.com', name: 'Bob Builder', groups: ['dev'] },
@@ -93,6 +101,7 @@ function freshCounters() {
     token_errors: {}, refresh_reuse_detected: 0, grants_revoked: 0, revocations: 0, admin_revocations: 0,
     discovery: 0, jwks: 0, userinfo: 0, device_authorization: 0, introspection: 0, logins: 0, login_failures: 0,
     otp_failures: 0, consent_shown: 0, consent_denied: 0, key_rotations: 0, faults_applied: 0,
+    pushed_authorization: 0,
   };
 }
 
@@ -201,8 +210,15 @@ async function main() {
         RefreshToken: cfg.refresh_token_ttl, AuthorizationCode: cfg.auth_code_ttl, DeviceCode: cfg.device_code_ttl,
         Interaction: 600, Session: 86400, Grant: 86400,
       },
+      enabledJWA: {
+        clientAuthSigningAlgValues: cfg.client_auth_signing_algs,
+        idTokenEncryptionAlgValues: ['RSA-OAEP', 'RSA-OAEP-256', 'ECDH-ES', 'ECDH-ES+A128KW', 'ECDH-ES+A256KW'],
+      },
       features: {
         devInteractions: { enabled: false },
+        pushedAuthorizationRequests: { enabled: cfg.par, requirePushedAuthorizationRequests: false },
+        jwtResponseModes: { enabled: cfg.jarm },
+        encryption: { enabled: cfg.encryption },
         claimsParameter: { enabled: true },
         revocation: { enabled: true },
         introspection: { enabled: true },
@@ -388,6 +404,7 @@ async function main() {
       case 'GET counters': return send(res, 200, state.counters);
       case 'POST reset': state.counters = freshCounters(); return send(res, 200, { ok: true });
       case 'GET last_auth': return send(res, 200, state.lastAuth ?? {});
+      case 'GET last_pushed': return send(res, 200, state.lastPushed ?? {});
       case 'POST fault': {
         const target = json.target;
         if (!Object.values(KIND_BY_PATH).includes(target)) return send(res, 400, { error: `bad target ${target}` });
@@ -489,15 +506,29 @@ async function main() {
         state.lastAuth = Object.fromEntries(url.searchParams);
       } else if (kind === 'token') state.counters.token_requests += 1;
       else if (kind === 'revocation') state.counters.revocations += 1;
+      else if (kind === 'pushed_authorization') {
+        state.counters.pushed_authorization += 1;
+        // What was pushed, without the client's credentials: tests check what stayed out of the browser.
+        state.lastPushed = Object.fromEntries([...form].filter(([k]) => !['client_secret', 'client_assertion'].includes(k)));
+      }
       else if (kind) state.counters[kind] += 1;
       if (kind === 'discovery' && Object.keys(cfg.discovery_overrides).length) {
         rewriteJson(res, (doc) => ({ ...doc, ...cfg.discovery_overrides }));
       }
       if (kind && await applyFault(req, res, kind, form)) return undefined;
       if (form && wrongAuthMethod(req, res, form)) return undefined;
-      if (kind === 'auth' && req.method === 'GET') {
+      if (kind === 'auth' && req.method === 'GET' && !url.searchParams.has('request_uri')) {
         if (entropyCheck(res, url)) return undefined;
         offlineNeedsNoPrompt(req, url);
+      }
+      if (kind === 'pushed_authorization' && form) {
+        // The same Authelia rules for a pushed request: its parameters arrive here instead of in the browser.
+        const pushed = new URL(`${issuer}/auth?${form}`);
+        const bad = ['state', 'nonce'].find((k) => (k === 'state' || form.has(k)) && (form.get(k) ?? '').length < cfg.min_state_length);
+        if (bad) return send(res, 400, { error: 'invalid_request', error_description: `${bad} is too short` });
+        const fake = { url: '' };
+        offlineNeedsNoPrompt(fake, pushed);
+        if (fake.url) req.body = fake.url.split('?')[1];
       }
       return handler(req, res);
     };

@@ -205,7 +205,7 @@ def login(
                 raise BrowserError(f"redirected off loopback to {redact(url)}")
             if not follow_callback:
                 return LoginResult(url, None, "", pages)
-            status, _, body = browser.request("GET", url)
+            status, _, body = browser.request(method, url, data)  # POST: the provider's form_post page
             pages.append(redact(url))
             return LoginResult(url, status, body, pages)
         status, location, body = browser.request(method, url, data)

@@ -20,9 +20,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from joserfc import jwk
 
 PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider"
 SERVER = PROVIDER_DIR / "server.mjs"
@@ -92,7 +94,7 @@ class TestProvider:
     ) -> None:
         """Break the next ``count`` requests (None: until cleared) to ``target``.
 
-        target: token, discovery, jwks, revocation, userinfo, device_authorization, auth.
+        target: token, discovery, jwks, revocation, userinfo, device_authorization, auth, pushed_authorization.
         kind: status (default 500), delay (``seconds``, then served normally), drop (connection closed),
         empty_body (200, no body), nonstandard_error (400 {"error":"weird"}), html (200 text/html page),
         bad_id_token (the grant is processed for real, then the answer's ID token gets a broken signature).
@@ -134,6 +136,11 @@ class TestProvider:
     def last_auth(self) -> dict[str, str]:
         """Query parameters of the last GET /auth ({} before the first)."""
         result: dict[str, str] = self._call("GET", "last_auth")
+        return result
+
+    def last_pushed(self) -> dict[str, str]:
+        """Form parameters of the last pushed authorization request, without client credentials ({} before)."""
+        result: dict[str, str] = self._call("GET", "last_pushed")
         return result
 
     def log(self) -> str:
@@ -206,6 +213,26 @@ def rsa_jwk() -> dict[str, str]:
 
     return {"kty": "RSA", "n": b64(pub.n), "e": b64(pub.e), "d": b64(numbers.d), "p": b64(numbers.p),
             "q": b64(numbers.q), "dp": b64(numbers.dmp1), "dq": b64(numbers.dmq1), "qi": b64(numbers.iqmp)}
+
+
+def client_key_pair(kind: str = "RSA", kid: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    """A client's private key as PKCS#8 PEM and its public JWK (for the client's ``jwks`` in the provider config):
+    what a private_key_jwt client is registered with.  kind: RSA, P-256, P-384, P-521 or Ed25519."""
+    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    if kind == "RSA":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif kind == "Ed25519":
+        private = ed25519.Ed25519PrivateKey.generate()
+    else:
+        private = ec.generate_private_key({"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(),
+                                           "P-521": ec.SECP521R1()}[kind])
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    key_type: Literal["RSA", "EC", "OKP"] = "RSA" if kind == "RSA" else "OKP" if kind == "Ed25519" else "EC"
+    public = dict(jwk.import_key(pem, key_type).as_dict(private=False))
+    if kid is not None:
+        public["kid"] = kid
+    return pem, public
 
 
 def _launch_once(config: dict[str, Any], port: int) -> TestProvider | str:
