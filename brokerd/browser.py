@@ -106,7 +106,11 @@ class BrowserOpener:
         if code:
             log.warning("browser command %s exited with status %d", os.path.basename(name), code)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 2.0) -> None:
+        # Openers (xdg-open, a browser's remote call) hand the URL over and exit within moments: reap those rather
+        # than leave their process transports to be collected half-open.  A browser that stays is left running.
+        if self._reapers:
+            await asyncio.wait(list(self._reapers), timeout=grace)
         for task in list(self._reapers):
             task.cancel()
         for task in list(self._reapers):

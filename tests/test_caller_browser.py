@@ -89,7 +89,7 @@ async def test_the_opener_hands_over_only_a_checked_url_as_one_argument(tmp_path
                 await opener.open(bad, command=str(script), caller_env={})
         assert await opener.open("https://idp.example/auth?a=1&b=2", command=str(script), caller_env={})
     finally:
-        await opener.close()  # waits for nothing: the reaper is cancelled, the recorder finishes on its own
+        await opener.close()  # the recorder exits at once, so close reaps it
     for _ in range(200):  # bounded: the recorder is a shell script writing one line
         if record.exists() and record.read_text():
             break
