@@ -58,15 +58,18 @@ def _run_loop(main: Callable[[], Any]) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from brokerd.config import load_config
     from brokerd.daemon import AlreadyRunning, Daemon, DaemonConfig
+    from brokerd.hardening import no_core_dumps
 
     environ = os.environ
     state = paths.state_dir(environ)
     _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
+    no_core_dumps()  # before anything reads the store's key or a token into memory
     config_file = paths.config_file(environ)
     settings = load_config(config_file)
     config = DaemonConfig(socket_path=paths.socket_path(environ), state_dir=state, policy=settings.policy,
                           config_file=config_file, profiles=settings.profiles,
-                          caller_browser=settings.caller_browser)
+                          caller_browser=settings.caller_browser, persist=settings.persist,
+                          store_key=settings.store_key)
     try:
         _run_loop(Daemon(config).run)
     except AlreadyRunning as exc:
@@ -120,6 +123,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     sessions = doc.get("sessions", [])
+    if doc.get("store"):
+        print(doc["store"].removeprefix("note: "))
     if not sessions:
         print("no sessions")
         return 0
@@ -169,6 +174,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print("removed all stored sessions (the daemon is not running)")
         return 0
     print(f"logged out of {len(doc.get('logged_out', []))} session(s)")
+    return 0
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    from brokerd.config import load_config
+    from brokerd.migrate import migrate_key
+
+    settings = load_config(paths.config_file(os.environ))
+    migrate_key(paths.state_dir(os.environ), args.to, paths.socket_path(os.environ), settings.store_key)
     return 0
 
 
@@ -255,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_logout)
     p = sub.add_parser("clean", help="forget all sessions (works without the daemon)")
     p.set_defaults(fn=cmd_clean)
+    p = sub.add_parser("store", help="manage the session store")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    p = store_sub.add_parser("migrate", help="move the store's data key between the keyring and the key file")
+    p.add_argument("--to", choices=["keyring", "file"], required=True)
+    p.set_defaults(fn=cmd_store_migrate)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     p = sub.add_parser("install-systemd", help="install the systemd user units")

@@ -7,6 +7,10 @@
     serve_margin = 10             # tell kubectl the token expires this much early
     caller_browser = true         # false: ignore a caller's BROWSER/DISPLAY/--browser-command (forwarded sockets)
 
+    [store]
+    key = "auto"                  # where the store's data key lives: "keyring" (Secret Service), "file", or "auto"
+    persist = true                # false: sessions live in memory only, nothing is written to the state dir
+
     [profiles.work]               # `--profile work` on the shim, or BROKERD_PROFILE=work
     oidc-issuer-url = "https://auth.example.com"
     oidc-client-id = "kube_login"
@@ -33,6 +37,26 @@ class Config:
     # when the socket is forwarded to other hosts (docs/remote.md): whoever reaches the socket there could
     # otherwise have the daemon run a program of their choice on this desktop.
     caller_browser: bool = True
+    store_key: str = "auto"  # brokerd.keyring.choose_key_source
+    persist: bool = True
+
+
+def _store_section(path: Path, table: object) -> tuple[str, bool]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [store] must be a table")
+    store_key, persist = "auto", True
+    for key, value in table.items():
+        if key == "key":
+            if value not in ("auto", "keyring", "file"):
+                raise ConfigError(f"{path}: [store] key must be \"auto\", \"keyring\" or \"file\"")
+            store_key = value
+        elif key == "persist":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: [store] persist must be true or false")
+            persist = value
+        else:
+            raise ConfigError(f"{path}: [store] unknown setting {key!r} (known: key, persist)")
+    return store_key, persist
 
 
 def _profile_args(name: str, table: object) -> tuple[str, ...]:
@@ -66,7 +90,7 @@ def load_config(path: Path) -> Config:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(doc) - {"daemon", "profiles"}
+    unknown = set(doc) - {"daemon", "profiles", "store"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     policy = Policy()
@@ -90,4 +114,6 @@ def load_config(path: Path) -> Config:
     if not isinstance(profiles_doc, dict):
         raise ConfigError(f"{path}: [profiles] must be a table of tables")
     profiles = {name: _profile_args(name, table) for name, table in profiles_doc.items()}
-    return Config(policy=policy, profiles=profiles, caller_browser=caller_browser)
+    store_key, persist = _store_section(path, doc.get("store", {}))
+    return Config(policy=policy, profiles=profiles, caller_browser=caller_browser, store_key=store_key,
+                  persist=persist)

@@ -24,6 +24,8 @@ from brokerd.clock import SystemClock
 from brokerd.config import load_config
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
+from brokerd.keyring import choose_key_source, in_keyring
+from brokerd.keywait import WaitingStore, watch
 from brokerd.paths import ensure_private_dir
 from brokerd.server import Limits, Server
 from brokerd.sessions import Policy, SessionManager
@@ -50,6 +52,7 @@ class DaemonConfig:
     config_file: Path | None = None
     profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     caller_browser: bool = True
+    store_key: str = "auto"
 
 
 def _lock_runtime_dir(path: Path) -> IO[bytes]:
@@ -140,11 +143,18 @@ class Daemon:
             stack.push_async_callback(callbacks.close)
             browser = BrowserOpener(os.environ)
             stack.push_async_callback(browser.close)
-            store = SessionStore(config.state_dir) if config.persist else None
-
+            store: WaitingStore | None = None
+            if config.persist:
+                keys = await asyncio.to_thread(choose_key_source, config.store_key, config.state_dir)
+                store = WaitingStore(SessionStore(config.state_dir, keys))
             sessions = SessionManager(clients.for_options, LoginFlows(callbacks, browser), store, clock, config.policy)
+            sessions.keyring_backed = store is not None and in_keyring(store.inner.key_source)
             await sessions.start()
             stack.push_async_callback(sessions.close)
+            if store is not None and store.waiting_reason is not None:
+                sessions.store_notice = store.notice
+                waiter = asyncio.create_task(watch(store, sessions))
+                stack.push_async_callback(_cancel, waiter)
             api = Server(sessions, config.limits, config.profiles)
             api.caller_browser = config.caller_browser
             api.oidc_for = clients.for_options

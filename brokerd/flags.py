@@ -266,9 +266,9 @@ def build_request(flags: ParsedFlags) -> tuple[ProviderSettings, LoginOptions]:
             ca_files=ca_files, ca_data=ca_data, insecure_skip_verify=insecure,
         ),
         verbosity=verbosity,
+        cache_storage=storage,
     )
-    if flags.str_("token-cache-dir") is not None or storage is not None:
-        flags.notes.append(
-            "note: --token-cache-dir/--token-cache-storage are ignored; brokerd keeps sessions in its encrypted store"
-        )
+    if flags.str_("token-cache-dir") is not None:
+        flags.notes.append("note: --token-cache-dir is accepted, not used; brokerd keeps sessions in its encrypted "
+                           "store (--token-cache-storage=none keeps a session in memory only)")
     return settings, options

@@ -129,6 +129,7 @@ class LoginOptions:
     local_server_key: str | None = None
     tls: TLSOptions = field(default_factory=TLSOptions)
     verbosity: int = 0
+    cache_storage: str | None = None  # --token-cache-storage: "none" keeps the session in memory only
 
     def for_refresh(self) -> LoginOptions:
         """What a background refresh needs (how to reach the provider), and nothing of this caller's (no password,

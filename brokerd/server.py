@@ -324,7 +324,7 @@ class Server:
         return f"brokerd {__version__}"  # as `brokerd version` prints it
 
     async def _status(self, request: Request, caller: ShimCaller) -> str:
-        return json.dumps({"sessions": self._sessions.status()})
+        return json.dumps({"sessions": self._sessions.status(), "store": self._sessions.store_notice})
 
     async def _logout(self, request: Request, caller: ShimCaller) -> str:
         filters: dict[str, Any] = {}

@@ -88,6 +88,7 @@ class _Entry:
     closed: bool = False  # logged out: nothing may schedule work on it any more
     login_failed_at: float | None = None
     login_failure: str = ""
+    persist: bool = True  # False: memory only (--token-cache-storage=none), never in a snapshot for the store
 
 
 class SessionManager:
@@ -101,6 +102,10 @@ class SessionManager:
         self._entries: dict[SessionKey, _Entry] = {}
         self._save_lock = asyncio.Lock()
         self._closing = False
+        # Set by the daemon from its key source (brokerd.keywait): what --token-cache-storage=keyring requires, and
+        # the line every caller hears while the stored sessions wait for the keyring to unlock.
+        self.keyring_backed = False
+        self.store_notice: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -160,9 +165,17 @@ class SessionManager:
 
     async def get_token(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
         key = settings.key
+        if options.cache_storage == "keyring" and self._store is not None and not self.keyring_backed:
+            raise StoreError("--token-cache-storage=keyring: brokerd's store key is in a file, not a keyring; run "
+                             "`brokerd store migrate --to keyring` with a keyring running, or use "
+                             "--token-cache-storage=none")
+        if self.store_notice:
+            caller.tell(self.store_notice)
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry(settings=settings)
+        if options.cache_storage == "none":
+            entry.persist = False  # sticky: a session once memory-only is never written later
         # Remembered for background refreshes (TLS, headers); --force-refresh is this caller's wish only.
         if entry.options.tls != options.tls or entry.options.request_headers != options.request_headers:
             entry.options = options.for_refresh()
@@ -352,8 +365,9 @@ class SessionManager:
         async with self._save_lock:
             if self._store is not None:
                 snapshot = {key: Session(key, e.settings, e.tokens, e.options) for key, e in self._entries.items()
-                            if e.tokens is not None}
-                if entry is not None and tokens is not None and self._entries.get(entry.settings.key) is entry:
+                            if e.tokens is not None and e.persist}
+                if (entry is not None and tokens is not None and entry.persist
+                        and self._entries.get(entry.settings.key) is entry):
                     snapshot[entry.settings.key] = Session(entry.settings.key, entry.settings, tokens, entry.options)
                 write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
                 for _ in range(1000):  # bounded by the write finishing; a cancel only defers
@@ -373,6 +387,24 @@ class SessionManager:
                 entry.tokens = tokens
         if cancelled:
             raise asyncio.CancelledError
+
+    async def adopt(self, sessions: Mapping[SessionKey, Session], open_store: Callable[[], None]) -> int:
+        """Take in stored sessions that loaded late (the keyring unlocked) and write the merged set.  A session
+        logged in meanwhile is newer than its stored copy and wins."""
+        async with self._save_lock:
+            pass  # a save in flight holds a snapshot from before the merge: let it end while the store is closed
+        open_store()  # from here to the snapshot below nothing awaits, so every later snapshot holds the merge
+        adopted = 0
+        for key, session in sessions.items():
+            entry = self._entries.get(key)
+            if entry is not None and (entry.tokens is not None or entry.renewal is not None):
+                continue
+            entry = self._entries[key] = _Entry(settings=session.settings, tokens=session.tokens,
+                                                options=session.options)
+            self._schedule(entry)
+            adopted += 1
+        await self._save()
+        return adopted
 
     # -- admin ----------------------------------------------------------------------------------------------------
 

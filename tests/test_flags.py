@@ -127,8 +127,9 @@ def test_required_flags() -> None:
 
 def test_cache_flags_are_accepted_with_a_note() -> None:
     flags = parse_flags([*BASE, "--token-cache-dir=/tmp/x", "--token-cache-storage=keyring"])
-    build_request(flags)
-    assert flags.notes and "ignored" in flags.notes[0]
+    _, options = build_request(flags)
+    assert flags.notes and "--token-cache-dir is accepted, not used" in flags.notes[0]
+    assert options.cache_storage == "keyring"  # honoured now (issue 16), not noted as ignored
     plain = parse_flags(BASE)
     build_request(plain)
     assert plain.notes == []
@@ -162,7 +163,7 @@ def test_daemon_prints_the_cache_note_on_stderr_and_serves_the_token(provider: o
     result = daemon.shim(login_args(provider.issuer, "--username=alice", "--password=alice-password",
                                     "--token-cache-dir=/tmp/nowhere", "--token-cache-storage=disk", "-v", "1"))
     assert result.returncode == 0, result.stderr
-    assert "--token-cache-dir/--token-cache-storage are ignored" in result.stderr
+    assert "--token-cache-dir is accepted, not used" in result.stderr
     assert result.stdout.startswith('{"kind":"ExecCredential"')
     assert not Path("/tmp/nowhere").exists()
 
