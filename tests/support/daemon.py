@@ -95,6 +95,9 @@ class Daemon:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         })
         self.env.pop("KUBERNETES_EXEC_INFO", None)
+        # Never the machine's own session bus: its keyring would get our test keys.  tests/support/desktop.py
+        # passes a private bus in ``env``.
+        self.env.pop("DBUS_SESSION_BUS_ADDRESS", None)
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
