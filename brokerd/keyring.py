@@ -72,9 +72,10 @@ class SecretServiceKeySource:
 
     kind = "keyring"
 
-    def __init__(self, state_dir: pathlib.Path) -> None:
+    def __init__(self, state_dir: pathlib.Path, guard: bool = True) -> None:
         self.state_dir = state_dir
         self.attributes = _attributes(state_dir)
+        self.guard = guard  # off for `migrate`, which looks in both places itself
 
     def describe(self) -> str:
         return f"Secret Service item for {self.state_dir}"
@@ -87,6 +88,7 @@ class SecretServiceKeySource:
             try:
                 items = list(secretstorage.search_items(conn, self.attributes))
                 if not items:
+                    self._absent()
                     return None
                 item = items[0]
                 if item.is_locked():
@@ -98,6 +100,16 @@ class SecretServiceKeySource:
                 raise KeyringUnavailable("the keyring is locked") from None
             except (OSError, secretstorage.SecretStorageException) as exc:
                 raise _failure(exc) from None
+        return self._checked(key)
+
+    def _absent(self) -> None:
+        # [store] key = "keyring" set before `migrate --to keyring` ran: the key is still in the file.  Returning
+        # None would have the store set aside and a new key made; refuse instead.
+        if self.guard and (self.state_dir / KEY_NAME).exists() and (self.state_dir / STORE_NAME).exists():
+            raise StoreError(f"the store's key is in {self.state_dir / KEY_NAME} but [store] key = \"keyring\"; run: "
+                             "brokerd store migrate --to keyring (or set it to \"auto\")")
+
+    def _checked(self, key: bytes) -> bytes:
         if len(key) != KEY_SIZE:
             # Not ours to delete (a human may want to look): refuse rather than create a second item beside it.
             raise StoreError(f"the keyring item '{LABEL}' for {self.state_dir} holds {len(key)} bytes, expected "

@@ -45,7 +45,7 @@ def migrate_key(state_dir: pathlib.Path, to: str, socket_path: pathlib.Path, con
 
 def _move(state_dir: pathlib.Path, to: str) -> None:
     file_keys = GuardedFileKeySource(state_dir / KEY_NAME, guard=False)
-    ring = SecretServiceKeySource(state_dir)
+    ring = SecretServiceKeySource(state_dir, guard=False)
     src, dst = (file_keys, ring) if to == "keyring" else (ring, file_keys)
     where = {id(file_keys): f"the key file {file_keys.path}", id(ring): "the keyring"}
     store = SessionStore(state_dir)

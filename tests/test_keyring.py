@@ -170,6 +170,29 @@ def test_migrate_both_ways_keeps_the_sessions(provider: TestProvider, base: Path
         d.close()
 
 
+def test_keyring_mode_before_migrate_sets_nothing_aside(provider: TestProvider, base: Path,
+                                                       desk: desktop_support.Desktop) -> None:
+    d = _daemon(base, desk, config='[store]\nkey = "file"\n').start()
+    try:
+        token = _login(d, provider)
+        d.stop()
+        stored = (d.state_dir / STORE_NAME).read_bytes()
+        d.config_path.write_text('[store]\nkey = "keyring"\n')  # the config changed first, migrate not yet run
+        d.start()
+        d.stop()
+        assert (d.state_dir / STORE_NAME).read_bytes() == stored
+        assert list(d.state_dir.glob("*.corrupt-*")) == []
+        assert "brokerd store migrate --to keyring" in d.log()
+        moved = d.cli("store", "migrate", "--to", "keyring")
+        assert moved.returncode == 0, moved.stderr
+        before = _grants(provider)
+        d.start()
+        assert _login(d, provider) == token
+        assert _grants(provider) == before
+    finally:
+        d.close()
+
+
 def test_sigkill_during_migrate_loses_nothing(provider: TestProvider, base: Path,
                                               desk: desktop_support.Desktop) -> None:
     d = _daemon(base, desk).start()
