@@ -49,17 +49,26 @@ def _bus() -> Iterator[DBusConnection]:
         raise KeyringUnavailable("the secretstorage library is not installed") from None
     try:
         conn = secretstorage.dbus_init()
-    except secretstorage.SecretServiceNotAvailableException:
+    except _errors():  # e.g. FileNotFoundError: an address left over from a session that ended
         raise KeyringUnavailable("no session bus (DBUS_SESSION_BUS_ADDRESS is unset or unreachable)") from None
     try:
         try:
             if not secretstorage.check_service_availability(conn):
                 raise KeyringUnavailable("no Secret Service (keyring daemon) on the session bus")
-        except (OSError, secretstorage.SecretStorageException):
+        except _errors():
             raise KeyringUnavailable("the session bus did not answer") from None
         yield conn
     finally:
         conn.close()
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    """What a Secret Service call may raise besides our own errors: OS errors, the library's, and D-Bus error
+    replies it does not translate (org.freedesktop.Secret.Error.IsLocked, ...)."""
+    import secretstorage
+    from jeepney.wrappers import DBusErrorResponse
+
+    return OSError, ValueError, secretstorage.SecretStorageException, DBusErrorResponse
 
 
 def _failure(exc: BaseException) -> KeyringUnavailable:
@@ -98,7 +107,7 @@ class SecretServiceKeySource:
                 raise
             except secretstorage.LockedException:
                 raise KeyringUnavailable("the keyring is locked") from None
-            except (OSError, secretstorage.SecretStorageException) as exc:
+            except _errors() as exc:
                 raise _failure(exc) from None
         return self._checked(key)
 
@@ -134,7 +143,7 @@ class SecretServiceKeySource:
                 raise KeyringUnavailable("the keyring has no default collection") from None
             except secretstorage.LockedException:
                 raise KeyringUnavailable("the keyring is locked") from None
-            except (OSError, secretstorage.SecretStorageException) as exc:
+            except _errors() as exc:
                 raise _failure(exc) from None
 
     def create(self) -> bytes:
@@ -161,7 +170,7 @@ class SecretServiceKeySource:
                     item.delete()
             except secretstorage.LockedException:
                 raise KeyringUnavailable("the keyring is locked") from None
-            except (OSError, secretstorage.SecretStorageException) as exc:
+            except _errors() as exc:
                 raise _failure(exc) from None
 
 

@@ -139,6 +139,30 @@ def test_a_keyring_locked_or_absent_at_start_costs_no_session(provider: TestProv
         d.close()
 
 
+def test_no_session_bus_at_start_waits_and_a_restart_with_one_loads(provider: TestProvider, base: Path,
+                                                                    desk: desktop_support.Desktop) -> None:
+    """An SSH login: no DBUS_SESSION_BUS_ADDRESS at all.  The store whose key is in the keyring is left alone."""
+    d = _daemon(base, desk).start()
+    try:
+        token = _login(d, provider)
+        d.stop()
+        stored = (d.state_dir / STORE_NAME).read_bytes()
+        bus = d.env.pop("DBUS_SESSION_BUS_ADDRESS")
+        d.start()
+        assert WAIT_NOTE in str(_status(d).get("store"))
+        assert "Traceback" not in d.log()
+        d.stop()
+        assert (d.state_dir / STORE_NAME).read_bytes() == stored
+        assert not (d.state_dir / KEY_NAME).exists()  # no new key file made beside the store
+        d.env["DBUS_SESSION_BUS_ADDRESS"] = bus
+        before = _grants(provider)
+        d.start()
+        assert _login(d, provider) == token
+        assert _grants(provider) == before
+    finally:
+        d.close()
+
+
 def test_migrate_both_ways_keeps_the_sessions(provider: TestProvider, base: Path,
                                               desk: desktop_support.Desktop) -> None:
     d = _daemon(base, desk).start()
