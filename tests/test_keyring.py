@@ -281,8 +281,9 @@ def test_token_cache_storage_none_keeps_that_session_off_disk(provider: TestProv
             assert secret.encode() not in data, path
         before = _grants(provider)
         d.start()
-        assert _login(d, provider, "alice", "--token-cache-storage=none") != secret  # gone with the daemon
-        assert _grants(provider) == before + 1
+        _login(d, provider, "alice", "--token-cache-storage=none")
+        assert _grants(provider) == before + 1  # gone with the daemon: a new login (the same second may give the
+        # same token bytes, so the grant count is the proof)
     finally:
         d.close()
 
