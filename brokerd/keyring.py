@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pathlib
+import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
@@ -40,17 +42,40 @@ def _attributes(state_dir: pathlib.Path) -> dict[str, str]:
     return {"xdg:schema": SCHEMA, "application": "brokerd", "state-dir": str(state_dir.absolute())}
 
 
+def session_bus_address() -> str | None:
+    """DBUS_SESSION_BUS_ADDRESS, else the user's bus socket in $XDG_RUNTIME_DIR (what sd-bus does): a daemon
+    autostarted from an SSH login has no address, but the desktop session's bus is there once someone logs in."""
+    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    if address:
+        return address
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        return None
+    path = pathlib.Path(runtime) / "bus"
+    try:
+        st = path.stat()  # the runtime dir is the user's own (0700): a symlink there was put by the user
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        return None
+    return f"unix:path={path}"
+
+
 @contextlib.contextmanager
 def _bus() -> Iterator[DBusConnection]:
     """A connection to the session bus with a Secret Service on it, else KeyringUnavailable."""
     try:
         import secretstorage
+        from jeepney.io.blocking import open_dbus_connection
     except ImportError:  # pragma: no cover - a dependency on Linux
         raise KeyringUnavailable("the secretstorage library is not installed") from None
+    address = session_bus_address()
+    if address is None:
+        raise KeyringUnavailable("no session bus (DBUS_SESSION_BUS_ADDRESS is unset)")
     try:
-        conn = secretstorage.dbus_init()
+        conn = open_dbus_connection(bus=address)
     except _errors():  # e.g. FileNotFoundError: an address left over from a session that ended
-        raise KeyringUnavailable("no session bus (DBUS_SESSION_BUS_ADDRESS is unset or unreachable)") from None
+        raise KeyringUnavailable("the session bus is unreachable") from None
     try:
         try:
             if not secretstorage.check_service_availability(conn):
