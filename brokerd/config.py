@@ -7,7 +7,7 @@
     serve_margin = 10             # tell kubectl the token expires this much early
     caller_browser = true         # false: ignore a caller's BROWSER/DISPLAY/--browser-command (forwarded sockets)
 
-    [store]
+    [store]                       # read at start only (not on SIGHUP)
     key = "auto"                  # where the store's data key lives: "keyring" (Secret Service), "file", or "auto"
     persist = true                # false: sessions live in memory only, nothing is written to the state dir
 

@@ -218,11 +218,12 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 async def _report_status(notifier: systemd.Notifier, sessions: SessionManager, every: float = 5.0) -> None:
     """Keep systemd's STATUS= (shown by `systemctl --user status brokerd`) in step with the session count."""
-    last = -1
+    last: tuple[int, bool] | None = None
     while True:
-        count = len(sessions)
+        count = len(sessions), sessions.store_notice is not None
         if count != last:
-            _notify(notifier.status, f"serving {count} session(s)")
+            waiting = "; the stored sessions wait for the keyring to unlock" if count[1] else ""
+            _notify(notifier.status, f"serving {count[0]} session(s){waiting}")
             last = count
         await asyncio.sleep(every)
 

@@ -17,7 +17,7 @@ import hmac
 import pathlib
 
 from brokerd.daemon import AlreadyRunning, _lock_runtime_dir
-from brokerd.errors import StoreError
+from brokerd.errors import KeyringUnavailable, StoreError
 from brokerd.keyring import GuardedFileKeySource, SecretServiceKeySource
 from brokerd.paths import ensure_private_dir
 from brokerd.store import KEY_NAME, SessionStore
@@ -37,6 +37,8 @@ def migrate_key(state_dir: pathlib.Path, to: str, socket_path: pathlib.Path, con
     try:
         ensure_private_dir(state_dir)
         _move(state_dir, to)
+    except KeyringUnavailable as exc:
+        raise KeyringUnavailable(f"cannot migrate, nothing was changed: {exc}") from None
     finally:
         lock.close()
     if configured not in ("auto", to):

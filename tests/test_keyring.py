@@ -221,6 +221,21 @@ def test_keyring_mode_before_migrate_sets_nothing_aside(provider: TestProvider, 
         d.close()
 
 
+def test_migrate_without_a_keyring_is_one_line_and_changes_nothing(provider: TestProvider, base: Path) -> None:
+    d = _daemon(base, None).start()
+    try:
+        _login(d, provider)
+        d.stop()
+        key = (d.state_dir / KEY_NAME).read_bytes()
+        result = d.cli("store", "migrate", "--to", "keyring")
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [
+            "brokerd: cannot migrate, nothing was changed: the session bus is unreachable"]
+        assert (d.state_dir / KEY_NAME).read_bytes() == key
+    finally:
+        d.close()
+
+
 def test_sigkill_during_migrate_loses_nothing(provider: TestProvider, base: Path,
                                               desk: desktop_support.Desktop) -> None:
     d = _daemon(base, desk).start()
