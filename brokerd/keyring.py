@@ -20,7 +20,7 @@ import os
 import pathlib
 import stat
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -122,6 +122,10 @@ class SecretServiceKeySource:
             try:
                 items = list(secretstorage.search_items(conn, self.attributes))
                 if not items:
+                    # Some keyrings (KeePassXC) hide the items of a locked database: "none" is only sure when the
+                    # default collection is open.  Otherwise the store would be set aside for a key that exists.
+                    if _default_collection(conn).is_locked():
+                        raise KeyringUnavailable("the keyring is locked")
                     self._absent()
                     return None
                 item = items[0]
@@ -158,7 +162,7 @@ class SecretServiceKeySource:
             try:
                 if list(secretstorage.search_items(conn, self.attributes)):
                     raise StoreError(f"the keyring already holds a key for {self.state_dir}")
-                collection = secretstorage.Collection(conn)  # the default alias; never created here (it prompts)
+                collection = _default_collection(conn)
                 if collection.is_locked():
                     raise KeyringUnavailable("the keyring is locked")
                 collection.create_item(LABEL, self.attributes, key, content_type="application/octet-stream")
@@ -232,10 +236,23 @@ class GuardedFileKeySource(FileKeySource):
             _fsync_dir(self.path.parent)
 
 
-def keyring_answers() -> bool:
-    """Whether a Secret Service is on the session bus (locked or not)."""
+def _default_collection(conn: DBusConnection) -> Any:
+    import secretstorage
+
     try:
-        with _bus():
+        return secretstorage.Collection(conn)  # the "default" alias; never created here (that prompts)
+    except secretstorage.ItemNotFoundException:
+        raise KeyringUnavailable("the keyring has no default collection (create one, e.g. in seahorse)") from None
+
+
+def keyring_answers() -> bool:
+    """Whether a Secret Service with a default collection is on the session bus (locked or not)."""
+    try:
+        with _bus() as conn:
+            try:
+                _default_collection(conn)
+            except _errors():
+                return False
             return True
     except KeyringUnavailable:
         return False

@@ -139,6 +139,28 @@ def test_a_keyring_locked_or_absent_at_start_costs_no_session(provider: TestProv
         d.close()
 
 
+def test_first_start_with_a_locked_keyring_keeps_logins_and_writes_them_on_unlock(
+        provider: TestProvider, base: Path, desk: desktop_support.Desktop) -> None:
+    desk.lock()
+    d = _daemon(base, desk).start()
+    try:
+        token = _login(d, provider)
+        assert WAIT_NOTE in str(_status(d).get("store"))
+        assert not (d.state_dir / KEY_NAME).exists()  # auto did not fall back to a key file beside the store
+        assert not (d.state_dir / STORE_NAME).exists()
+        desk.stop_keyring()
+        desk.start_keyring()
+        _wait_loaded(d, sessions=1)
+        assert _keyring_key(desk, d.state_dir) is not None
+        before = _grants(provider)
+        d.stop()
+        d.start()
+        assert _login(d, provider) == token  # written once the keyring unlocked
+        assert _grants(provider) == before
+    finally:
+        d.close()
+
+
 def test_no_session_bus_at_start_waits_until_one_appears(provider: TestProvider, base: Path,
                                                          desk: desktop_support.Desktop) -> None:
     """An SSH login: no DBUS_SESSION_BUS_ADDRESS at all.  The store whose key is in the keyring is left alone, and
