@@ -397,10 +397,12 @@ class SessionManager:
         adopted = 0
         for key, session in sessions.items():
             entry = self._entries.get(key)
-            if entry is not None and (entry.tokens is not None or entry.renewal is not None):
+            if entry is None:
+                entry = self._entries[key] = _Entry(settings=session.settings, options=session.options)
+            elif entry.tokens is not None:
                 continue
-            entry = self._entries[key] = _Entry(settings=session.settings, tokens=session.tokens,
-                                                options=session.options)
+            # A login may be pending for it in a browser; until it lands, the stored tokens serve (and are kept).
+            entry.tokens = session.tokens
             self._schedule(entry)
             adopted += 1
         await self._save()
