@@ -49,6 +49,9 @@ def test_profiles_become_flags(tmp_path: Path) -> None:
     ("[profiles.a]\noidc-extra-scope = [{x = 1}]\n", "must be a string"),
     ("[profiles]\na = 1\n", "must be a table"),
     ("not toml =", "c.toml"),
+    ("[store]\nkey = 'vault'\n", "key must be"),
+    ("[store]\npersist = 'no'\n", "persist must be true or false"),
+    ("[store]\nbogus = 1\n", "unknown setting 'bogus'"),
 ])
 def test_broken_config_names_the_problem(tmp_path: Path, text: str, expect: str) -> None:
     path = tmp_path / "c.toml"
@@ -61,6 +64,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_store_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[store]\nkey = "keyring"\npersist = false\n')
+    config = load_config(path)
+    assert (config.store_key, config.persist) == ("keyring", False)
+    assert (load_config(tmp_path / "none.toml").store_key, load_config(tmp_path / "none.toml").persist) == (
+        "auto", True)
 
 
 def _profile_config(issuer: str) -> str:
