@@ -53,7 +53,9 @@ class WaitingStore:
 
     def save(self, sessions: Mapping[SessionKey, Session]) -> None:
         if self.waiting_reason is not None:
-            # Not an error: the merged set is written as soon as the keyring unlocks (see watch()).
+            # Not an error: the merged set is written as soon as the keyring unlocks (see watch()).  This also makes
+            # the write-ahead save before a refresh a no-op that counts as done, and rightly: the store file has been
+            # neither read nor written, so no session in memory has its refresh token there.
             log.debug("sessions kept in memory until the keyring unlocks")
             return
         self.inner.save(sessions)

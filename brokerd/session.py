@@ -7,7 +7,8 @@ A refresh token is never sent twice.  Three rules keep that promise, whatever is
 
 1. Write-ahead.  Before a refresh token is sent, the store is saved without it (fsynced): the disk never holds a
    refresh token that may be in flight.  If that save fails, nothing is sent.  A daemon killed mid-refresh
-   (SIGKILL, power loss) restarts with the ID token only: it serves that until exp, then logs in once.
+   (SIGKILL, power loss) restarts with the ID token only: it serves that until exp, then logs in once.  A
+   memory-only session (``persist`` False) skips the save once the disk cannot hold its token (``on_disk``).
 2. Adopt the answer first.  As soon as the token endpoint answered 200, the refresh token it returned (or the one
    sent, when the provider does not rotate) is the session's; verifying the new ID token comes after.  A failure
    there (JWKS unreachable, a bad signature) cannot bring the spent token back: a transient one is retried with

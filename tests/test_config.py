@@ -14,7 +14,8 @@ import pytest
 from brokerd.config import Settings, load_settings
 from brokerd.errors import ConfigError
 from brokerd.flags import parse_flags, request_from_flags
-from tests.support.daemon import Daemon, login_args
+from brokerd.store import SessionStore
+from tests.support.daemon import Daemon, exec_token, login_args
 from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, ProviderFactory, TestProvider
 
 
@@ -146,3 +147,13 @@ def test_sighup_swaps_the_settings_whole_and_a_broken_file_changes_nothing(provi
         _reload(d, "", lambda: not profile_works())
         again = d.shim(login_args(idp.issuer, "--session-name=reset", *anywhere))
         assert again.returncode == 2 and "loopback addresses only" in again.stderr
+
+
+def test_store_settings_are_read_at_start_only(provider: TestProvider) -> None:
+    """[store] is opened once: a reload that changes it keeps the running values and says a restart is needed."""
+    with Daemon(config='[store]\nkey = "file"\n') as d:
+        _reload(d, '[store]\nkey = "file"\npersist = false\n',
+                lambda: "[store] is read at start only" in d.log())
+        token = exec_token(d.shim(login_args(provider.issuer, "--username=alice", "--password=alice-password")))
+        d.stop()
+        assert [s.tokens.id_token for s in SessionStore(d.state_dir).load().values()] == [token]  # still persisted

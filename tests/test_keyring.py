@@ -161,6 +161,45 @@ def test_first_start_with_a_locked_keyring_keeps_logins_and_writes_them_on_unloc
         d.close()
 
 
+def _refreshes(provider: TestProvider) -> int:
+    return int(provider.counters()["token_grants"]["refresh_token"])
+
+
+def _offline(d: Daemon, provider: TestProvider, *extra: str) -> str:
+    """bob's session with a refresh token (offline_access)."""
+    return exec_token(d.shim(login_args(provider.issuer, "--username=bob", "--password=bob-password", *extra,
+                                        scopes=("offline_access",))))
+
+
+def test_a_login_made_while_the_store_waits_refreshes_and_the_store_stays_untouched(
+        provider: TestProvider, base: Path, desk: desktop_support.Desktop) -> None:
+    """While the store waits for the keyring a save writes nothing, and the write-ahead save before a refresh counts
+    as done: no session in memory has its refresh token in the store file (the daemon has neither read nor written
+    it), so there is nothing to take off the disk.  A login made meanwhile refreshes as usual; the stored sessions
+    are not in memory, so nothing sends their tokens until the unlock opens the store and saves reach it again."""
+    d = _daemon(base, desk).start()
+    try:
+        _login(d, provider, "alice")
+        d.stop()
+        stored = (d.state_dir / STORE_NAME).read_bytes()
+        desk.lock()
+        d.start()
+        _offline(d, provider)
+        refreshes, logins = _refreshes(provider), _grants(provider)
+        bob = _offline(d, provider, "--force-refresh")
+        assert (_refreshes(provider), _grants(provider)) == (refreshes + 1, logins)
+        assert (d.state_dir / STORE_NAME).read_bytes() == stored
+        desk.stop_keyring()
+        desk.start_keyring()
+        _wait_loaded(d, sessions=2)
+        d.stop()
+        d.start()
+        assert _offline(d, provider) == bob  # the refreshed tokens were written once the keyring unlocked
+        assert _grants(provider) == logins
+    finally:
+        d.close()
+
+
 def test_no_session_bus_at_start_waits_until_one_appears(provider: TestProvider, base: Path,
                                                          desk: desktop_support.Desktop) -> None:
     """An SSH login: no DBUS_SESSION_BUS_ADDRESS at all.  The store whose key is in the keyring is left alone, and
