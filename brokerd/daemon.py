@@ -100,10 +100,16 @@ class Daemon:
         self._limits = limits or Limits()
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
-        self._on_hup: Callable[[], None] = lambda: None
+        # A SIGHUP before the parts exist (the socket already accepts connections) is kept and applied once they
+        # do, instead of being dropped: the caller who sent it sees the socket and cannot tell the daemon is starting.
+        self._hup_pending = False
+        self._on_hup: Callable[[], None] = self._hup_early
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _hup_early(self) -> None:
+        self._hup_pending = True
 
     def _current(self) -> Settings:
         return self.settings
@@ -166,6 +172,8 @@ class Daemon:
             api = Server(sessions, clients.client_for, self._current, self._limits)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=self._limits.max_request)
             self._on_hup = lambda: self._reload(sessions, notifier)
+            if self._hup_pending:
+                self._on_hup()
             if notifier.enabled:
                 status = asyncio.create_task(_report_status(notifier, sessions))
                 stack.push_async_callback(_cancel, status)

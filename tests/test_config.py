@@ -152,6 +152,7 @@ def test_sighup_swaps_the_settings_whole_and_a_broken_file_changes_nothing(provi
 def test_store_settings_are_read_at_start_only(provider: TestProvider) -> None:
     """[store] is opened once: a reload that changes it keeps the running values and says a restart is needed."""
     with Daemon(config='[store]\nkey = "file"\n') as d:
+        assert d.cli("status").returncode == 0  # serving (the socket accepts connections a little earlier)
         _reload(d, '[store]\nkey = "file"\npersist = false\n',
                 lambda: "[store] is read at start only" in d.log())
         token = exec_token(d.shim(login_args(provider.issuer, "--username=alice", "--password=alice-password")))
