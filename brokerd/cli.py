@@ -62,10 +62,12 @@ def _run_loop(main: Callable[[], Any]) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from brokerd.config import Settings, load_settings
     from brokerd.daemon import AlreadyRunning, Daemon
+    from brokerd.hardening import no_core_dumps
 
     environ = os.environ
     state = paths.state_dir(environ)
     _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
+    no_core_dumps()  # before anything reads the store's key or a token into memory
     settings = load_settings(Settings(socket_path=paths.socket_path(environ), state_dir=state,
                                       config_file=paths.config_file(environ)))
     try:
@@ -153,6 +155,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     sessions = doc.get("sessions", [])
+    if doc.get("store"):
+        print(doc["store"].removeprefix("note: "))
     if not sessions:
         print("no sessions")
         return 0
@@ -256,6 +260,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print("removed all stored sessions (the daemon is not running)")
         return 0
     print(f"logged out of {len(doc.get('logged_out', []))} session(s)")
+    return 0
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    from brokerd.config import Settings, load_settings
+    from brokerd.migrate import migrate_key
+
+    environ = os.environ
+    settings = load_settings(Settings(socket_path=paths.socket_path(environ), state_dir=paths.state_dir(environ),
+                                      config_file=paths.config_file(environ)))
+    migrate_key(settings.state_dir, args.to, settings.socket_path, settings.store_key)
     return 0
 
 
@@ -371,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", action="append", metavar="NAME", help="only this user (repeatable; default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the diff only, write nothing")
     p.set_defaults(fn=cmd_kubeconfig)
+    p = sub.add_parser("store", help="manage the session store")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    p = store_sub.add_parser("migrate", help="move the store's data key between the keyring and the key file")
+    p.add_argument("--to", choices=["keyring", "file"], required=True)
+    p.set_defaults(fn=cmd_store_migrate)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     p = sub.add_parser("install-systemd", help="install the systemd user units")

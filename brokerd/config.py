@@ -11,6 +11,10 @@ behaves comes from the config file (TOML):
     caller_browser = true         # false: ignore a caller's BROWSER/DISPLAY/--browser-command (forwarded sockets)
     listen_non_loopback = false   # true: a login may listen for its redirect on a non-loopback address
 
+    [store]                       # read at start only (not on SIGHUP)
+    key = "auto"                  # where the store's data key lives: "keyring" (Secret Service), "file", or "auto"
+    persist = true                # false: sessions live in memory only, nothing is written to the state dir
+
     [profiles.work]               # `--profile work` on the shim, or BROKERD_PROFILE=work
     oidc-issuer-url = "https://auth.example.com"
     oidc-client-id = "kube_login"
@@ -41,7 +45,7 @@ class Settings:
     socket_path: Path
     state_dir: Path
     config_file: Path | None = None
-    persist: bool = True  # False: sessions live in memory only (tests, --token-cache-storage none daemons)
+    persist: bool = True  # [store] persist; False: sessions live in memory only, nothing is written
     shutdown_grace: float = 5.0  # s a stopping daemon lets requests in flight finish
     policy: Policy = field(default_factory=Policy)
     profiles: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
@@ -52,6 +56,27 @@ class Settings:
     # The redirect listener binds loopback addresses only (a code sent to 0.0.0.0:8000 reaches anyone on the
     # network who gets there first).  The daemon's owner may allow other addresses here; a caller never can.
     listen_non_loopback: bool = False
+    # [store]: where the data key lives (brokerd.keyring.choose_key_source).  It and ``persist`` are read at start
+    # only: a reload keeps the running daemon's values (Daemon._reload), since the store is opened once.
+    store_key: str = "auto"
+
+
+def _store_table(path: Path, table: object, base: Settings) -> Settings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [store] must be a table")
+    store_key, persist = "auto", True
+    for key, value in table.items():
+        if key == "key":
+            if value not in ("auto", "keyring", "file"):
+                raise ConfigError(f"{path}: [store] key must be \"auto\", \"keyring\" or \"file\"")
+            store_key = value
+        elif key == "persist":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: [store] persist must be true or false")
+            persist = value
+        else:
+            raise ConfigError(f"{path}: [store] unknown setting {key!r} (known: key, persist)")
+    return replace(base, store_key=store_key, persist=persist)
 
 
 def _profile_args(name: str, table: object) -> tuple[str, ...]:
@@ -112,7 +137,7 @@ def load_settings(base: Settings) -> Settings:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(doc) - {"daemon", "profiles"}
+    unknown = set(doc) - {"daemon", "profiles", "store"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     settings = _daemon_table(path, doc.get("daemon", {}), base)
@@ -120,4 +145,5 @@ def load_settings(base: Settings) -> Settings:
     if not isinstance(profiles_doc, dict):
         raise ConfigError(f"{path}: [profiles] must be a table of tables")
     profiles = {name: _profile_args(name, table) for name, table in profiles_doc.items()}
+    settings = _store_table(path, doc.get("store", {}), settings)
     return replace(settings, profiles=MappingProxyType(profiles))

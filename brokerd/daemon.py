@@ -7,8 +7,9 @@ what it needs in its constructor; the ones that follow the config file get a way
 SIGHUP re-reads the config file and swaps ``Daemon.settings`` as a whole, in one assignment: profiles, the
 [daemon] refresh policy (the next timer and the next serve decision use it), ``caller_browser`` and
 ``listen_non_loopback`` change for every request from then on.  A broken file changes nothing (its error is
-logged).  The socket, the state directory, sessions, logins in progress and HTTP clients are kept: a reload never
-drops a session or interrupts a request.
+logged).  [store] (where the data key lives, whether sessions are written) is read at start only: a reload
+keeps the running values and logs that a change needs a restart.  The socket, the state directory, sessions,
+logins in progress and HTTP clients are kept: a reload never drops a session or interrupts a request.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
@@ -31,6 +33,8 @@ from brokerd.clock import SystemClock
 from brokerd.config import Settings, load_settings
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
+from brokerd.keyring import choose_key_source, in_keyring
+from brokerd.keywait import WaitingStore, watch
 from brokerd.paths import ensure_socket_dir
 from brokerd.server import Limits, Server
 from brokerd.sessions import SessionManager
@@ -97,10 +101,16 @@ class Daemon:
         self._limits = limits or Limits()
         self._stop = asyncio.Event()
         self._owned_socket: Path | None = None
-        self._on_hup: Callable[[], None] = lambda: None
+        # A SIGHUP before the parts exist (the socket already accepts connections) is kept and applied once they
+        # do, instead of being dropped: the caller who sent it sees the socket and cannot tell the daemon is starting.
+        self._hup_pending = False
+        self._on_hup: Callable[[], None] = self._hup_early
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _hup_early(self) -> None:
+        self._hup_pending = True
 
     def _current(self) -> Settings:
         return self.settings
@@ -143,7 +153,10 @@ class Daemon:
             stack.push_async_callback(callbacks.close)
             browser = BrowserOpener(os.environ)
             stack.push_async_callback(browser.close)
-            store = SessionStore(config.state_dir) if config.persist else None
+            store: WaitingStore | None = None
+            if config.persist:
+                keys = await asyncio.to_thread(choose_key_source, config.store_key, config.state_dir)
+                store = WaitingStore(SessionStore(config.state_dir, keys))
             # The watchdog pings until the sessions are closed (its cancel is pushed first, so it runs last):
             # closing may wait for a refresh in flight for as long as a provider request takes.
             watchdog = systemd.watchdog_interval(unset_environment=True)
@@ -153,11 +166,19 @@ class Daemon:
 
             flows = LoginFlows(callbacks, browser, listen_non_loopback=lambda: self.settings.listen_non_loopback)
             sessions = SessionManager(clients.client_for, flows, store, clock, lambda: self.settings.policy)
+            sessions.keyring_backed = store is not None and in_keyring(store.inner.key_source)
             await sessions.start()
             stack.push_async_callback(sessions.close)
+            if store is not None and store.waiting_reason is not None:
+                # Pushed after sessions.close, so it is cancelled first: no adoption races the final save.
+                sessions.store_notice = store.notice
+                waiter = asyncio.create_task(watch(store, sessions))
+                stack.push_async_callback(_cancel, waiter)
             api = Server(sessions, clients.client_for, self._current, self._limits)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=self._limits.max_request)
             self._on_hup = lambda: self._reload(sessions, notifier)
+            if self._hup_pending:
+                self._on_hup()
             if notifier.enabled:
                 status = asyncio.create_task(_report_status(notifier, sessions))
                 stack.push_async_callback(_cancel, status)
@@ -184,7 +205,11 @@ class Daemon:
         except BrokerError as exc:
             log.error("config not reloaded, keeping the old one: %s", exc)
         else:
-            self.settings = settings
+            running = (self.settings.store_key, self.settings.persist)
+            if (settings.store_key, settings.persist) != running:
+                log.warning("[store] is read at start only: the change takes effect when brokerd restarts")
+            # The store was opened once with these: keep them, so Settings always says what the daemon does.
+            self.settings = replace(settings, store_key=running[0], persist=running[1])
             log.info("config reloaded from %s (%d profile(s))", settings.config_file, len(settings.profiles))
         _notify(notifier.ready, f"serving {len(sessions)} session(s)")
 
@@ -210,11 +235,12 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 async def _report_status(notifier: systemd.Notifier, sessions: SessionManager, every: float = 5.0) -> None:
     """Keep systemd's STATUS= (shown by `systemctl --user status brokerd`) in step with the session count."""
-    last = -1
+    last: tuple[int, bool] | None = None
     while True:
-        count = len(sessions)
+        count = len(sessions), sessions.store_notice is not None
         if count != last:
-            _notify(notifier.status, f"serving {count} session(s)")
+            waiting = "; the stored sessions wait for the keyring to unlock" if count[1] else ""
+            _notify(notifier.status, f"serving {count[0]} session(s){waiting}")
             last = count
         await asyncio.sleep(every)
 

@@ -107,6 +107,10 @@ class StoreError(BrokerError):
     pass
 
 
+class KeyringUnavailable(StoreError):
+    """The store's key is in a keyring that is locked or not running: wait for it, never set the store aside."""
+
+
 class ProtocolError(BrokerError):
     exit_code = 2
 

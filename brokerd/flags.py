@@ -303,15 +303,15 @@ def login_options(flags: ParsedFlags) -> LoginOptions:
         local_server_cert=cert,
         local_server_key=key,
         verbosity=verbosity,
+        cache_storage=_one_of(flags, "token-cache-storage", CACHE_STORAGES, None),
     )
 
 
 def ignored_flag_notes(flags: ParsedFlags) -> tuple[str, ...]:
     """Lines for the caller about kubelogin flags that brokerd accepts but does not need."""
-    _one_of(flags, "token-cache-storage", CACHE_STORAGES, None)
-    if flags.str_("token-cache-dir") is not None or flags.str_("token-cache-storage") is not None:
-        return ("note: --token-cache-dir/--token-cache-storage are ignored; brokerd keeps sessions in its encrypted "
-                "store",)
+    if flags.str_("token-cache-dir") is not None:
+        return ("note: --token-cache-dir is accepted, not used; brokerd keeps sessions in its encrypted store "
+                "(--token-cache-storage=none keeps a session in memory only)",)
     return ()
 
 

@@ -155,6 +155,7 @@ class LoginOptions:
     local_server_cert: str | None = None
     local_server_key: str | None = None
     verbosity: int = 0
+    cache_storage: str | None = None  # --token-cache-storage: "none" keeps the session in memory only
 
 
 class Caller(Protocol):

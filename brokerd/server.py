@@ -367,7 +367,10 @@ class Server:
         return f"brokerd {__version__}"  # as `brokerd version` prints it
 
     async def _status(self, request: Request, caller: ShimCaller) -> str:
-        return json.dumps({"sessions": self._sessions.status()})
+        doc: dict[str, Any] = {"sessions": self._sessions.status()}
+        if self._sessions.store_notice:
+            doc["store"] = self._sessions.store_notice  # the stored sessions wait for the keyring (brokerd.keywait)
+        return json.dumps(doc)
 
     async def _logout(self, request: Request, caller: ShimCaller) -> str:
         filters: dict[str, Any] = {}

@@ -7,7 +7,8 @@ A refresh token is never sent twice.  Three rules keep that promise, whatever is
 
 1. Write-ahead.  Before a refresh token is sent, the store is saved without it (fsynced): the disk never holds a
    refresh token that may be in flight.  If that save fails, nothing is sent.  A daemon killed mid-refresh
-   (SIGKILL, power loss) restarts with the ID token only: it serves that until exp, then logs in once.
+   (SIGKILL, power loss) restarts with the ID token only: it serves that until exp, then logs in once.  A
+   memory-only session (``persist`` False) skips the save once the disk cannot hold its token (``on_disk``).
 2. Adopt the answer first.  As soon as the token endpoint answered 200, the refresh token it returned (or the one
    sent, when the provider does not rotate) is the session's; verifying the new ID token comes after.  A failure
    there (JWKS unreachable, a bad signature) cannot bring the spent token back: a transient one is retried with
@@ -98,6 +99,10 @@ class LiveSession:
         self.retrying = False
         self.closed = False  # logged out: nothing may schedule work on it any more
         self.sending = False  # its refresh token is on its way to the provider: the store must not hold it
+        self.persist = True  # False: memory only (--token-cache-storage=none); never in a snapshot for the store
+        # The store file may hold its refresh token: loaded from there, or in a snapshot that is (being) written
+        # and not yet replaced by a landed write without it.  Kept by SessionManager.save.
+        self.on_disk = False
         self.login_failed_at: float | None = None
         self.login_failure = ""
 
@@ -121,7 +126,10 @@ class LiveSession:
         return self.served.token(tokens), self.serve_until(tokens)
 
     def stored(self) -> TokenSet | None:
-        """What the store may hold for this session: never a refresh token that may be in flight."""
+        """What the store may hold for this session: nothing for a memory-only one, never a refresh token that may
+        be in flight."""
+        if not self.persist:
+            return None
         if self.tokens is not None and self.sending:
             return replace(self.tokens, refresh_token=None)
         return self.tokens
@@ -213,7 +221,11 @@ class LiveSession:
     async def _refresh(self, oidc: OIDCClient, tokens: TokenSet) -> TokenSet:
         self.sending = True
         try:
-            await self._host.save(strict=True)  # write-ahead: the disk forgets the token before it leaves
+            if self.persist or self.on_disk:
+                # Write-ahead: the disk forgets the token before it leaves.  A memory-only session that the disk
+                # cannot hold (never written, or taken off by a landed save) has nothing to forget: it refreshes
+                # even while the store cannot be written.
+                await self._host.save(strict=True)
         except BaseException:
             self.sending = False
             raise  # nothing was sent: the token stays (a StoreError is one clear line for the caller)

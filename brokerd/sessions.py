@@ -60,6 +60,10 @@ class SessionManager:
         self._sessions: dict[SessionKey, LiveSession] = {}
         self._save_lock = asyncio.Lock()
         self.closing = False
+        # Set by the daemon from its key source (brokerd.keywait): what --token-cache-storage=keyring requires, and
+        # the line every caller hears while the stored sessions wait for the keyring to unlock.
+        self.keyring_backed = False
+        self.store_notice: str | None = None
 
     @property
     def policy(self) -> Policy:
@@ -77,6 +81,7 @@ class SessionManager:
             return
         for key, persisted in stored.items():
             session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
+            session.on_disk = persisted.tokens.refresh_token is not None
             session.schedule()
         log.info("loaded %d session(s) from the store", len(stored))
 
@@ -120,10 +125,18 @@ class SessionManager:
         return await self._client_for(settings)
 
     async def get_token(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
+        if options.cache_storage == "keyring" and self._store is not None and not self.keyring_backed:
+            raise StoreError("--token-cache-storage=keyring: brokerd's store key is in a file, not a keyring; run "
+                             "`brokerd store migrate --to keyring` with a keyring running, or use "
+                             "--token-cache-storage=none")
+        if self.store_notice:
+            caller.tell(self.store_notice)
         session = self._sessions.get(settings.key)
         if session is None:
             self._prune()
             session = self._sessions[settings.key] = LiveSession(self, settings)
+        if options.cache_storage == "none":
+            session.persist = False  # sticky: a session once memory-only is never written later
         return await session.get(options, caller)
 
     def credential(self, settings: ProviderSettings, tokens: TokenSet) -> tuple[str, float]:
@@ -156,13 +169,20 @@ class SessionManager:
             return
         await self._save_lock.acquire()
         try:
-            snapshot = {key: Session(key, s.settings, tokens) for key, s in self._sessions.items()
-                        if (tokens := s.stored()) is not None}
+            written: dict[LiveSession, bool] = {}  # each session: whether this snapshot holds its refresh token
+            snapshot = {}
+            for key, s in self._sessions.items():
+                tokens = s.stored()
+                written[s] = tokens is not None and tokens.refresh_token is not None
+                if tokens is not None:
+                    snapshot[key] = Session(key, s.settings, tokens)
+                if written[s]:
+                    s.on_disk = True  # from now until a later write without it is known to have landed
             write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
         except BaseException:
             self._save_lock.release()
             raise
-        write.add_done_callback(self._saved)
+        write.add_done_callback(lambda w: self._saved(w, written))
         try:
             await asyncio.shield(write)
         except StoreError:
@@ -172,12 +192,37 @@ class SessionManager:
             if strict:
                 raise StoreError(f"sessions not saved ({type(exc).__name__})") from exc
 
-    def _saved(self, write: asyncio.Future[None]) -> None:
+    def _saved(self, write: asyncio.Future[None], written: Mapping[LiveSession, bool]) -> None:
         self._save_lock.release()
         exc = write.exception()
         if exc is not None:
             # Keep serving from memory: losing persistence is bad, losing the running session is worse.
             log.error("sessions not saved: %s", exc if isinstance(exc, StoreError) else type(exc).__name__)
+            return
+        for session, held in written.items():
+            if not held:
+                session.on_disk = False  # the store file now on disk lacks its refresh token
+
+    async def adopt(self, sessions: Mapping[SessionKey, Session], open_store: Callable[[], None]) -> int:
+        """Take in stored sessions that loaded late (the keyring unlocked) and write the merged set.  A session
+        logged in meanwhile is newer than its stored copy and wins."""
+        async with self._save_lock:
+            pass  # a save in flight holds a snapshot from before the merge: let it end while the store is closed
+        open_store()  # from here to the snapshot below nothing awaits, so every later snapshot holds the merge
+        adopted = 0
+        for key, stored in sessions.items():
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = LiveSession(self, stored.settings)
+            elif session.tokens is not None:
+                continue
+            # A login may be pending for it in a browser; until it lands, the stored tokens serve (and are kept).
+            session.tokens = stored.tokens
+            session.on_disk = stored.tokens.refresh_token is not None
+            session.schedule()
+            adopted += 1
+        await self.save()
+        return adopted
 
     # -- admin ----------------------------------------------------------------------------------------------------
 

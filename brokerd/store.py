@@ -230,6 +230,18 @@ class SessionStore:
         return self._path
 
     @property
+    def key_source(self) -> KeySource:
+        return self._keys
+
+    def readable_with(self, key: bytes) -> bool | None:
+        """Whether the store decrypts with ``key`` (None: there is no store).  Changes nothing, moves nothing."""
+        with self._lock:
+            try:
+                return self._decrypt_file(key) is not None or None
+            except _Unreadable:
+                return False
+
+    @property
     def key_path(self) -> pathlib.Path:
         """The key file used by the default ``FileKeySource`` (unused with another key source)."""
         return self._key_path

@@ -14,7 +14,8 @@ import pytest
 from brokerd.config import Settings, load_settings
 from brokerd.errors import ConfigError
 from brokerd.flags import parse_flags, request_from_flags
-from tests.support.daemon import Daemon, login_args
+from brokerd.store import SessionStore
+from tests.support.daemon import Daemon, exec_token, login_args
 from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, ProviderFactory, TestProvider
 
 
@@ -49,6 +50,9 @@ def test_profiles_become_flags(tmp_path: Path) -> None:
     ("[profiles.a]\noidc-extra-scope = [{x = 1}]\n", "must be a string"),
     ("[profiles]\na = 1\n", "must be a table"),
     ("not toml =", "c.toml"),
+    ("[store]\nkey = 'vault'\n", "key must be"),
+    ("[store]\npersist = 'no'\n", "persist must be true or false"),
+    ("[store]\nbogus = 1\n", "unknown setting 'bogus'"),
 ])
 def test_broken_config_names_the_problem(tmp_path: Path, text: str, expect: str) -> None:
     path = tmp_path / "c.toml"
@@ -61,6 +65,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_store_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[store]\nkey = "keyring"\npersist = false\n')
+    config = load_config(path)
+    assert (config.store_key, config.persist) == ("keyring", False)
+    assert (load_config(tmp_path / "none.toml").store_key, load_config(tmp_path / "none.toml").persist) == (
+        "auto", True)
 
 
 def _profile_config(issuer: str) -> str:
@@ -134,3 +147,14 @@ def test_sighup_swaps_the_settings_whole_and_a_broken_file_changes_nothing(provi
         _reload(d, "", lambda: not profile_works())
         again = d.shim(login_args(idp.issuer, "--session-name=reset", *anywhere))
         assert again.returncode == 2 and "loopback addresses only" in again.stderr
+
+
+def test_store_settings_are_read_at_start_only(provider: TestProvider) -> None:
+    """[store] is opened once: a reload that changes it keeps the running values and says a restart is needed."""
+    with Daemon(config='[store]\nkey = "file"\n') as d:
+        assert d.cli("status").returncode == 0  # serving (the socket accepts connections a little earlier)
+        _reload(d, '[store]\nkey = "file"\npersist = false\n',
+                lambda: "[store] is read at start only" in d.log())
+        token = exec_token(d.shim(login_args(provider.issuer, "--username=alice", "--password=alice-password")))
+        d.stop()
+        assert [s.tokens.id_token for s in SessionStore(d.state_dir).load().values()] == [token]  # still persisted

@@ -132,8 +132,9 @@ def test_cache_flags_are_accepted_with_a_note_that_is_returned_not_stored() -> N
     flags = parse_flags([*BASE, "--token-cache-dir=/tmp/x", "--token-cache-storage=keyring"])
     before = copy.deepcopy(flags)
     for _ in range(2):  # the same flags give the same notes, however often they are read
-        _, _, notes = request_from_flags(flags)
-        assert len(notes) == 1 and "ignored" in notes[0]
+        _, options, notes = request_from_flags(flags)
+        assert len(notes) == 1 and "--token-cache-dir is accepted, not used" in notes[0]
+        assert options.cache_storage == "keyring"  # honoured now (issue 16), not noted as ignored
     assert flags == before  # nothing was added to the parsed flags (the server caches them)
     assert request_from_flags(parse_flags(BASE))[2] == ()
 
@@ -166,7 +167,7 @@ def test_daemon_prints_the_cache_note_on_stderr_and_serves_the_token(provider: o
     result = daemon.shim(login_args(provider.issuer, "--username=alice", "--password=alice-password",
                                     "--token-cache-dir=/tmp/nowhere", "--token-cache-storage=disk", "-v", "1"))
     assert result.returncode == 0, result.stderr
-    assert "--token-cache-dir/--token-cache-storage are ignored" in result.stderr
+    assert "--token-cache-dir is accepted, not used" in result.stderr
     assert result.stdout.startswith('{"kind":"ExecCredential"')
     assert not Path("/tmp/nowhere").exists()
 

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / "client_shim" / "shim.py"
 BROWSER = ROOT / "tests" / "support" / "browser.py"
 BIN = Path(sys.executable).parent  # the venv's bin: brokerd, kubectl-oidc_login
+NO_BUS = "unix:path=/nonexistent/brokerd-tests-have-no-session-bus"
 
 
 def exec_token(result: subprocess.CompletedProcess[str]) -> str:
@@ -94,6 +95,9 @@ class Daemon:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         })
         self.env.pop("KUBERNETES_EXEC_INFO", None)
+        # Never the machine's own session bus: its keyring would get our test keys.  A dead address, not none: with
+        # none, brokerd would look for $XDG_RUNTIME_DIR/bus.  tests/support/desktop.py passes a private bus in env.
+        self.env["DBUS_SESSION_BUS_ADDRESS"] = NO_BUS
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
