@@ -36,12 +36,21 @@ GET_TOKEN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("local-server-cert", "FILE", "certificate of the loopback listener, for an https redirect URL (absolute path)"),
     ("local-server-key", "FILE", "key of that certificate (absolute path)"),
     ("token-cache-dir", "DIR", "accepted for kubelogin compatibility; ignored (sessions live in the daemon's store)"),
-    ("token-cache-storage", "KIND", "accepted for kubelogin compatibility (disk, keyring, none); ignored"),
+    ("token-cache-storage", "KIND",
+     "disk (default), keyring (the store's key must be in the keyring) or none (this session is never written)"),
     ("force-refresh", "", "refresh (or log in again) even when the cached token is still valid"),
     ("certificate-authority", "FILE", "CA certificate of the provider, PEM (repeatable; absolute path)"),
     ("certificate-authority-data", "BASE64", "CA certificate of the provider, base64 of PEM (repeatable)"),
     ("insecure-skip-tls-verify", "", "do not verify the provider's certificate (testing only)"),
     ("v", "LEVEL", "log verbosity, also -v (the daemon logs; -v N asks for detail on this request)"),
+    ("oidc-client-auth-method", "METHOD", "client_secret_basic, client_secret_post, client_secret_jwt, "
+     "private_key_jwt or none (default: from discovery)"),
+    ("oidc-client-assertion-key", "FILE", "private key for private_key_jwt: PEM or JWK/JWKS (absolute path, 0600)"),
+    ("oidc-client-assertion-alg", "ALG", "signing algorithm of the client assertion (default: from the key)"),
+    ("oidc-client-assertion-kid", "KID", "key id put in the client assertion's header (default: the JWK's kid)"),
+    ("oidc-par", "MODE", "pushed authorization requests: auto (when the provider offers them), always or never"),
+    ("oidc-response-mode", "MODE", "query (default), form_post, jwt, query.jwt or form_post.jwt (JARM)"),
+    ("oidc-id-token-decryption-key", "FILE", "private key that decrypts an encrypted ID token (absolute path)"),
 )
 SETUP_ONLY_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("oidc-username-claim", "CLAIM", "the API server's --oidc-username-claim, to show the username it will see"),
