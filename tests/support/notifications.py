@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 TOOLS = {"dbus-daemon": "dbus-daemon", "Xvfb": "xvfb", "dunst": "dunst", "dunstctl": "dunst",
-         "dbus-send": "dbus"}
+         "dbus-send": "dbus-bin", "xwd": "x11-apps"}
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -79,7 +79,10 @@ exec awk -v want="#$choice (" 'index($0, want) == 1 {{ print; exit }}'
 
 def missing_tools() -> list[str]:
     """Debian packages whose programs are missing (scripts/test installs them when it can)."""
-    return sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    missing = {pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None}
+    if not os.path.exists("/usr/bin/convert"):  # ImageMagick's; a `convert` elsewhere on PATH may be another tool
+        missing.add("imagemagick")
+    return sorted(missing)
 
 
 def _read_line(proc: subprocess.Popen[bytes], fd: int, what: str, timeout: float = 30.0) -> str:
@@ -153,8 +156,7 @@ class NotificationDesktop:
         """A PNG of the whole X screen (xwd, then ImageMagick's convert)."""
         xwd = self.base / "screen.xwd"
         subprocess.run(["xwd", "-root", "-silent", "-out", str(xwd)], env=self.env, check=True, timeout=30)
-        convert = "/usr/bin/convert" if os.path.exists("/usr/bin/convert") else "convert"
-        subprocess.run([convert, str(xwd), str(path)], check=True, timeout=60)
+        subprocess.run(["/usr/bin/convert", str(xwd), str(path)], check=True, timeout=60)
 
     def stop_dunst(self) -> None:
         """End only the notification server (the bus and display stay): "nothing answers" on a live bus."""
