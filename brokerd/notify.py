@@ -232,8 +232,9 @@ class Notifier:
         """CloseNotification: take it off the screen (no error when it is already gone)."""
         await self._method("CloseNotification", "u", (nid,), "withdraw a notification")
 
-    async def wait(self, nid: int, within: float) -> Outcome:
-        """Wait, at most ``within`` s, for the person to act on notification ``nid`` or for it to close."""
+    async def wait(self, nid: int, within: float | None) -> Outcome:
+        """Wait, at most ``within`` s (None: no limit but the caller's), for the person to act on notification
+        ``nid`` or for it to close."""
         found = self._records.get(nid)
         if found is None:
             raise NotificationError(f"notification {nid} was not shown through this connection")

@@ -1,0 +1,135 @@
+"""brokerd.notices on a real desktop bus with dunst under Xvfb: the pending-login notice (one, replaced, opened by a
+click, withdrawn at the end), the Allow/Deny confirmation, the expiry warning, and the terminal y/N answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from brokerd.notices import (
+    ALLOW,
+    DENY,
+    LoginNotice,
+    confirm_on_desktop,
+    terminal_answer,
+    terminal_prompt,
+    warn_on_desktop,
+)
+from tests.support.notifications import NotificationDesktop, missing_tools, start_notification_desktop
+
+ISSUER = "https://auth.example.com"
+
+desktop_only = pytest.mark.skipif(bool(missing_tools()), reason=f"needs the Debian packages "
+                                  f"{', '.join(missing_tools())} (scripts/test installs them as root)")
+
+
+@pytest.fixture(scope="module")
+def desktop() -> Iterator[NotificationDesktop]:
+    if missing_tools():
+        pytest.skip(f"needs the Debian packages {', '.join(missing_tools())}")
+    with start_notification_desktop() as d:
+        yield d
+
+
+async def _clear(d: NotificationDesktop) -> None:
+    await asyncio.to_thread(d.dunstctl, "close-all")
+    await asyncio.to_thread(d.wait_displayed, 0)
+
+
+async def _history(d: NotificationDesktop, nid: int) -> list[dict[str, object]]:
+    return [n for n in await asyncio.to_thread(d.history) if n["id"] == nid]
+
+
+@desktop_only
+async def test_login_notice_is_one_replaced_notification_opened_by_a_click(desktop: NotificationDesktop) -> None:
+    await _clear(desktop)
+    opened: list[str] = []
+
+    async def open_login_page() -> None:
+        opened.append("https://auth.example.com/authorize?...")
+
+    async with await LoginNotice.show(desktop.bus_address, ISSUER, "kube_login", "kubectl",
+                                      open_login_page) as notice:
+        await notice.update(waiting=3)
+        await asyncio.to_thread(desktop.wait_displayed, 1)  # replaced in place, not stacked
+        await asyncio.to_thread(desktop.invoke_default)
+        await asyncio.wait_for(notice.opened.wait(), 30)
+        assert opened == ["https://auth.example.com/authorize?..."]
+        nid = notice.nid
+    # The login ended: the notice is withdrawn.
+    await asyncio.to_thread(desktop.wait_displayed, 0)
+    shown = await _history(desktop, nid)
+    assert len(shown) == 1
+    assert shown[0]["summary"] == "kubectl needs a login"
+    assert "3 programs are waiting for it." in str(shown[0]["body"])
+
+
+@desktop_only
+async def test_login_notice_dismissed_is_told_and_opens_nothing(desktop: NotificationDesktop) -> None:
+    await _clear(desktop)
+    opened: list[int] = []
+
+    async def open_login_page() -> None:
+        opened.append(1)
+
+    async with await LoginNotice.show(desktop.bus_address, ISSUER, "kube_login", "k9s", open_login_page) as notice:
+        await asyncio.to_thread(desktop.wait_displayed, 1)
+        await asyncio.to_thread(desktop.dunstctl, "close")  # the person closes it
+        await asyncio.wait_for(notice.dismissed.wait(), 30)
+        await notice.update(waiting=2)  # no new notification once dismissed
+    assert opened == []
+    assert await asyncio.to_thread(desktop.displayed) == 0
+
+
+@desktop_only
+@pytest.mark.parametrize("label, key", [("Allow", ALLOW), ("Deny", DENY)])
+async def test_confirmation_on_the_desktop(desktop: NotificationDesktop, label: str, key: str) -> None:
+    await _clear(desktop)
+
+    async def person() -> None:
+        await asyncio.to_thread(desktop.wait_displayed, 1)
+        await asyncio.to_thread(desktop.choose, label)
+
+    clicker = asyncio.create_task(person())
+    outcome = await confirm_on_desktop(desktop.bus_address, "kubectl (pid 12) from k9s (pid 11)", ISSUER,
+                                       "kube_login", within=60)
+    await clicker
+    assert outcome.action == key
+    await asyncio.to_thread(desktop.wait_displayed, 0)  # withdrawn after the answer
+
+
+@desktop_only
+async def test_unanswered_confirmation_is_no_and_is_withdrawn(desktop: NotificationDesktop) -> None:
+    await _clear(desktop)
+    outcome = await confirm_on_desktop(desktop.bus_address, "kubectl (pid 12)", ISSUER, "kube_login", within=0.5)
+    assert outcome.timed_out and outcome.action is None
+    await asyncio.to_thread(desktop.wait_displayed, 0)
+
+
+@desktop_only
+async def test_expiry_warning_click_means_log_in_now(desktop: NotificationDesktop) -> None:
+    await _clear(desktop)
+
+    async def person() -> None:
+        await asyncio.to_thread(desktop.wait_displayed, 1)
+        await asyncio.to_thread(desktop.invoke_default)
+
+    clicker = asyncio.create_task(person())
+    assert await warn_on_desktop(desktop.bus_address, ISSUER, "kube_login", 10, within=60)
+    await clicker
+    await asyncio.to_thread(desktop.wait_displayed, 0)
+    assert not await warn_on_desktop(desktop.bus_address, ISSUER, "kube_login", 10, within=0.2)
+
+
+@pytest.mark.parametrize("answer, allowed", [("y", True), ("Yes\n", True), (" YES ", True), ("", False),
+                                             ("n", False), ("yess", False), ("sure", False)])
+def test_terminal_answer_allows_only_an_explicit_yes(answer: str, allowed: bool) -> None:
+    assert terminal_answer(answer) is allowed
+
+
+def test_terminal_prompt_names_the_caller_and_defaults_to_no() -> None:
+    prompt = terminal_prompt("kubectl (pid 12) from bash (pid 11)", ISSUER, "kube_login")
+    assert prompt == ("brokerd: allow kubectl (pid 12) from bash (pid 11) a token for https://auth.example.com "
+                      "as kube_login? [y/N] ")
