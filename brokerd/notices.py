@@ -79,16 +79,29 @@ class LoginNotice:
         except NotificationError as exc:
             log.debug("login notice not updated: %s", exc)
 
+    async def open_now(self) -> None:
+        """A caller at a terminal joined: open the login page at once (once), and take the notice down."""
+        if self.opened.is_set():
+            return
+        self.opened.set()
+        self._watch.cancel()
+        with contextlib.suppress(NotificationError):
+            await self._notifier.withdraw(self._nid)
+        await self._open()
+
+    async def _open(self) -> None:
+        try:
+            await self._on_open()
+        except Exception:  # the opener reports its own failures to the callers; the notice stays honest
+            log.exception("opening the login page from the notification failed")
+
     async def _watch_clicks(self) -> None:
         # Bounded by the notice's owner: close() cancels this when the login ends.
         outcome = await self._notifier.wait(self._nid, None)
-        if outcome.action is not None:
+        if outcome.action is not None and not self.opened.is_set():
             self.opened.set()
-            try:
-                await self._on_open()
-            except Exception:  # the opener reports its own failures to the callers; the notice stays honest
-                log.exception("opening the login page from the notification failed")
-        elif outcome.closed == DISMISSED:
+            await self._open()
+        elif outcome.closed == DISMISSED and not self.opened.is_set():
             self.dismissed.set()
 
     async def close(self) -> None:

@@ -275,11 +275,13 @@ class Approvals:
     """The person's answers to "may this program get a token?", per (executable, parent), each for confirm_ttl.
 
     A caller whose executable cannot be read is asked every time: an unknown program cannot be recognised later.
-    Bounded: the oldest answer is forgotten first.
+    A "no" is remembered briefly too (``deny``), so a tool that retries every few seconds does not put the same
+    question on the screen again and again.  Bounded: the oldest answer is forgotten first.
     """
 
     def __init__(self, limit: int = MAX_APPROVALS) -> None:
         self._until: OrderedDict[CallerIdentity, float] = OrderedDict()
+        self._denied: OrderedDict[CallerIdentity, float] = OrderedDict()
         self._limit = limit
 
     def needs_confirm(self, policy: SessionPolicy, who: CallerIdentity, now: float) -> bool:
@@ -290,10 +292,23 @@ class Approvals:
         until = self._until.get(who)
         return until is None or now >= until
 
+    def denied_until(self, who: CallerIdentity, now: float) -> float | None:
+        """When a recent "no" for this caller stops applying (refuse without asking until then), or None."""
+        until = self._denied.get(who)
+        return until if until is not None and now < until else None
+
+    def deny(self, who: CallerIdentity, now: float, hold: float) -> None:
+        self._until.pop(who, None)
+        self._denied[who] = now + hold
+        self._denied.move_to_end(who)
+        while len(self._denied) > self._limit:
+            self._denied.popitem(last=False)
+
     def allow(self, policy: SessionPolicy, who: CallerIdentity, now: float) -> None:
         if who.exe is None:
             return
         ttl = policy.confirm_ttl if policy.confirm_ttl is not None else DEFAULT_CONFIRM_TTL
+        self._denied.pop(who, None)
         self._until[who] = now + ttl
         self._until.move_to_end(who)
         while len(self._until) > self._limit:
@@ -302,3 +317,4 @@ class Approvals:
     def forget(self) -> None:
         """Logout: a new session asks again."""
         self._until.clear()
+        self._denied.clear()

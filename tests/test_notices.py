@@ -84,6 +84,23 @@ async def test_login_notice_dismissed_is_told_and_opens_nothing(desktop: Notific
 
 
 @desktop_only
+async def test_a_terminal_caller_opens_the_login_page_at_once(desktop: NotificationDesktop) -> None:
+    await _clear(desktop)
+    opened: list[int] = []
+
+    async def open_login_page() -> None:
+        opened.append(1)
+
+    async with await LoginNotice.show(desktop.bus_address, ISSUER, "kube_login", "k9s", open_login_page) as notice:
+        await asyncio.to_thread(desktop.wait_displayed, 1)
+        await notice.open_now()
+        await notice.open_now()  # a second terminal caller: still one browser
+        await asyncio.to_thread(desktop.wait_displayed, 0)  # the notice is taken down
+        assert opened == [1]
+        assert not notice.dismissed.is_set()
+
+
+@desktop_only
 @pytest.mark.parametrize("label, key", [("Allow", ALLOW), ("Deny", DENY)])
 async def test_confirmation_on_the_desktop(desktop: NotificationDesktop, label: str, key: str) -> None:
     await _clear(desktop)

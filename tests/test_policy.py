@@ -228,3 +228,20 @@ def test_status_shows_the_policy_in_force() -> None:
     assert SessionPolicy().describe() == {}
     assert SessionPolicy(confirm=True, idle_logout=8 * H).describe() == {"confirm": True, "confirm_ttl": 3600.0,
                                                                         "idle_logout": 8 * H}
+
+
+def test_a_recent_no_is_held_so_a_retrying_tool_is_not_asked_again_at_once() -> None:
+    clock = FakeClock()
+    policy = SessionPolicy(confirm=True, confirm_ttl=H)
+    approvals = Approvals()
+    tool = CallerIdentity("/usr/bin/kubectl", "/opt/ide/ide")
+    approvals.allow(policy, tool, clock.now())
+    approvals.deny(tool, clock.now(), hold=60)  # a later "no" replaces an earlier "yes"
+    assert approvals.needs_confirm(policy, tool, clock.now())
+    assert approvals.denied_until(tool, clock.now()) == clock.now() + 60
+    clock.advance(60)
+    assert approvals.denied_until(tool, clock.now()) is None
+    approvals.deny(tool, clock.now(), hold=60)
+    approvals.allow(policy, tool, clock.now())  # the person allowed it at a terminal meanwhile
+    assert approvals.denied_until(tool, clock.now()) is None
+    assert not approvals.needs_confirm(policy, tool, clock.now())
