@@ -4,10 +4,17 @@ click, withdrawn at the end), the Allow/Deny confirmation, the expiry warning, a
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 
+from brokerd.callback import CallbackServer
+from brokerd.clock import SystemClock
+from brokerd.models import DEFAULT_LISTEN, ProviderSettings
 from brokerd.notices import (
     ALLOW,
     DENY,
@@ -17,7 +24,10 @@ from brokerd.notices import (
     terminal_prompt,
     warn_on_desktop,
 )
+from brokerd.oidc import OIDCClient
+from tests.support.daemon import BROWSER
 from tests.support.notifications import NotificationDesktop, missing_tools, start_notification_desktop
+from tests.support.provider import TestProvider
 
 ISSUER = "https://auth.example.com"
 
@@ -64,6 +74,52 @@ async def test_login_notice_is_one_replaced_notification_opened_by_a_click(deskt
     assert len(shown) == 1
     assert shown[0]["summary"] == "kubectl needs a login"
     assert "3 programs are waiting for it." in str(shown[0]["body"])
+
+
+@desktop_only
+async def test_a_real_login_waits_for_the_click_then_completes(desktop: NotificationDesktop, provider: TestProvider,
+                                                              tmp_path: Path) -> None:
+    """The flow the session will run for a caller without a terminal, from real parts: the authorization request,
+    the loopback listener, the notice, the browser (started only by the click) and the code exchange."""
+    await _clear(desktop)
+    settings = ProviderSettings(issuer=provider.issuer, client_id="kube_login", client_secret="insecure_secret",
+                                scopes=("groups",))
+    browser_log = tmp_path / "browser.log"
+    browser_env = {"PATH": os.environ["PATH"], "BROKERD_TEST_BROWSER_LOG": str(browser_log)}
+    browsers: list[asyncio.subprocess.Process] = []
+    callbacks = CallbackServer()
+    try:
+        async with aiohttp.ClientSession() as http:
+            oidc = OIDCClient(http, SystemClock(), request_timeout=10)
+            lease = await callbacks.acquire(DEFAULT_LISTEN)
+            try:
+                auth = await oidc.authorization_request(settings, lease.default_redirect_uri)
+                waiter = lease.expect(auth.state)
+
+                async def open_login_page() -> None:
+                    # The browser, as BrowserOpener would start it (kept here so the test can wait for it to end).
+                    browsers.append(await asyncio.create_subprocess_exec(
+                        sys.executable, str(BROWSER), auth.url, env=browser_env,
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+
+                async with await LoginNotice.show(desktop.bus_address, settings.issuer, settings.client_id,
+                                                  "kubectl", open_login_page) as notice:
+                    await asyncio.to_thread(desktop.wait_displayed, 1)
+                    assert not browser_log.exists()  # nothing opened on its own
+                    await asyncio.to_thread(desktop.invoke_default)
+                    result = await asyncio.wait_for(waiter, 60)
+                    assert notice.opened.is_set()
+                tokens = await oidc.exchange_code(settings, auth, result.code, iss=result.iss)
+            finally:
+                await lease.release()
+    finally:
+        await callbacks.close()
+        for proc in browsers:
+            await asyncio.wait_for(proc.wait(), 60)
+    assert [proc.returncode for proc in browsers] == [0]  # one browser, started by the click, and it got through
+    assert tokens.claims["sub"] == provider.sub("alice")
+    assert f"open {auth.url.split('?')[0]}" in browser_log.read_text()
+    await asyncio.to_thread(desktop.wait_displayed, 0)  # withdrawn once the login ended
 
 
 @desktop_only
