@@ -28,8 +28,10 @@ from typing import Any
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, new_method_call
 from jeepney.bus_messages import message_bus
 from jeepney.io.asyncio import DBusConnection, DBusRouter, Proxy, open_dbus_connection
+from jeepney.io.common import RouterClosed
 from jeepney.wrappers import DBusErrorResponse
 
+from brokerd.clock import Clock
 from brokerd.errors import NotificationError
 
 log = logging.getLogger("brokerd.notify")
@@ -174,12 +176,10 @@ class Notifier:
             raise NotificationError(f"{what}: no answer on the session bus within {self.limit:g} s") from exc
         except DBusErrorResponse as exc:
             raise NotificationError(f"{what}: {exc.name}: {' '.join(map(str, exc.data))}".rstrip(": ")) from exc
-        except (OSError, EOFError, RuntimeError) as exc:  # RouterClosed is a subclass of Exception via jeepney
+        except RouterClosed as exc:
+            raise NotificationError(f"{what}: the session bus connection is closed") from exc
+        except (OSError, EOFError, RuntimeError) as exc:
             raise NotificationError(f"{what}: the session bus connection failed: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__name__ == "RouterClosed":
-                raise NotificationError(f"{what}: the session bus connection is closed") from exc
-            raise
 
     async def _method(self, method: str, signature: str | None, body: tuple[Any, ...], what: str) -> Message:
         msg = new_method_call(OBJECT, method, signature, body)
@@ -296,3 +296,33 @@ async def probe(address: str | None, within: float = PROBE_TIMEOUT) -> ServerInf
     except (NotificationError, TimeoutError) as exc:
         log.debug("no notification server on %s: %s", address, exc)
         return None
+
+
+class ProbeCache:
+    """``probe`` per bus address, remembered for ``ttl`` s, so a burst of background callers costs one look.  A
+    bounded number of addresses is kept (the oldest forgotten first); owned by whoever serves the callers."""
+
+    def __init__(self, clock: Clock, ttl: float = 60.0, within: float = PROBE_TIMEOUT, limit: int = 64) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._within = within
+        self._limit = limit
+        self._seen: OrderedDict[str, tuple[float, ServerInfo | None]] = OrderedDict()
+
+    async def __call__(self, address: str | None) -> ServerInfo | None:
+        if not address:
+            return None
+        now = self._clock.now()
+        cached = self._seen.get(address)
+        if cached is not None and now - cached[0] < self._ttl:
+            return cached[1]
+        info = await probe(address, self._within)
+        self._seen[address] = (self._clock.now(), info)
+        self._seen.move_to_end(address)
+        while len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
+        return info
+
+    def forget(self, address: str) -> None:
+        """A notification that failed after a good probe: look again next time."""
+        self._seen.pop(address, None)

@@ -17,7 +17,7 @@ from jeepney import DBusAddress, new_signal
 from jeepney.io.asyncio import open_dbus_router
 
 from brokerd.errors import NotificationError
-from brokerd.notify import BUS_NAME, CLOSED_BY_CALL, Notifier, probe
+from brokerd.notify import BUS_NAME, CLOSED_BY_CALL, Notifier, ProbeCache, probe
 from tests.support.notifications import NotificationDesktop, missing_tools, start_notification_desktop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,3 +159,32 @@ async def test_the_server_leaving_ends_the_wait() -> None:
             await asyncio.to_thread(own.stop_dunst)
             outcome = await notifier.wait(nid, 60)
             assert outcome.gone and outcome.action is None
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+async def test_probe_cache_looks_once_per_address_and_again_after_its_ttl() -> None:
+    clock = FakeClock()
+    cache = ProbeCache(clock, ttl=60, limit=1)
+    assert await cache(None) is None
+    with start_notification_desktop() as own:
+        first = await cache(own.bus_address)
+        assert first is not None and first.name == "dunst"
+        await asyncio.to_thread(own.stop_dunst)
+        clock.t += 59
+        assert await cache(own.bus_address) is first  # remembered: no second look within the ttl
+        clock.t += 1
+        assert await cache(own.bus_address) is None  # looked again: nobody serves notifications any more
+        cache.forget(own.bus_address)
+        with start_notification_desktop() as other:
+            assert await cache(other.bus_address) is not None
+            assert list(cache._seen) == [other.bus_address]  # bounded: the older address was dropped
