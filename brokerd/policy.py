@@ -102,6 +102,7 @@ class SessionPolicy:
 POLICY_KEYS = frozenset(f.name for f in fields(SessionPolicy))
 DAEMON_KEYS = frozenset({"warn_before", "background_login"})
 _DURATION_KEYS = frozenset({"confirm_ttl", "max_session_age", "idle_logout", "warn_before", "refresh_token_lifetime"})
+_POSITIVE_KEYS = frozenset({"max_session_age", "idle_logout", "refresh_token_lifetime"})  # confirm_ttl 0: ask always
 
 
 def policy_from_table(table: Mapping[str, object], where: str, allowed: frozenset[str] = POLICY_KEYS
@@ -121,7 +122,11 @@ def policy_from_table(table: Mapping[str, object], where: str, allowed: frozense
                                   f"got {value!r}")
             values[key] = value
         elif key in _DURATION_KEYS:
-            values[key] = parse_duration(value, f"{where} {key}")
+            seconds = parse_duration(value, f"{where} {key}")
+            if seconds == 0 and key in _POSITIVE_KEYS:
+                # 0 would end every session at once; leaving the key out is how to say "no limit".
+                raise ConfigError(f"{where} {key}: must be longer than 0 (leave it out for no limit)")
+            values[key] = seconds
     return SessionPolicy(**values)
 
 

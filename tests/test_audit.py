@@ -288,3 +288,13 @@ def test_counters() -> None:
     assert counters.sessions["s2"].last_caller == "kubectl (pid 10) from k9s (pid 9)"
     counters.forget("s1")
     assert set(counters.sessions) == {"s2"}
+
+
+async def test_the_pending_batch_is_bounded_and_a_drop_is_logged(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    audit = AuditLog(tmp_path / "state", max_pending=3)  # no writer started: records pile up
+    for n in range(5):
+        audit.record({"n": n})
+    await audit.close()
+    assert [d["n"] for d in read_entries(tmp_path / "state")] == [2, 3, 4]
+    assert "audit: 2 record(s) dropped" in caplog.text

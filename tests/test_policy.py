@@ -110,6 +110,7 @@ def test_tables_merge_strictest_wins() -> None:
     ('[policy."https://a"]\nconfrim = true', "unknown setting(s) confrim"),
     ('[daemon]\nbackground_login = "popup"', 'background_login must be "notify", "browser" or "refuse"'),
     ('policy = 3', "[policy] must hold one table per issuer"),
+    ('[policy."https://a"]\nidle_logout = "0m"', "idle_logout: must be longer than 0 (leave it out for no limit)"),
     ('[policy]\n"https://a" = 1', 'must be a table'),
 ])
 def test_bad_tables_say_where(text: str, message: str) -> None:
@@ -245,3 +246,13 @@ def test_a_recent_no_is_held_so_a_retrying_tool_is_not_asked_again_at_once() -> 
     approvals.allow(policy, tool, clock.now())  # the person allowed it at a terminal meanwhile
     assert approvals.denied_until(tool, clock.now()) is None
     assert not approvals.needs_confirm(policy, tool, clock.now())
+
+
+def test_confirm_ttl_zero_means_ask_every_time() -> None:
+    clock = FakeClock()
+    book = load_policy_book(tomllib.loads('[policy."https://a"]\nconfirm = true\nconfirm_ttl = 0'), "config.toml")
+    policy = book.for_session("https://a")
+    approvals = Approvals()
+    who = CallerIdentity("/usr/bin/kubectl", "/usr/bin/bash")
+    approvals.allow(policy, who, clock.now())
+    assert approvals.needs_confirm(policy, who, clock.now())
