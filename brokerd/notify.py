@@ -110,8 +110,7 @@ class Notifier:
         self._router = router
         self._records: OrderedDict[int, _Record] = OrderedDict()
         self._filters: list[Any] = []
-        self._server_owner: str | None = None
-        self._gone = asyncio.Event()
+        self._gone: set[str] = set()  # unique names that served notifications and left the bus (or the name)
         self._info: ServerInfo | None = None
 
     @classmethod
@@ -216,7 +215,6 @@ class Notifier:
                                    "show a notification")
         nid = int(reply.body[0])
         sender = reply.header.fields.get(HeaderFields.sender)
-        self._server_owner = sender
         record = self._records.get(nid)
         if record is None or (record.sender is not None and replaces_id != nid):
             # A record with a sender is an earlier notification's; one without holds signals that arrived before
@@ -245,7 +243,7 @@ class Notifier:
                     outcome = record.outcome()
                     if outcome is not None:
                         return outcome
-                    if self._gone.is_set() or not self._filters:
+                    if record.sender in self._gone or not self._filters:
                         return Outcome(gone=True)
                     record.changed.clear()
                     await record.changed.wait()
@@ -258,9 +256,11 @@ class Notifier:
         member = msg.header.fields.get(HeaderFields.member)
         sender = msg.header.fields.get(HeaderFields.sender)
         if member == "NameOwnerChanged":
-            _name, _old, new = msg.body
-            if not new:
-                self._gone.set()
+            _name, old, new = msg.body
+            if old and old != new:
+                # The server that showed our notifications gave up the name (exited, or was replaced): they are
+                # gone with it, and nobody will answer them.
+                self._gone.add(str(old))
                 for waiting in self._records.values():
                     waiting.changed.set()
             return
@@ -279,6 +279,13 @@ class Notifier:
         record.changed.set()
 
     def _trim(self) -> None:
+        """Forget the oldest records of other programs' notifications first; ours go last."""
+        if len(self._records) <= MAX_RECORDED:
+            return
+        for nid in [n for n, r in self._records.items() if r.sender is None]:
+            del self._records[nid]
+            if len(self._records) <= MAX_RECORDED:
+                return
         while len(self._records) > MAX_RECORDED:
             self._records.popitem(last=False)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jeepney import DBusAddress, new_signal
+from jeepney import DBusAddress, new_method_call, new_signal
 from jeepney.io.asyncio import open_dbus_router
 
 from brokerd.errors import NotificationError
@@ -137,6 +137,25 @@ async def test_a_forged_signal_from_another_bus_client_is_ignored(desktop: Notif
             await other.send(closed)
         await asyncio.to_thread(desktop.wait_displayed, 1)
         await asyncio.to_thread(desktop.choose, "Deny")
+        assert (await notifier.wait(nid, 20)).action == "deny"
+        await notifier.withdraw(nid)
+
+
+async def test_a_flood_of_other_programs_signals_does_not_lose_ours(desktop: NotificationDesktop) -> None:
+    await _clear(desktop)
+    async with await Notifier.open(desktop.bus_address) as notifier:
+        nid = await notifier.notify("Allow kubectl a token?", "", actions=[("allow", "Allow"), ("deny", "Deny")],
+                                    expire_ms=0)
+        await asyncio.to_thread(desktop.wait_displayed, 1)
+        await asyncio.to_thread(desktop.choose, "Deny")
+        async with open_dbus_router(desktop.bus_address) as other:
+            for n in range(1, 400):  # closes of other programs' notifications, more than the record keeps
+                await other.send(new_signal(DBusAddress("/org/freedesktop/Notifications", interface=BUS_NAME),
+                                            "NotificationClosed", "uu", (nid + n, 2)))
+            # A round trip after the flood: the bus delivered all of it to us before this reply.
+            await other.send_and_get_reply(new_method_call(
+                DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
+                            interface="org.freedesktop.DBus"), "GetId"))
         assert (await notifier.wait(nid, 20)).action == "deny"
         await notifier.withdraw(nid)
 
