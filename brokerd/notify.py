@@ -26,8 +26,10 @@ from types import TracebackType
 from typing import Any
 
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, new_method_call
+from jeepney.auth import BEGIN, Authenticator
+from jeepney.bus import get_bus
 from jeepney.bus_messages import message_bus
-from jeepney.io.asyncio import DBusConnection, DBusRouter, Proxy, open_dbus_connection
+from jeepney.io.asyncio import DBusConnection, DBusRouter, Proxy
 from jeepney.io.common import RouterClosed
 from jeepney.wrappers import DBusErrorResponse
 
@@ -100,6 +102,30 @@ class _Recorder(asyncio.Queue[Message]):
         self._notifier._record(item)
 
 
+async def _connect(address: str) -> DBusConnection:
+    """jeepney's ``open_dbus_connection``, plus closing the socket when it fails or is cancelled part way (a bus
+    that accepts and then says nothing would otherwise leave it open)."""
+    reader, writer = await asyncio.open_unix_connection(get_bus(address))
+    try:
+        auth = Authenticator()
+        for request in auth:
+            writer.write(request)
+            await writer.drain()
+            data = await reader.read(1024)
+            if not data:
+                raise EOFError("the bus closed the connection during authentication")
+            auth.feed(data)
+        writer.write(BEGIN)
+        await writer.drain()
+        conn = DBusConnection(reader, writer)
+        async with DBusRouter(conn) as router:  # Hello must be the first call; its reply names us on the bus
+            conn.unique_name = (await Proxy(message_bus, router).Hello())[0]
+        return conn
+    except BaseException:
+        writer.close()
+        raise
+
+
 class Notifier:
     """One connection to a session bus, for notifications.  Use ``async with await Notifier.open(address)``."""
 
@@ -121,7 +147,7 @@ class Notifier:
             raise NotificationError("no session bus address (DBUS_SESSION_BUS_ADDRESS) to show a notification on")
         try:
             async with asyncio.timeout(limit):
-                conn = await open_dbus_connection(address)
+                conn = await _connect(address)
         except TimeoutError as exc:
             raise NotificationError(f"the session bus at {address} did not answer within {limit:g} s") from exc
         except (OSError, EOFError, ValueError, RuntimeError, KeyError, DBusErrorResponse) as exc:

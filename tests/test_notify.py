@@ -207,3 +207,25 @@ async def test_probe_cache_looks_once_per_address_and_again_after_its_ttl() -> N
         with start_notification_desktop() as other:
             assert await cache(other.bus_address) is not None
             assert list(cache._seen) == [other.bus_address]  # bounded: the older address was dropped
+
+
+async def test_a_bus_that_never_answers_is_a_bounded_error(tmp_path: Path) -> None:
+    """A wedged bus (it accepts the connection, then says nothing): one NotificationError within the limit, and
+    probe() says no server, rather than a caller hanging."""
+    path = tmp_path / "wedged"
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_unix_server(hold, path=str(path))
+    try:
+        with pytest.raises(NotificationError, match=r"did not answer within 0\.3 s"):
+            await Notifier.open(f"unix:path={path}", limit=0.3)
+        assert await probe(f"unix:path={path}", within=0.3) is None
+        assert len(accepted) == 2
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
