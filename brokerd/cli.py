@@ -215,6 +215,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print the audit trail from the files in the state dir (no daemon needed)."""
+    from brokerd.audit import format_entry, read_entries
+    from brokerd.policy import parse_duration
+
+    since = time.time() - parse_duration(args.since, "--since") if args.since else None
+    for doc in read_entries(paths.state_dir(os.environ), since=since, session=args.session):
+        print(json.dumps(doc, separators=(",", ":")) if args.json else format_entry(doc))
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"brokerd {__version__}")
     return 0
@@ -278,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_logout)
     p = sub.add_parser("clean", help="forget all sessions (works without the daemon)")
     p.set_defaults(fn=cmd_clean)
+    p = sub.add_parser("audit", help="show which processes got tokens (works without the daemon)")
+    p.add_argument("--json", action="store_true", help="one JSON record a line")
+    p.add_argument("--since", metavar="DURATION", help="only the last DURATION, e.g. 1h, 30m, 2d")
+    p.add_argument("--session", metavar="KEY", help="only this session (its key or a prefix, as status shows)")
+    p.set_defaults(fn=cmd_audit)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     p = sub.add_parser("install-systemd", help="install the systemd user units")
