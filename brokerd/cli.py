@@ -171,7 +171,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  next refresh:  {_when(s.get('next_refresh_at'), now)}{retry}")
         if s.get("login_pending"):
             print("  login:         pending in the browser")
+        tally = s.get("counters")
+        if tally:
+            print(f"  tokens served: {tally['tokens_served']} (refreshes {tally['refreshes']}, logins "
+                  f"{tally['logins']})" + (f", last by {_shown(tally['last_caller'])}" if tally.get("last_caller")
+                                           else ""))
+        print(f"  policy:        {_policy_line(s.get('policy') or {})}")
+        for label, field in (("session ends", "session_ends_at"), ("idle logout", "idle_logout_at")):
+            if s.get(field):
+                print(f"  {label + ':':<15}{_when(s[field], now)}")
     return 0
+
+
+def _policy_line(policy: dict[str, object]) -> str:
+    """``confirm (1h), max age 12h, idle logout 8h``, or ``none``."""
+    def span(key: str) -> str:
+        value = policy.get(key)
+        return _span(int(value)) if isinstance(value, (int, float)) else "?"
+
+    parts = []
+    if policy.get("confirm"):
+        parts.append(f"confirm ({span('confirm_ttl')})")
+    for key, label in (("max_session_age", "max age"), ("idle_logout", "idle logout"), ("warn_before", "warn"),
+                       ("refresh_token_lifetime", "refresh token lifetime")):
+        if key in policy:
+            parts.append(f"{label} {span(key)}")
+    if policy.get("background_login"):
+        parts.append(f"background login: {_shown(str(policy['background_login']))}")
+    return ", ".join(parts) or "none"
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
@@ -257,6 +284,14 @@ def _passthrough(argv: list[str]) -> int:
     return 0
 
 
+def _login(argv: list[str]) -> int:
+    """``brokerd login [--profile NAME | get-token flags]``: a new login now, from this terminal."""
+    doc = json.loads(_call_daemon(argv, autostart=True))
+    print(f"logged in to {_shown(doc['issuer'])} (client {_shown(doc['client_id'])}, session "
+          f"{_shown(doc['session'])}); token valid until {_when(doc.get('expires_at'), time.time())}")
+    return 0
+
+
 def _setup(argv: list[str]) -> int:
     """``brokerd setup`` / ``kubectl oidc-login setup``: the daemon logs in and checks; the report is rendered here,
     where the interpreter and shim paths for the direct kubeconfig form are known."""
@@ -312,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _passthrough(args_list)
         if args_list[:1] == ["setup"]:
             return _setup(args_list)
+        if args_list[:1] == ["login"]:
+            return _login(args_list)
         args = build_parser().parse_args(args_list)
         return int(args.fn(args))
     except ShimError as exc:

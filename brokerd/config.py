@@ -10,6 +10,11 @@ behaves comes from the config file (TOML):
     serve_margin = 10             # tell kubectl the token expires this much early
     caller_browser = true         # false: ignore a caller's BROWSER/DISPLAY/--browser-command (forwarded sockets)
     listen_non_loopback = false   # true: a login may listen for its redirect on a non-loopback address
+    background_login = "notify"   # a login for a caller without a terminal: notify | browser | refuse
+    warn_before = "10m"           # notify once this long before a session will need a login
+
+    [policy."https://auth.example.com"]   # per issuer: confirm, confirm_ttl, max_session_age, idle_logout
+    confirm = true                # (docs/agent.md; the same keys may go in a profile)
 
     [profiles.work]               # `--profile work` on the shim, or BROKERD_PROFILE=work
     oidc-issuer-url = "https://auth.example.com"
@@ -31,6 +36,7 @@ from types import MappingProxyType
 
 from brokerd.errors import ConfigError
 from brokerd.flags import FLAGS
+from brokerd.policy import DAEMON_KEYS, PolicyBook, flag_keys, load_policy_book
 from brokerd.refresh import Policy
 
 _SWITCHES = {"caller_browser": True, "listen_non_loopback": False}  # [daemon] booleans and their defaults
@@ -52,6 +58,8 @@ class Settings:
     # The redirect listener binds loopback addresses only (a code sent to 0.0.0.0:8000 reaches anyone on the
     # network who gets there first).  The daemon's owner may allow other addresses here; a caller never can.
     listen_non_loopback: bool = False
+    # The agent's per-session policy tables (policy.py: [daemon] agent keys, [policy."<issuer>"], profile keys).
+    policies: PolicyBook = field(default_factory=PolicyBook)
 
 
 def _profile_args(name: str, table: object) -> tuple[str, ...]:
@@ -77,10 +85,12 @@ def _daemon_table(path: Path, daemon: object, base: Settings) -> Settings:
     if not isinstance(daemon, dict):
         raise ConfigError(f"{path}: [daemon] must be a table")
     numbers = {f.name for f in fields(Policy)}
-    known = numbers | set(_SWITCHES)
+    known = numbers | set(_SWITCHES) | DAEMON_KEYS
     policy = Policy()
     switches = dict(_SWITCHES)
     for key, value in daemon.items():
+        if key in DAEMON_KEYS:
+            continue  # not numbers: load_policy_book checks them
         if key in _SWITCHES:
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: [daemon] {key} must be true or false")
@@ -112,12 +122,14 @@ def load_settings(base: Settings) -> Settings:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(doc) - {"daemon", "profiles"}
+    unknown = set(doc) - {"daemon", "profiles", "policy"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     settings = _daemon_table(path, doc.get("daemon", {}), base)
     profiles_doc = doc.get("profiles", {})
     if not isinstance(profiles_doc, dict):
         raise ConfigError(f"{path}: [profiles] must be a table of tables")
-    profiles = {name: _profile_args(name, table) for name, table in profiles_doc.items()}
-    return replace(settings, profiles=MappingProxyType(profiles))
+    book = load_policy_book(doc, str(path))
+    profiles = {name: _profile_args(name, flag_keys(table) if isinstance(table, dict) else table)
+                for name, table in profiles_doc.items()}
+    return replace(settings, profiles=MappingProxyType(profiles), policies=book)

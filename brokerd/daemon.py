@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from brokerd import systemd
+from brokerd.audit import AuditLog
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
@@ -152,10 +153,16 @@ class Daemon:
                 stack.push_async_callback(_cancel, task)
 
             flows = LoginFlows(callbacks, browser, listen_non_loopback=lambda: self.settings.listen_non_loopback)
-            sessions = SessionManager(clients.client_for, flows, store, clock, lambda: self.settings.policy)
+            sessions = SessionManager(clients.client_for, flows, store, clock, lambda: self.settings.policy,
+                                      lambda: self.settings.policies, self._limits.answer_timeout)
+            # The audit trail closes after the sessions (pushed first): it writes what they handed out last.
+            trail = AuditLog(config.state_dir)
+            trail.start()
+            stack.push_async_callback(trail.close)
             await sessions.start()
             stack.push_async_callback(sessions.close)
-            api = Server(sessions, clients.client_for, self._current, self._limits)
+            sessions.watch()
+            api = Server(sessions, clients.client_for, self._current, self._limits, trail)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=self._limits.max_request)
             self._on_hup = lambda: self._reload(sessions, notifier)
             if notifier.enabled:
@@ -185,6 +192,7 @@ class Daemon:
             log.error("config not reloaded, keeping the old one: %s", exc)
         else:
             self.settings = settings
+            sessions.reload()  # each session's policy from the new tables
             log.info("config reloaded from %s (%d profile(s))", settings.config_file, len(settings.profiles))
         _notify(notifier.ready, f"serving {len(sessions)} session(s)")
 
