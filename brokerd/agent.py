@@ -183,8 +183,8 @@ class Agent:
                          issuer: str) -> BackgroundLogin | None:
         """How a login for this caller shows itself: None for a person at a terminal (the browser at once),
         else "notify" or "browser"; PolicyRefused when the policy says refuse."""
-        if caller.interactive or options.skip_open_browser:
-            return None
+        if caller.interactive or options.skip_open_browser or getattr(caller, "asked_to_log_in", False):
+            return None  # a person at a terminal, or `brokerd login`: they asked for it, the browser opens now
         bus = caller_bus(caller)
         info = await self.probe(bus) if bus is not None else None
         mode = background_mode(policy, info is not None and info.actions)

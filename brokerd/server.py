@@ -337,6 +337,7 @@ class Server:
         settings, options, notes = self._request_settings(request.argv[1:], request.env)
         for note in notes:
             caller.tell(note)
+        caller.asked_to_log_in = True
         await self._sessions.logout(keys={settings.key})
         self._rendered.clear()
         tokens = await self._token_for_caller(settings, options, caller, _profile(request))

@@ -36,6 +36,7 @@ class ShimCaller:
         self.exec_info = exec_info
         self.peer = peer  # for the audit trail and the confirmation; a record, not an authentication
         self.program = program
+        self.asked_to_log_in = False  # `brokerd login`: a person asked for this login, so it is no surprise
         self.cluster = cluster_server(env.get("KUBERNETES_EXEC_INFO"))
         self.interactive = exec_info.interactive
         self._reader = reader

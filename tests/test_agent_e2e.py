@@ -25,20 +25,13 @@ desktop_only = pytest.mark.skipif(bool(missing_tools()), reason=f"needs the Debi
                                   f"{', '.join(missing_tools())} (scripts/test installs them as root)")
 
 
-@pytest.fixture(scope="module")
-def desktop() -> Iterator[NotificationDesktop]:
+@pytest.fixture
+def clear() -> Iterator[NotificationDesktop]:
+    """A desktop of its own for each test, so its notification history is this test's alone."""
     if missing_tools():
         pytest.skip(f"needs the Debian packages {', '.join(missing_tools())}")
     with start_notification_desktop() as d:
         yield d
-
-
-@pytest.fixture
-def clear(desktop: NotificationDesktop) -> NotificationDesktop:
-    desktop.dunstctl("close-all")
-    desktop.wait_displayed(0)
-    desktop.dunstctl("history-clear")
-    return desktop
 
 
 def _poll(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -230,6 +223,11 @@ def test_a_forwarded_socket_caller_never_reaches_the_desktop_bus(provider: TestP
 # -- confirmation ----------------------------------------------------------------------------------------------
 
 
+def _offline(provider: TestProvider) -> list[str]:
+    """get-token flags that ask for a refresh token (offline_access), so ending a session has one to revoke."""
+    return login_args(provider.issuer, scopes=("groups", "offline_access"))
+
+
 def _confirm_config(issuer: str) -> str:
     return f'[daemon]\nlogin_retry_interval = 30\n\n[policy."{issuer}"]\nconfirm = true\nconfirm_ttl = "1h"\n'
 
@@ -293,7 +291,7 @@ def test_max_session_age_ends_the_session_and_caps_the_served_expiry(provider: T
     with Daemon(config=config) as daemon:
         before = provider.counters()
         started = time.time()
-        done = daemon.shim(login_args(provider.issuer))
+        done = daemon.shim(_offline(provider))
         assert done.returncode == 0, done.stderr + daemon.log()
         expiry = json.loads(done.stdout)["status"]["expirationTimestamp"]
         served_until = time.mktime(time.strptime(expiry, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
@@ -305,7 +303,7 @@ def test_max_session_age_ends_the_session_and_caps_the_served_expiry(provider: T
         assert after["revocations"] - before["revocations"] == 1
         assert after["token_grants"]["refresh_token"] == before["token_grants"]["refresh_token"]
         assert "reached max_session_age" in daemon.log()
-        again = daemon.shim(login_args(provider.issuer))
+        again = daemon.shim(_offline(provider))
         assert again.returncode == 0, again.stderr
         assert provider.counters()["auth_requests"] - before["auth_requests"] == 2  # the next call logged in
 
@@ -314,10 +312,10 @@ def test_idle_logout_revokes_an_unused_session(provider: TestProvider) -> None:
     config = f'[policy."{provider.issuer}"]\nidle_logout = "3s"\n'
     with Daemon(config=config) as daemon:
         before = provider.counters()
-        done = daemon.shim(login_args(provider.issuer))
+        done = daemon.shim(_offline(provider))
         assert done.returncode == 0, done.stderr + daemon.log()
         _poll(lambda: _status(daemon) == [], "the idle session logged out")
-        assert provider.counters()["revocations"] - before["revocations"] == 1
+        assert provider.counters()["revocations"] - before["revocations"] == 1, daemon.log()
         assert "without use (idle_logout)" in daemon.log()
 
 
