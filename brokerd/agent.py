@@ -97,6 +97,8 @@ class Agent:
         self._guards: dict[SessionKey, Guard] = {}
         self._changed = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        self._login_now: Callable[[SessionKey, str], Awaitable[Any]] | None = None
+        self._logins: set[asyncio.Task[None]] = set()  # logins started from a warning's click
 
     def guard(self, key: SessionKey) -> Guard:
         guard = self._guards.get(key)
@@ -201,7 +203,11 @@ class Agent:
         self._changed.set()
 
     def start(self, sessions: Callable[[], Iterable[SessionView]],
-              end: Callable[[SessionKey, str], Awaitable[Any]]) -> None:
+              end: Callable[[SessionKey, str], Awaitable[Any]],
+              login_now: Callable[[SessionKey, str], Awaitable[Any]] | None = None) -> None:
+        """``end(key, why)`` ends a session by policy; ``login_now(key, bus)`` logs in again at once (a click on
+        the warning ahead of a login)."""
+        self._login_now = login_now
         if self._watch is None:
             self._watch = asyncio.create_task(self._run(sessions, end), name="agent-watch")
 
@@ -211,11 +217,13 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
             self._watch = None
+        pending = [*self._logins, *(g.warning for g in self._guards.values() if g.warning is not None)]
         for guard in self._guards.values():
             guard.close()
-            if guard.warning is not None:
-                with contextlib.suppress(asyncio.CancelledError, BrokerError):
-                    await guard.warning
+        for task in pending:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BrokerError):
+                await task
 
     async def _run(self, sessions: Callable[[], Iterable[SessionView]],
                    end: Callable[[SessionKey, str], Awaitable[Any]]) -> None:
@@ -273,18 +281,30 @@ class Agent:
         log.info("session %s will need a login to %s in %d min; notifying", session.settings.key.short(), issuer,
                  minutes)
         within = max(1.0, min(need - now, session.policy.warn_before or 0.0))
-        guard.warning = asyncio.create_task(self._show_warning(guard.bus_address, issuer, client_id, minutes, within),
-                                            name="expiry-warning")
+        guard.warning = asyncio.create_task(
+            self._show_warning(session.settings.key, guard.bus_address, issuer, client_id, minutes, within),
+            name="expiry-warning")
 
-    @staticmethod
-    async def _show_warning(bus: str, issuer: str, client_id: str, minutes: int, within: float) -> None:
+    async def _show_warning(self, key: SessionKey, bus: str, issuer: str, client_id: str, minutes: int,
+                            within: float) -> None:
         try:
             clicked = await notices.warn_on_desktop(bus, issuer, client_id, minutes, within=within)
         except NotificationError as exc:
             log.info("the expiry warning could not be shown: %s", exc)
             return
-        if clicked:
-            log.info("the expiry warning was clicked; `brokerd login` (or any kubectl in a terminal) logs in now")
+        if clicked and self._login_now is not None:
+            log.info("the expiry warning was clicked: logging in to %s now", issuer)
+            # Owned by the agent, not by this warning: the login ends the session the warning belongs to.
+            task = asyncio.create_task(self._run_login(key, bus), name="login-now")
+            self._logins.add(task)
+            task.add_done_callback(self._logins.discard)
+
+    async def _run_login(self, key: SessionKey, bus: str) -> None:
+        assert self._login_now is not None
+        try:
+            await self._login_now(key, bus)
+        except BrokerError as exc:
+            log.warning("the login started from the warning failed: %s", exc)
 
 
 def login_needed(policy: SessionPolicy, logged_in_at: float | None, token_expiry: float,

@@ -94,7 +94,8 @@ class SessionManager:
 
     def watch(self) -> None:
         """Start the agent's watch (idle logout, end of age, warnings); the daemon calls it once serving."""
-        self.agent.start(lambda: [s for s in self._sessions.values() if s.tokens is not None], self._end)
+        self.agent.start(lambda: [s for s in self._sessions.values() if s.tokens is not None], self._end,
+                         self._login_now)
 
     def reload(self) -> None:
         """SIGHUP: every session's policy from the new tables."""
@@ -184,6 +185,15 @@ class SessionManager:
     async def background(self, session: LiveSession, caller: Caller, options: LoginOptions
                          ) -> BackgroundLogin | None:
         return await self.agent.background(session.policy, caller, options, session.settings.issuer)
+
+    async def _login_now(self, key: SessionKey, bus: str) -> None:
+        """A click on the warning ahead of a login: log in again now (as `brokerd login` does), the browser opened
+        by the daemon on the desktop that was warned; messages go to the log."""
+        session = self._sessions.get(key)
+        if session is None:
+            return
+        await self.logout(keys={key})
+        await self.obtain(session.settings, LoginOptions(), DesktopCaller(bus))
 
     async def _end(self, key: SessionKey, why: str) -> None:
         """End a session by policy (age, disuse) as logout does: its refresh token revoked, forgotten."""
@@ -304,3 +314,20 @@ class SessionManager:
         if ok:
             return "refresh token revoked; session forgotten"
         return "the provider has no revocation endpoint; session forgotten"
+
+
+class DesktopCaller:
+    """The Caller of a login the person started from a notification: no terminal, no stderr (the log instead)."""
+
+    interactive = False
+    asked_to_log_in = True  # a click is a person's request: the browser opens at once
+
+    def __init__(self, bus: str) -> None:
+        self.env: Mapping[str, str] = {"DBUS_SESSION_BUS_ADDRESS": bus}
+
+    def tell(self, text: str) -> None:
+        log.info("%s", text)
+
+    async def ask(self, prompt: str, *, secret: bool) -> str:
+        raise BrokerError("a login started from a notification cannot ask questions; run `brokerd login` in a "
+                          "terminal")

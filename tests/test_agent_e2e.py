@@ -330,10 +330,14 @@ def test_warn_before_shows_one_warning_ahead_of_the_needed_login(provider: TestP
         done = daemon.shim(login_args(provider.issuer), env=env)
         assert done.returncode == 0, done.stderr + daemon.log()
         desktop.wait_displayed(1, timeout=30)
-        desktop.dunstctl("close")
+        # Served again meanwhile: the watch looks again, and warns no second time for the same end.
+        assert daemon.shim(login_args(provider.issuer), env=env).returncode == 0
+        assert desktop.displayed() == 1
+        before = provider.counters()
+        desktop.invoke_default()  # "log in now": the browser opens, a new session begins
+        _poll(lambda: daemon.browser_openings() == 2, "the login started from the warning")
+        _poll(lambda: bool(_status(daemon)) and (_status(daemon)[0]["counters"] or {}).get("logins") == 1,
+              "the new login")
         summaries = [str(n.get("summary")) for n in desktop.history() if n.get("appname") == "brokerd"]
         assert len(summaries) == 1 and summaries[0].startswith(f"Login to {provider.issuer} needed in")
-        # Served again: the watch looks again, and warns no second time for the same end.
-        assert daemon.shim(login_args(provider.issuer), env=env).returncode == 0
-        time.sleep(1.0)
-        assert desktop.displayed() == 0
+        assert provider.counters()["auth_requests"] - before["auth_requests"] == 1
