@@ -86,8 +86,9 @@ class SessionManager:
         now = self.clock.now()
         for key, persisted in stored.items():
             session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
-            # Not persisted yet: max_session_age and idle_logout count from the daemon's start at the latest.
-            session.logged_in_at = session.last_served_at = now
+            # A store written before these were kept: max_session_age and idle_logout count from this start.
+            session.logged_in_at = persisted.logged_in_at or now
+            session.last_served_at = persisted.last_served_at or now
             session.policy = self.agent.policy_for(session.settings, ())
             session.schedule()
         log.info("loaded %d session(s) from the store", len(stored))
@@ -233,8 +234,8 @@ class SessionManager:
             return
         await self._save_lock.acquire()
         try:
-            snapshot = {key: Session(key, s.settings, tokens) for key, s in self._sessions.items()
-                        if (tokens := s.stored()) is not None}
+            snapshot = {key: Session(key, s.settings, tokens, s.logged_in_at, s.last_served_at)
+                        for key, s in self._sessions.items() if (tokens := s.stored()) is not None}
             write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
         except BaseException:
             self._save_lock.release()

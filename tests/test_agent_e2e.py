@@ -308,6 +308,18 @@ def test_max_session_age_ends_the_session_and_caps_the_served_expiry(provider: T
         assert provider.counters()["auth_requests"] - before["auth_requests"] == 2  # the next call logged in
 
 
+def test_a_restart_keeps_counting_the_session_age_from_its_login(provider: TestProvider) -> None:
+    config = f'[policy."{provider.issuer}"]\nmax_session_age = "1h"\nidle_logout = "1h"\n'
+    with Daemon(config=config) as daemon:
+        assert daemon.shim(_offline(provider)).returncode == 0, daemon.log()
+        before = _status(daemon)[0]
+        daemon.stop()
+        daemon.start()
+        after = _status(daemon)[0]
+        assert after["session_ends_at"] == before["session_ends_at"]
+        assert after["idle_logout_at"] == before["idle_logout_at"]
+
+
 def test_idle_logout_revokes_an_unused_session(provider: TestProvider) -> None:
     config = f'[policy."{provider.issuer}"]\nidle_logout = "3s"\n'
     with Daemon(config=config) as daemon:
