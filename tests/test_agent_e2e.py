@@ -165,6 +165,30 @@ def test_joining_callers_share_one_notification_and_one_login(provider: TestProv
 
 
 @desktop_only
+def test_a_terminal_caller_joining_a_notified_login_opens_the_browser_at_once(
+        provider: TestProvider, clear: NotificationDesktop) -> None:
+    desktop = clear
+    with Daemon() as daemon:
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        background = daemon.shim_async(login_args(provider.issuer), env=env)
+        try:
+            desktop.wait_displayed(1)
+            assert daemon.browser_openings() == 0
+            run = PtyRun(daemon.shim_argv(login_args(provider.issuer)), {**daemon.env, **env})
+            out, _ = run.proc.communicate(timeout=60)  # no click: the person at the terminal gets the browser
+            assert run.proc.returncode == 0, run.seen + daemon.log()
+            bg_out, bg_err = background.communicate(timeout=60)
+        finally:
+            if background.poll() is None:
+                background.kill()
+                background.wait()
+        assert background.returncode == 0, bg_err
+        assert json.loads(out)["status"]["token"] == json.loads(bg_out)["status"]["token"]
+        assert daemon.browser_openings() == 1
+        desktop.wait_displayed(0)
+
+
+@desktop_only
 def test_a_closed_notification_refuses_with_one_line_and_is_not_shown_again_at_once(
         provider: TestProvider, clear: NotificationDesktop) -> None:
     desktop = clear
