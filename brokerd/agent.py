@@ -22,7 +22,7 @@ from brokerd import notices
 from brokerd.audit import Counters, PeerInfo
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, NotificationError, PolicyRefused, UsageError
-from brokerd.models import Caller, LoginOptions, ProviderSettings, SessionKey
+from brokerd.models import Caller, LoginOptions, ProviderSettings, SessionKey, TokenSet
 from brokerd.notify import ProbeCache
 from brokerd.policy import (
     Approvals,
@@ -81,8 +81,19 @@ class SessionView(Protocol):
     policy: SessionPolicy
     logged_in_at: float | None
     last_served_at: float | None
+    tokens: TokenSet | None
 
-    def login_needed_at(self) -> float | None: ...
+    def serve_until(self, tokens: TokenSet) -> float: ...
+
+
+def login_needed(session: SessionView) -> float | None:
+    """When a person will next have to log in to ``session``, as far as can be known (the warning ahead of it)."""
+    tokens = session.tokens
+    if tokens is None:
+        return None
+    return login_needed_at(session.policy, logged_in_at=session.logged_in_at,
+                           token_expiry=session.serve_until(tokens), has_refresh_token=bool(tokens.refresh_token),
+                           refreshed_at=tokens.issued_at, refresh_expires_at=None)
 
 
 class Agent:
@@ -227,7 +238,7 @@ class Agent:
 
     async def _run(self, sessions: Callable[[], Iterable[SessionView]],
                    end: Callable[[SessionKey, str], Awaitable[Any]]) -> None:
-        for _ in iter(int, 1):  # until cancelled by close(); each round sleeps until the next deadline
+        while True:  # until close() cancels it; each round sleeps until the next deadline (or a change)
             self._changed.clear()
             now = self._clock.now()
             wake = now + WATCH_MAX_SLEEP
@@ -260,7 +271,7 @@ class Agent:
             await end(key, f"reached max_session_age ({policy.max_session_age:g} s); a new login is needed")
             return None
         due = [t for t in (idle_at, end_at) if t is not None]
-        need = session.login_needed_at()
+        need = login_needed(session)
         warn = warn_at(policy, need)
         guard = self.guard(key)
         if warn is not None and need is not None and guard.warned_for != need:
@@ -306,8 +317,3 @@ class Agent:
         except BrokerError as exc:
             log.warning("the login started from the warning failed: %s", exc)
 
-
-def login_needed(policy: SessionPolicy, logged_in_at: float | None, token_expiry: float,
-                 has_refresh_token: bool, refreshed_at: float) -> float | None:
-    return login_needed_at(policy, logged_in_at=logged_in_at, token_expiry=token_expiry,
-                           has_refresh_token=has_refresh_token, refreshed_at=refreshed_at, refresh_expires_at=None)

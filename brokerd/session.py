@@ -36,7 +36,7 @@ from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Served, TokenSet
 from brokerd.notices import LoginNotice
 from brokerd.oidc import OIDCClient
-from brokerd.policy import BackgroundLogin, SessionPolicy, login_needed_at, may_refresh, serve_limit, session_end
+from brokerd.policy import BackgroundLogin, SessionPolicy, may_refresh, serve_limit, session_end
 from brokerd.refresh import Policy, answered_refresh_unusable, refresh_due, refresh_token_lost, serve_until
 
 log = logging.getLogger("brokerd.sessions")
@@ -133,15 +133,6 @@ class LiveSession:
         # Never past the session's end by age: a token the provider issued for longer is not served beyond it.
         return serve_limit(self.policy, self.logged_in_at,
                            serve_until(self._host.policy, tokens.issued_at, self.served.expiry(tokens)))
-
-    def login_needed_at(self) -> float | None:
-        """When a person will next have to log in, as far as can be known (for the warning ahead of it)."""
-        tokens = self.tokens
-        if tokens is None:
-            return None
-        return login_needed_at(self.policy, logged_in_at=self.logged_in_at, token_expiry=self.serve_until(tokens),
-                               has_refresh_token=bool(tokens.refresh_token), refreshed_at=tokens.issued_at,
-                               refresh_expires_at=None)
 
     def servable(self, tokens: TokenSet | None) -> bool:
         if tokens is None or not self.served.token(tokens):

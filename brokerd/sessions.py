@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
-from brokerd.agent import Agent, caller_bus, caller_peer
+from brokerd.agent import Agent, caller_bus, caller_peer, login_needed
 from brokerd.audit import How
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, StoreError
@@ -273,7 +273,7 @@ class SessionManager:
             doc.update(policy=s.policy.describe(), counters=tally.describe() if tally is not None else None,
                        session_ends_at=session_end(s.policy, s.logged_in_at),
                        idle_logout_at=idle_deadline(s.policy, s.last_served_at),
-                       login_needed_at=s.login_needed_at())
+                       login_needed_at=login_needed(s))
             out.append(doc)
         return out
 
