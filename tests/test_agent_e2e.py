@@ -377,3 +377,26 @@ def test_warn_before_shows_one_warning_ahead_of_the_needed_login(provider: TestP
         summaries = [str(n.get("summary")) for n in desktop.history() if n.get("appname") == "brokerd"]
         assert len(summaries) == 1 and summaries[0].startswith(f"Login to {provider.issuer} needed in")
         assert provider.counters()["auth_requests"] - before["auth_requests"] == 1
+
+
+@needs_kubectl
+def test_audit_of_a_kubectl_call_names_its_cluster_and_holds_no_token(
+        tmp_path: Path, provider: TestProvider, apiserver: ApiServer) -> None:
+    exec_args = ["oidc-login", *login_args(provider.issuer, scopes=("groups", "offline_access"))]
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", apiserver.url, apiserver.ca_file, exec_args)
+    text = kubeconfig.read_text()
+    assert "provideClusterInfo: false" in text  # as `kubectl config set-credentials` writes it
+    kubeconfig.write_text(text.replace("provideClusterInfo: false", "provideClusterInfo: true"))
+    with Daemon() as daemon:
+        done = run_kubectl(["get", "nodes"], kubeconfig, env=daemon.env, timeout=60)
+        assert done.returncode == 0, done.stderr + daemon.log()
+        served = daemon.shim(login_args(provider.issuer, scopes=("groups", "offline_access")))
+        assert served.returncode == 0, served.stderr
+        _poll(lambda: len(_audit(daemon)) == 2, "both records written")
+        first, second = _audit(daemon)
+        assert first["cluster"] == apiserver.url and first["how"] == "login"
+        assert Path(first["caller"]["parent_exe"]).name.startswith("kubectl")
+        assert "cluster" not in second and second["how"] == "cache"
+        trail = "".join(p.read_text() for p in daemon.state_dir.glob("audit.jsonl*"))
+        assert exec_token(served) not in trail and "insecure_secret" not in trail
+        assert "BEGIN CERTIFICATE" not in trail and "certificate-authority-data" not in trail
