@@ -94,6 +94,9 @@ class Daemon:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         })
         self.env.pop("KUBERNETES_EXEC_INFO", None)
+        # The machine's own session bus would turn background logins into notifications on someone's desktop:
+        # tests that want one pass their private bus (tests/support/notifications.py).
+        self.env.pop("DBUS_SESSION_BUS_ADDRESS", None)
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
