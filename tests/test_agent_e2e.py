@@ -234,14 +234,23 @@ def test_background_login_refuse_says_what_to_do(provider: TestProvider, clear: 
         assert served.returncode == 0, served.stderr
 
 
-def test_a_forwarded_socket_caller_never_reaches_the_desktop_bus(provider: TestProvider, tmp_path: Path) -> None:
+@desktop_only
+def test_a_forwarded_socket_caller_never_reaches_the_desktop_bus(provider: TestProvider,
+                                                                 clear: NotificationDesktop) -> None:
+    desktop = clear
     # BROKERD_REMOTE=1 is the remote shim: it does not send desktop variables, the bus address among them.
     from client_shim import protocol
 
-    assert "DBUS_SESSION_BUS_ADDRESS" in protocol.DESKTOP_ENV
     sent = protocol.forwarded_env({b"DBUS_SESSION_BUS_ADDRESS": b"unix:path=/x", b"BROKERD_PROFILE": b"p"},
                                   remote=True)
     assert sent == {b"BROKERD_PROFILE": b"p"}
+    # A daemon whose socket is forwarded (caller_browser = false) drops the bus a caller sends: no notification
+    # on this desktop; the login goes the old way, with the daemon's own browser.
+    with Daemon(config="[daemon]\ncaller_browser = false\n") as daemon:
+        done = daemon.shim(login_args(provider.issuer), env={"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address})
+        assert done.returncode == 0, done.stderr + daemon.log()
+        assert daemon.browser_openings() == 1
+        assert [n for n in desktop.history() if n.get("appname") == "brokerd"] == [] and desktop.displayed() == 0
 
 
 # -- confirmation ----------------------------------------------------------------------------------------------
