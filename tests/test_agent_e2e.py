@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -330,6 +331,7 @@ def test_max_session_age_ends_the_session_and_caps_the_served_expiry(provider: T
         served_until = time.mktime(time.strptime(expiry, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
         assert served_until <= started + 6 + 1  # the provider's token lives an hour; the session 6 s
         assert _status(daemon)[0]["policy"]["max_session_age"] == 6
+        assert "policy:        max age 6s" in daemon.cli("status").stdout
         # The watch ends it at its age: revoked, forgotten, and no refresh was made.
         _poll(lambda: _status(daemon) == [], "the session ended by age")
         after = provider.counters()
@@ -351,6 +353,17 @@ def test_a_restart_keeps_counting_the_session_age_from_its_login(provider: TestP
         after = _status(daemon)[0]
         assert after["session_ends_at"] == before["session_ends_at"]
         assert after["idle_logout_at"] == before["idle_logout_at"]
+
+
+def test_sighup_applies_a_new_policy_to_a_live_session(provider: TestProvider) -> None:
+    with Daemon(config="") as daemon:
+        assert daemon.shim(_offline(provider)).returncode == 0, daemon.log()
+        assert _status(daemon)[0]["policy"] == {}
+        daemon.config_path.write_text(f'[policy."{provider.issuer}"]\nidle_logout = "2h"\nconfirm = true\n')
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        _poll(lambda: _status(daemon)[0]["policy"].get("idle_logout") == 7200, "the reloaded policy")
+        assert _status(daemon)[0]["policy"]["confirm"] is True
 
 
 def test_idle_logout_revokes_an_unused_session(provider: TestProvider) -> None:
