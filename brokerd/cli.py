@@ -175,7 +175,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  next refresh:  {_when(s.get('next_refresh_at'), now)}{retry}")
         if s.get("login_pending"):
             print("  login:         pending in the browser")
+        tally = s.get("counters")
+        if tally:
+            print(f"  tokens served: {tally['tokens_served']} (refreshes {tally['refreshes']}, logins "
+                  f"{tally['logins']})" + (f", last by {_shown(tally['last_caller'])}" if tally.get("last_caller")
+                                           else ""))
+        print(f"  policy:        {_policy_line(s.get('policy') or {})}")
+        for label, field in (("session ends", "session_ends_at"), ("idle logout", "idle_logout_at")):
+            if s.get(field):
+                print(f"  {label + ':':<15}{_when(s[field], now)}")
     return 0
+
+
+def _policy_line(policy: dict[str, object]) -> str:
+    """``confirm (1h), max age 12h, idle logout 8h``, or ``none``."""
+    def span(key: str) -> str:
+        value = policy.get(key)
+        return _span(int(value)) if isinstance(value, (int, float)) else "?"
+
+    parts = []
+    if policy.get("confirm"):
+        parts.append(f"confirm ({span('confirm_ttl')})")
+    for key, label in (("max_session_age", "max age"), ("idle_logout", "idle logout"), ("warn_before", "warn"),
+                       ("refresh_token_lifetime", "refresh token lifetime")):
+        if key in policy:
+            parts.append(f"{label} {span(key)}")
+    if policy.get("background_login"):
+        parts.append(f"background login: {_shown(str(policy['background_login']))}")
+    return ", ".join(parts) or "none"
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
@@ -274,6 +301,17 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print the audit trail from the files in the state dir (no daemon needed)."""
+    from brokerd.audit import format_entry, read_entries
+    from brokerd.policy import parse_duration
+
+    since = time.time() - parse_duration(args.since, "--since") if args.since else None
+    for doc in read_entries(paths.state_dir(os.environ), since=since, session=args.session):
+        print(json.dumps(doc, separators=(",", ":")) if args.json else format_entry(doc))
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"brokerd {__version__}")
     return 0
@@ -341,6 +379,14 @@ def _passthrough(argv: list[str]) -> int:
     return 0
 
 
+def _login(argv: list[str]) -> int:
+    """``brokerd login [--profile NAME | get-token flags]``: a new login now, from this terminal."""
+    doc = json.loads(_call_daemon(argv, autostart=True))
+    print(f"logged in to {_shown(doc['issuer'])} (client {_shown(doc['client_id'])}, session "
+          f"{_shown(doc['session'])}); token valid until {_when(doc.get('expires_at'), time.time())}")
+    return 0
+
+
 def _setup(argv: list[str]) -> int:
     """``brokerd setup`` / ``kubectl oidc-login setup``: the daemon logs in and checks; the report is rendered here,
     where the interpreter and shim paths for the direct kubeconfig form are known."""
@@ -391,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = store_sub.add_parser("migrate", help="move the store's data key between the keyring and the key file")
     p.add_argument("--to", choices=["keyring", "file"], required=True)
     p.set_defaults(fn=cmd_store_migrate)
+    p = sub.add_parser("audit", help="show which processes got tokens (works without the daemon)")
+    p.add_argument("--json", action="store_true", help="one JSON record a line")
+    p.add_argument("--since", metavar="DURATION", help="only the last DURATION, e.g. 1h, 30m, 2d")
+    p.add_argument("--session", metavar="KEY", help="only this session (its key or a prefix, as status shows)")
+    p.set_defaults(fn=cmd_audit)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     p = sub.add_parser("install-systemd", help="install the systemd user units")
@@ -413,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _passthrough(args_list)
         if args_list[:1] == ["setup"]:
             return _setup(args_list)
+        if args_list[:1] == ["login"]:
+            return _login(args_list)
         args = build_parser().parse_args(args_list)
         return int(args.fn(args))
     except ShimError as exc:

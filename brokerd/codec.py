@@ -43,6 +43,7 @@ def session_to_dict(session: Session) -> dict[str, Any]:
             "access_expires_at": t.access_expires_at,
             "claims": dict(t.claims),
         },
+        "agent": {"logged_in_at": session.logged_in_at, "last_served_at": session.last_served_at},
         # How to reach the provider: part of the settings (and of the key when not the defaults); kept under
         # "options", where brokerd wrote it before it was part of the settings.
         "options": {
@@ -114,7 +115,11 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         legacy = replace(settings, tls=TLSOptions(), request_headers=())
         if legacy.key.value != stored_key:
             raise BadEntry(f"stored key {stored_key[:12]} does not match its settings (now {settings.key.short()})")
-    return Session(key=settings.key, settings=settings, tokens=tokens)
+    agent = doc.get("agent")
+    agent = agent if isinstance(agent, dict) else {}  # written before the agent's clocks were kept: none
+    return Session(key=settings.key, settings=settings, tokens=tokens,
+                   logged_in_at=_number(agent, "logged_in_at", optional=True),
+                   last_served_at=_number(agent, "last_served_at", optional=True))
 
 
 def _registration(doc: Any) -> ClientRegistration:

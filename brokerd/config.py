@@ -10,6 +10,11 @@ behaves comes from the config file (TOML):
     serve_margin = 10             # tell kubectl the token expires this much early
     caller_browser = true         # false: ignore a caller's BROWSER/DISPLAY/--browser-command (forwarded sockets)
     listen_non_loopback = false   # true: a login may listen for its redirect on a non-loopback address
+    background_login = "notify"   # a login for a caller without a terminal: notify | browser | refuse
+    warn_before = "10m"           # notify once this long before a session will need a login
+
+    [policy."https://auth.example.com"]   # per issuer: confirm, confirm_ttl, max_session_age, idle_logout
+    confirm = true                # (docs/agent.md; the same keys may go in a profile)
 
     [store]                       # read at start only (not on SIGHUP)
     key = "auto"                  # where the store's data key lives: "keyring" (Secret Service), "file", or "auto"
@@ -35,6 +40,7 @@ from types import MappingProxyType
 
 from brokerd.errors import ConfigError
 from brokerd.flags import FLAGS
+from brokerd.policy import DAEMON_KEYS, PolicyBook, flag_keys, load_policy_book
 from brokerd.refresh import Policy
 
 _SWITCHES = {"caller_browser": True, "listen_non_loopback": False}  # [daemon] booleans and their defaults
@@ -59,6 +65,9 @@ class Settings:
     # [store]: where the data key lives (brokerd.keyring.choose_key_source).  It and ``persist`` are read at start
     # only: a reload keeps the running daemon's values (Daemon._reload), since the store is opened once.
     store_key: str = "auto"
+
+    # The agent's per-session policy tables (policy.py: [daemon] agent keys, [policy."<issuer>"], profile keys).
+    policies: PolicyBook = field(default_factory=PolicyBook)
 
 
 def _store_table(path: Path, table: object, base: Settings) -> Settings:
@@ -102,10 +111,12 @@ def _daemon_table(path: Path, daemon: object, base: Settings) -> Settings:
     if not isinstance(daemon, dict):
         raise ConfigError(f"{path}: [daemon] must be a table")
     numbers = {f.name for f in fields(Policy)}
-    known = numbers | set(_SWITCHES)
+    known = numbers | set(_SWITCHES) | DAEMON_KEYS
     policy = Policy()
     switches = dict(_SWITCHES)
     for key, value in daemon.items():
+        if key in DAEMON_KEYS:
+            continue  # not numbers: load_policy_book checks them
         if key in _SWITCHES:
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: [daemon] {key} must be true or false")
@@ -137,13 +148,15 @@ def load_settings(base: Settings) -> Settings:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(doc) - {"daemon", "profiles", "store"}
+    unknown = set(doc) - {"daemon", "profiles", "store", "policy"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     settings = _daemon_table(path, doc.get("daemon", {}), base)
     profiles_doc = doc.get("profiles", {})
     if not isinstance(profiles_doc, dict):
         raise ConfigError(f"{path}: [profiles] must be a table of tables")
-    profiles = {name: _profile_args(name, table) for name, table in profiles_doc.items()}
+    book = load_policy_book(doc, str(path))
+    profiles = {name: _profile_args(name, flag_keys(table) if isinstance(table, dict) else table)
+                for name, table in profiles_doc.items()}
     settings = _store_table(path, doc.get("store", {}), settings)
-    return replace(settings, profiles=MappingProxyType(profiles))
+    return replace(settings, profiles=MappingProxyType(profiles), policies=book)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from brokerd import systemd
+from brokerd.audit import AuditLog
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
@@ -165,8 +166,13 @@ class Daemon:
                 stack.push_async_callback(_cancel, task)
 
             flows = LoginFlows(callbacks, browser, listen_non_loopback=lambda: self.settings.listen_non_loopback)
-            sessions = SessionManager(clients.client_for, flows, store, clock, lambda: self.settings.policy)
+            sessions = SessionManager(clients.client_for, flows, store, clock, lambda: self.settings.policy,
+                                      lambda: self.settings.policies, self._limits.answer_timeout)
             sessions.keyring_backed = store is not None and in_keyring(store.inner.key_source)
+            # The audit trail closes after the sessions (pushed first): it writes what they handed out last.
+            trail = AuditLog(config.state_dir)
+            trail.start()
+            stack.push_async_callback(trail.close)
             await sessions.start()
             stack.push_async_callback(sessions.close)
             if store is not None and store.waiting_reason is not None:
@@ -174,7 +180,8 @@ class Daemon:
                 sessions.store_notice = store.notice
                 waiter = asyncio.create_task(watch(store, sessions))
                 stack.push_async_callback(_cancel, waiter)
-            api = Server(sessions, clients.client_for, self._current, self._limits)
+            sessions.watch()
+            api = Server(sessions, clients.client_for, self._current, self._limits, trail)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=self._limits.max_request)
             self._on_hup = lambda: self._reload(sessions, notifier)
             if self._hup_pending:
@@ -210,6 +217,7 @@ class Daemon:
                 log.warning("[store] is read at start only: the change takes effect when brokerd restarts")
             # The store was opened once with these: keep them, so Settings always says what the daemon does.
             self.settings = replace(settings, store_key=running[0], persist=running[1])
+            sessions.reload()  # each session's policy from the new tables
             log.info("config reloaded from %s (%d profile(s))", settings.config_file, len(settings.profiles))
         _notify(notifier.ready, f"serving {len(sessions)} session(s)")
 

@@ -21,6 +21,8 @@ party (``raise ProviderError(...) from exc``); nothing above the adapters sees a
       StoreError                     the encrypted session store could not be read or written
       ProtocolError                  a malformed request on the daemon socket
       PeerRejected                   a socket peer that is not the daemon's own user
+      NotificationError              the caller's session bus or its notification server failed (notify.py)
+      PolicyRefused                  a policy said no: a confirmation denied or unanswered, a login refused
 """
 
 from __future__ import annotations
@@ -117,3 +119,11 @@ class ProtocolError(BrokerError):
 
 class PeerRejected(BrokerError):
     pass
+
+
+class NotificationError(BrokerError):
+    """The session bus or the notification server could not be used; callers fall back (browser, terminal)."""
+
+
+class PolicyRefused(BrokerError):
+    """A per-session policy refused this caller (policy.py); the message says what to do next."""

@@ -8,23 +8,37 @@ person go through ``announce``, which reaches every caller waiting on this login
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from brokerd.browser import BrowserOpener, browser_url
 from brokerd.callback import CallbackServer, check_loopback
-from brokerd.errors import LoginDenied, LoginError, LoginTimeout, UsageError
+from brokerd.errors import LoginDenied, LoginError, LoginTimeout, NotificationError, PolicyRefused, UsageError
 from brokerd.models import DEFAULT_LISTEN, Caller, LoginOptions, ProviderSettings, TokenSet
+from brokerd.notices import LoginNotice
 from brokerd.oidc import OIDCClient
+from brokerd.policy import BackgroundLogin
 from brokerd.tls import check_regular_file, off_loop
 
 log = logging.getLogger("brokerd.flows")
 
 Announce = Callable[[str], None]
+OnNotice = Callable[[LoginNotice | None], None]
 LOGIN_DISCOVERY_MAX_AGE = 0.0  # every login: one cheap GET, and a dead provider fails before the browser opens
+T = TypeVar("T")
+
+
+def _program(caller: Caller) -> str:
+    """The program named on a notification: kubectl for the plugin (its own name means nothing to a person)."""
+    program = str(getattr(caller, "program", "") or "")
+    return program if program and not program.startswith(("kubectl", "brokerd")) else "kubectl"
+
+
 # kubelogin's default for authcode-keyboard: the provider shows the code on its own page.
 OOB_REDIRECT = "urn:ietf:wg:oauth:2.0:oob"
 
@@ -95,13 +109,16 @@ class LoginFlows:
         self._non_loopback_ok = listen_non_loopback
 
     async def login(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
-                    announce: Announce) -> TokenSet:
+                    announce: Announce, *, background: BackgroundLogin | None = None,
+                    on_notice: OnNotice = lambda notice: None) -> TokenSet:
+        """``background``: how a login for a caller without a terminal shows itself (agent.Agent.background):
+        "notify" puts up a desktop notification whose click opens the browser; None or "browser" opens it now."""
         grant = options.grant_type
         log.debug("session %s: no token to refresh; logging in (--grant-type=%s)", settings.key.short(), grant)
         if grant in ("auto", "authcode"):
             if options.password is not None and grant == "auto":
                 return await self._password(oidc, settings, options, caller)
-            return await self._authcode(oidc, settings, options, caller, announce)
+            return await self._authcode(oidc, settings, options, caller, announce, background, on_notice)
         if grant == "authcode-keyboard":
             return await self._authcode_keyboard(oidc, settings, options, caller, announce)
         if grant == "password":
@@ -118,7 +135,8 @@ class LoginFlows:
         raise UsageError(f"unknown grant type {grant!r}")
 
     async def _authcode(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
-                        announce: Announce) -> TokenSet:
+                        announce: Announce, background: BackgroundLogin | None = None,
+                        on_notice: OnNotice = lambda notice: None) -> TokenSet:
         addresses = _listen_addresses(settings, options)
         non_loopback_ok = self._non_loopback_ok()
         if not non_loopback_ok:
@@ -139,19 +157,62 @@ class LoginFlows:
                                   open_url_after=options.open_url_after_authentication,
                                   form_post=settings.registration.response_mode.startswith("form_post"))
             announce(f"Open this URL to log in: {auth.url}")
-            if not options.skip_open_browser:
-                opened = await self._browser.open(auth.url, command=options.browser_command, caller_env=caller.env)
-                if not opened:
+
+            async def open_browser() -> None:
+                if not await self._browser.open(auth.url, command=options.browser_command, caller_env=caller.env):
                     announce("brokerd could not open a browser (set BROWSER or --browser-command); "
                              "open the URL above yourself")
+
+            notice = None
+            if background == "notify":
+                bus = caller.env.get("DBUS_SESSION_BUS_ADDRESS", "")
+                try:
+                    notice = await LoginNotice.show(bus, settings.issuer, settings.client_id,
+                                                    _program(caller), open_browser)
+                except NotificationError as exc:
+                    # The server went away since the probe.  No surprise tab: the caller hears what to do.
+                    raise PolicyRefused(f"a login to {settings.issuer} is needed, this program has no terminal and "
+                                        f"the desktop notification failed ({exc}); log in from a terminal: "
+                                        "`brokerd login` or any kubectl command there") from None
+            elif not options.skip_open_browser:
+                await open_browser()
             try:
-                result = await asyncio.wait_for(waiter, options.authentication_timeout)
-            except TimeoutError:
-                raise LoginTimeout(
-                    f"no login was completed in the browser within {options.authentication_timeout:.0f} s") from None
+                if notice is None:
+                    result = await self._wait(waiter, options)
+                else:
+                    on_notice(notice)
+                    async with notice:
+                        result = await self._wait_or_dismissed(waiter, notice, options)
+            finally:
+                on_notice(None)
             return await oidc.exchange_code(settings, auth, result.code, iss=result.iss, response=result.response)
         finally:
             await lease.release()
+
+    @staticmethod
+    async def _wait(waiter: Awaitable[T], options: LoginOptions) -> T:
+        try:
+            return await asyncio.wait_for(waiter, options.authentication_timeout)
+        except TimeoutError:
+            raise LoginTimeout(
+                f"no login was completed in the browser within {options.authentication_timeout:.0f} s") from None
+
+    async def _wait_or_dismissed(self, waiter: Awaitable[T], notice: LoginNotice, options: LoginOptions) -> T:
+        """The callback, unless the person closes the notification first (then nobody is asked again for a while:
+        the session's login retry interval)."""
+        dismissed = asyncio.ensure_future(notice.dismissed.wait())
+        done = asyncio.ensure_future(self._wait(waiter, options))
+        try:
+            await asyncio.wait({done, dismissed}, return_when=asyncio.FIRST_COMPLETED)
+            if done.done():
+                return done.result()
+            raise LoginDenied("the login notification was closed; log in from a terminal (`brokerd login`) when "
+                              "you are ready")
+        finally:
+            for task in (done, dismissed):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _authcode_keyboard(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions,
                                  caller: Caller, announce: Announce) -> TokenSet:

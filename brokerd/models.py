@@ -137,6 +137,9 @@ class Session:
     key: SessionKey
     settings: ProviderSettings
     tokens: TokenSet
+    # The agent's clocks (agent.py): max_session_age counts from the login, idle_logout from the last token served.
+    logged_in_at: float | None = None
+    last_served_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from brokerd import __version__, execcred
+from brokerd import __version__, audit, execcred
 from brokerd.callerlog import telling
 from brokerd.config import Settings
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
 from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, ignored_flag_notes, parse_flags, request_from_flags
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import ClientFactory
-from brokerd.peers import hung_up, is_local_peer
+from brokerd.peers import hung_up
 from brokerd.sessions import SessionManager
+from brokerd.shimcaller import ShimCaller
 from client_shim import protocol
 from client_shim.protocol import Request
 
@@ -28,7 +29,8 @@ log = logging.getLogger("brokerd.server")
 
 PARSE_CACHE_SIZE = 256
 RENDER_CACHE_SIZE = 16
-LONG_COMMANDS = frozenset({"get-token", "setup"})  # may wait minutes for a login; admin commands answer at once
+# May wait minutes for a login; admin commands answer at once.
+LONG_COMMANDS = frozenset({"get-token", "setup", "login"})
 
 
 @dataclass(frozen=True)
@@ -72,64 +74,17 @@ class HungUp(Exception):
     """The caller closed its end while it waited (not a BrokerError: there is nobody to tell)."""
 
 
-def _without_desktop(env: Mapping[str, str]) -> Mapping[str, str]:
-    return {k: v for k, v in env.items() if k not in protocol.DESKTOP_ENV}
-
-
-class ShimCaller:
-    """The Caller of sessions.py, speaking the socket protocol to one client."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: Mapping[str, str],
-                 exec_info: execcred.ExecInfo, limits: Limits, *, may_choose_browser: bool,
-                 pid: int | None) -> None:
-        self._may_choose_browser = may_choose_browser
-        self._pid = pid
-        self._chooses_browser: bool | None = None
-        # The caller's desktop only when it may choose the browser (asked only when it sent one: a /proc lookup).
-        has_desktop = any(name in env for name in protocol.DESKTOP_ENV)
-        self.env = _without_desktop(env) if has_desktop and not self.chooses_browser else env
-        self.exec_info = exec_info
-        self.interactive = exec_info.interactive
-        self._reader = reader
-        self._writer = writer
-        self._limits = limits
-
-    @property
-    def chooses_browser(self) -> bool:
-        """May this caller pick the program that opens the login page?  Not when it is relayed from another host."""
-        if self._chooses_browser is None:
-            self._chooses_browser = self._may_choose_browser and is_local_peer(self._pid)
-        return self._chooses_browser
-
-    def tell(self, text: str) -> None:
-        if self._writer.is_closing():
-            return
-        for line in text.splitlines() or [""]:
-            self._writer.write(protocol.message_line(line))
-
-    async def ask(self, prompt: str, *, secret: bool) -> str:
-        if not self.interactive:
-            raise UsageError(f"brokerd needs an answer to {prompt.strip()!r} but kubectl gave the plugin no terminal "
-                             "(set interactiveMode: IfAvailable and run kubectl in a terminal)")
-        self._writer.write(protocol.prompt_line(prompt, secret=secret))
-        await self._writer.drain()
-        try:
-            raw = await asyncio.wait_for(self._reader.readuntil(b"\0"), self._limits.answer_timeout)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
-            raise UsageError("no answer was given on the terminal") from exc
-        if not raw.startswith(protocol.ANSWER):
-            raise ProtocolError("unexpected answer from the client")
-        return raw[1:-1].decode("utf-8", "replace")
-
 
 Handler = Callable[[Request, ShimCaller], Awaitable[str]]
 
 
 class Server:
     def __init__(self, sessions: SessionManager, client_for: ClientFactory, settings: Callable[[], Settings],
-                 limits: Limits | None = None) -> None:
-        """``settings`` reads the daemon's current settings (profiles, caller_browser): SIGHUP swaps them whole."""
+                 limits: Limits | None = None, trail: audit.AuditLog | None = None) -> None:
+        """``settings`` reads the daemon's current settings (profiles, caller_browser): SIGHUP swaps them whole.
+        ``trail``: where every token handed out is recorded (audit.py)."""
         self._sessions = sessions
+        self._trail = trail
         self._client_for = client_for  # `setup` makes its own checks against the provider
         self._settings = settings
         self._parsed_for = settings()  # the settings the parse cache below was filled under
@@ -154,6 +109,7 @@ class Server:
             "status": self._status,
             "logout": self._logout,
             "setup": self._setup,
+            "login": self._login,
         }
 
     @property
@@ -211,6 +167,8 @@ class Server:
             with contextlib.suppress(TimeoutError, ValueError, asyncio.LimitOverrunError):
                 await asyncio.wait_for(reader.read(self._limits.max_request), 0.5)
             return
+        # Who it is, read now: the process may be gone by the time its request is answered.
+        peer = audit.peer_info(sock) if self._trail is not None else None
         if not self._make_room():
             log.warning("connection limit (%d) reached: every connection is busy; refused a new one", self._cap)
             self._write_error(writer, BrokerError("brokerd is overloaded; try again"))
@@ -245,7 +203,8 @@ class Server:
                 self._long += 1
                 long_running = True
             caller = ShimCaller(reader, writer, request.env, info, self._limits,
-                                may_choose_browser=self.caller_browser, pid=pid)
+                                may_choose_browser=self.caller_browser, pid=pid, peer=peer,
+                                program=request.program)
             result = await self._until_hangup(handler(request, caller), sock) if long_running else \
                 await handler(request, caller)
         except HungUp:
@@ -343,7 +302,7 @@ class Server:
         settings, options, notes = self._request_settings(request.argv[1:], request.env)
         for note in notes:
             caller.tell(note)
-        tokens = await self._token_for_caller(settings, options, caller)
+        tokens = await self._token_for_caller(settings, options, caller, _profile(request))
         token, expiry = self._sessions.credential(settings, tokens)
         key = (caller.exec_info.api_version, token, expiry)
         rendered = self._rendered.get(key)
@@ -353,15 +312,38 @@ class Server:
             rendered = self._rendered[key] = execcred.render(*key)
         return rendered
 
-    async def _token_for_caller(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
-        """sessions.get_token, without a --browser-command the caller may not choose (get-token and setup alike)."""
+    async def _token_for_caller(self, settings: ProviderSettings, options: LoginOptions, caller: Caller,
+                                profile: str | None = None) -> TokenSet:
+        """sessions.obtain, without a --browser-command the caller may not choose (get-token and setup alike);
+        every token handed out is recorded in the audit trail."""
         if options.browser_command and not (isinstance(caller, ShimCaller) and caller.chooses_browser):
             caller.tell("note: --browser-command is ignored: this daemon opens its own browser for " + (
                 "forwarded callers (docs/remote.md)" if self.caller_browser else
                 "every caller (caller_browser = false in its config)"))
             options = replace(options, browser_command=None)
         with telling(caller.tell, options.verbosity):  # -v: this caller sees the log lines of its own request
-            return await self._sessions.get_token(settings, options, caller)
+            tokens, how = await self._sessions.obtain(settings, options, caller, profile)
+        if self._trail is not None:
+            # Named values only: never a token set, the settings or the request.
+            self._trail.record(audit.entry(
+                now=self._sessions.clock.now(), session=str(settings.key), issuer=settings.issuer,
+                client_id=settings.client_id, user=audit.user_of(tokens.claims), how=how,
+                peer=getattr(caller, "peer", None), server=getattr(caller, "cluster", None)))
+        return tokens
+
+    async def _login(self, request: Request, caller: ShimCaller) -> str:
+        """``brokerd login [--profile NAME | get-token flags]``: end the session (revoking its refresh token) and
+        log in now, at a moment the person chose, so its max_session_age counts from here."""
+        settings, options, notes = self._request_settings(request.argv[1:], request.env)
+        for note in notes:
+            caller.tell(note)
+        caller.asked_to_log_in = True
+        await self._sessions.logout(keys={settings.key})
+        self._rendered.clear()
+        tokens = await self._token_for_caller(settings, options, caller, _profile(request))
+        return json.dumps({"logged_in": True, "session": settings.key.short(), "issuer": settings.issuer,
+                           "client_id": settings.client_id, "expires_at": self._sessions.credential(settings,
+                                                                                                    tokens)[1]})
 
     async def _version(self, request: Request, caller: ShimCaller) -> str:
         return f"brokerd {__version__}"  # as `brokerd version` prints it
@@ -402,3 +384,14 @@ class Server:
             caller.tell(note)
         report["kubeconfig_args"] = kubeconfig_args(own)  # the command line's flags: a profile stays a profile
         return json.dumps(report)
+
+
+def _profile(request: Request) -> str | None:
+    """The profile a request names (``--profile`` or BROKERD_PROFILE): its policy table applies to the session."""
+    args = request.argv
+    for i, arg in enumerate(args):
+        if arg.startswith("--profile="):
+            return arg.partition("=")[2]
+        if arg == "--profile" and i + 1 < len(args):
+            return args[i + 1]
+    return request.env.get("BROKERD_PROFILE")

@@ -29,13 +29,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import NoReturn, Protocol
+from typing import Literal, NoReturn, Protocol
 
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, LoginError, LoginInterrupted, LoginPending, ProviderError, StoreError
 from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Served, TokenSet
+from brokerd.notices import LoginNotice
 from brokerd.oidc import OIDCClient
+from brokerd.policy import BackgroundLogin, SessionPolicy, may_refresh, serve_limit, session_end
 from brokerd.refresh import Policy, answered_refresh_unusable, refresh_due, refresh_token_lost, serve_until
 
 log = logging.getLogger("brokerd.sessions")
@@ -56,6 +58,15 @@ class Host(Protocol):
 
     async def client_for(self, settings: ProviderSettings) -> OIDCClient: ...
 
+    def renewed(self, session: LiveSession, how: Literal["refresh", "login"]) -> None:
+        """A refresh or a login of ``session`` succeeded (counters, the agent's watch)."""
+        ...
+
+    async def background(self, session: LiveSession, caller: Caller, options: LoginOptions
+                         ) -> BackgroundLogin | None:
+        """How a login for ``caller`` shows itself (agent.Agent.background); PolicyRefused to refuse it."""
+        ...
+
     async def save(self, *, strict: bool = False) -> None:
         """Persist every session as ``LiveSession.stored`` says; with ``strict``, raise StoreError if not saved."""
         ...
@@ -70,6 +81,8 @@ class Renewal:
     logging_in: bool = False
     messages: list[str] = field(default_factory=list)
     callers: set[Caller] = field(default_factory=set)
+    how: Literal["refresh", "login"] = "refresh"
+    notice: LoginNotice | None = None  # the pending login's desktop notification, when it has one
 
     @property
     def running(self) -> asyncio.Task[TokenSet]:
@@ -80,6 +93,9 @@ class Renewal:
         self.messages.append(text)
         for caller in list(self.callers):
             caller.tell(text)
+
+    def attach(self, notice: LoginNotice | None) -> None:
+        self.notice = notice
 
     def join(self, caller: Caller) -> None:
         self.callers.add(caller)
@@ -105,6 +121,11 @@ class LiveSession:
         self.on_disk = False
         self.login_failed_at: float | None = None
         self.login_failure = ""
+        # The agent's view (agent.py): the policy in force, when the last login was (max_session_age counts from
+        # it) and when a token was last handed out (idle_logout counts from it).
+        self.policy = SessionPolicy()
+        self.logged_in_at: float | None = None
+        self.last_served_at: float | None = None
 
     @property
     def short(self) -> str:
@@ -114,7 +135,9 @@ class LiveSession:
 
     def serve_until(self, tokens: TokenSet) -> float:
         """The expirationTimestamp to give kubectl: a little before the real exp (kube-apiserver allows no leeway)."""
-        return serve_until(self._host.policy, tokens.issued_at, self.served.expiry(tokens))
+        # Never past the session's end by age: a token the provider issued for longer is not served beyond it.
+        return serve_limit(self.policy, self.logged_in_at,
+                           serve_until(self._host.policy, tokens.issued_at, self.served.expiry(tokens)))
 
     def servable(self, tokens: TokenSet | None) -> bool:
         if tokens is None or not self.served.token(tokens):
@@ -141,18 +164,23 @@ class LiveSession:
 
     # -- callers --------------------------------------------------------------------------------------------------
 
-    async def get(self, options: LoginOptions, caller: Caller) -> TokenSet:
+    async def get(self, options: LoginOptions, caller: Caller) -> tuple[TokenSet, Literal["cache", "refresh", "login"]]:
+        """A servable token set, and how it was obtained: from the cache, or by the renewal this caller waited on."""
         force = options.force_refresh
         # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
         for _ in range(2):
             if not force and self.servable(self.tokens):
                 assert self.tokens is not None
-                return self.tokens
+                return self.tokens, "cache"
             renewal = self.renewal
             if renewal is None or renewal.running.done():
                 renewal = self.start_renewal(options, caller, allow_login=True, force=force)
             force = False
             renewal.join(caller)
+            if renewal.notice is not None:
+                # A person at a terminal gets the browser at once; background joiners are counted on the notice.
+                await (renewal.notice.open_now() if caller.interactive else
+                       renewal.notice.update(waiting=len(renewal.callers)))
             try:
                 # A little longer than the login's own deadline, so the caller hears why it ended ("no login was
                 # completed within N s") rather than that it is still pending.
@@ -174,7 +202,7 @@ class LiveSession:
             finally:
                 renewal.callers.discard(caller)
             if self.servable(tokens):
-                return tokens
+                return tokens, renewal.how
             if renewal.allow_login:
                 raise LoginError("the provider issued a token that is already expired; check the clock on this "
                                  "machine and the provider's token lifetime")
@@ -198,7 +226,8 @@ class LiveSession:
                      force: bool) -> TokenSet:
         oidc = await self._host.client_for(self.settings)
         tokens = self.tokens
-        if tokens is not None and tokens.refresh_token:
+        if tokens is not None and tokens.refresh_token and may_refresh(self.policy, self.logged_in_at,
+                                                                       self._host.clock.now()):
             # Discovery first, on its own: a failure here certainly sent nothing, so the refresh token stays.
             await oidc.metadata(self.settings.issuer)
             try:
@@ -250,6 +279,7 @@ class LiveSession:
         else:
             log.info("session %s refreshed; token valid until %s", self.short, _fmt(expiry))
             self.schedule()
+        self._host.renewed(self, "refresh")
         return new
 
     async def _refresh_failed(self, tokens: TokenSet, exc: BaseException, *, answered: bool) -> NoReturn:
@@ -295,15 +325,20 @@ class LiveSession:
             wait = policy.login_retry_interval - (clock.now() - failed_at)
             raise LoginPending(f"the last login attempt failed ({self.login_failure}); not opening the browser "
                                f"again for {wait:.0f} s (run kubectl in a terminal to retry now)")
+        background = await self._host.background(self, caller, options)  # may refuse: before any port is taken
         renewal.logging_in = True
+        renewal.how = "login"
         try:
-            tokens = await self._host.flows.login(oidc, self.settings, options, caller, renewal.announce)
+            tokens = await self._host.flows.login(oidc, self.settings, options, caller, renewal.announce,
+                                                  background=background, on_notice=renewal.attach)
         except BrokerError as exc:
             self.login_failed_at = clock.now()
             self.login_failure = str(exc)
             raise
         self.login_failed_at = None
+        self.logged_in_at = clock.now()
         await self._adopt(tokens)
+        self._host.renewed(self, "login")
         log.info("session %s logged in; token valid until %s", self.short, _fmt(self.served.expiry(tokens)))
         self.schedule()
         return tokens
@@ -322,7 +357,11 @@ class LiveSession:
         tokens = self.tokens
         if self._host.closing or self.closed or tokens is None or not tokens.refresh_token:
             return
-        self.next_refresh_at = refresh_due(self._host.policy, tokens.issued_at, self.served.expiry(tokens))
+        due = refresh_due(self._host.policy, tokens.issued_at, self.served.expiry(tokens))
+        end = session_end(self.policy, self.logged_in_at)
+        if end is not None and due >= end:
+            return  # no refresh past the session's end by age (the agent's watch ends the session then)
+        self.next_refresh_at = due
         self.timer = asyncio.create_task(self._refresh_ahead(tokens, self.next_refresh_at))
 
     async def _refresh_ahead(self, tokens: TokenSet, due: float) -> None:

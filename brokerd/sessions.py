@@ -21,13 +21,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from brokerd.agent import Agent, caller_bus, caller_peer, login_needed
+from brokerd.audit import How
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, StoreError
 from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Session, SessionKey, TokenSet
 from brokerd.oidc import ClientFactory, OIDCClient
+from brokerd.policy import BackgroundLogin, PolicyBook, idle_deadline, past_max_age, session_end
 from brokerd.refresh import Policy, describe
 from brokerd.session import LiveSession
 
@@ -49,7 +52,10 @@ class Store(Protocol):
 
 class SessionManager:
     def __init__(self, client_for: ClientFactory, flows: LoginFlows, store: Store | None, clock: Clock,
-                 policy: Policy | Callable[[], Policy] | None = None) -> None:
+                 policy: Policy | Callable[[], Policy] | None = None,
+                 policies: Callable[[], PolicyBook] = PolicyBook, ask_timeout: float = 300.0) -> None:
+        """``policies`` reads the agent's policy tables (config.py; SIGHUP swaps them); ``ask_timeout`` bounds a
+        confirmation question (server.Limits.answer_timeout)."""
         self._client_for = client_for
         self.flows = flows
         self._store = store
@@ -64,6 +70,8 @@ class SessionManager:
         # the line every caller hears while the stored sessions wait for the keyring to unlock.
         self.keyring_backed = False
         self.store_notice: str | None = None
+        self.agent = Agent(clock, policies, lambda: self.policy.login_retry_interval)
+        self._ask_timeout = ask_timeout
 
     @property
     def policy(self) -> Policy:
@@ -79,11 +87,29 @@ class SessionManager:
         except StoreError as exc:
             log.error("sessions not loaded, starting empty: %s", exc)
             return
+        now = self.clock.now()
         for key, persisted in stored.items():
             session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
             session.on_disk = persisted.tokens.refresh_token is not None
+            # A store written before these were kept: max_session_age and idle_logout count from this start.
+            session.logged_in_at = persisted.logged_in_at or now
+            session.last_served_at = persisted.last_served_at or now
+            session.policy = self.agent.policy_for(session.settings, ())
             session.schedule()
         log.info("loaded %d session(s) from the store", len(stored))
+
+    def watch(self) -> None:
+        """Start the agent's watch (idle logout, end of age, warnings); the daemon calls it once serving."""
+        self.agent.start(lambda: [s for s in self._sessions.values() if s.tokens is not None], self._end,
+                         self._login_now)
+
+    def reload(self) -> None:
+        """SIGHUP: every session's policy from the new tables."""
+        for session in self._sessions.values():
+            session.policy = self.agent.policy_for(session.settings, self.agent.guard(session.settings.key).profiles)
+            if session.renewal is None:
+                session.schedule()
+        self.agent.changed()
 
     def interrupt_logins(self) -> None:
         """Stop pending logins (shutdown): their callers get LoginInterrupted now rather than hanging."""
@@ -94,6 +120,7 @@ class SessionManager:
 
     async def close(self, refresh_grace: float = CLOSE_REFRESH_WAIT) -> None:
         self.interrupt_logins()
+        await self.agent.close()
         tasks: list[asyncio.Task[Any]] = []
         for session in self._sessions.values():
             if session.timer is not None:
@@ -125,6 +152,14 @@ class SessionManager:
         return await self._client_for(settings)
 
     async def get_token(self, settings: ProviderSettings, options: LoginOptions, caller: Caller) -> TokenSet:
+        return (await self.obtain(settings, options, caller))[0]
+
+    async def obtain(self, settings: ProviderSettings, options: LoginOptions, caller: Caller,
+                     profile: str | None = None) -> tuple[TokenSet, How]:
+        """A token for ``caller`` under the session's policy, and how it was obtained (for the audit trail).
+
+        The order matters: the session's end by age first (so nothing is served or refreshed past it), then the
+        confirmation, before anything that could open a browser or spend a refresh token."""
         if options.cache_storage == "keyring" and self._store is not None and not self.keyring_backed:
             raise StoreError("--token-cache-storage=keyring: brokerd's store key is in a file, not a keyring; run "
                              "`brokerd store migrate --to keyring` with a keyring running, or use "
@@ -137,7 +172,50 @@ class SessionManager:
             session = self._sessions[settings.key] = LiveSession(self, settings)
         if options.cache_storage == "none":
             session.persist = False  # sticky: a session once memory-only is never written later
-        return await session.get(options, caller)
+        guard = self.agent.guard(settings.key)
+        if profile not in guard.profiles:
+            guard.profiles.add(profile)
+            session.policy = self.agent.policy_for(settings, guard.profiles)
+        bus = caller_bus(caller)
+        if bus is not None:
+            guard.bus_address = bus  # where the warning ahead of a login goes
+        now = self.clock.now()
+        if session.tokens is not None and past_max_age(session.policy, session.logged_in_at, now):
+            await self._end(settings.key, f"reached max_session_age ({session.policy.max_session_age:g} s); a new "
+                                          "login is needed")
+            return await self.obtain(settings, options, caller, profile)
+        await self.agent.confirm(session, caller, options, self._ask_timeout)
+        tokens, how = await session.get(options, caller)
+        session.last_served_at = self.clock.now()
+        self.agent.counters.served(str(settings.key), caller_peer(caller), session.last_served_at)
+        if session.policy.idle_logout is not None:
+            self.agent.changed()
+        return tokens, how
+
+    def renewed(self, session: LiveSession, how: Literal["refresh", "login"]) -> None:
+        self.agent.counters.renewed(str(session.settings.key), how)
+        self.agent.changed()
+
+    async def background(self, session: LiveSession, caller: Caller, options: LoginOptions
+                         ) -> BackgroundLogin | None:
+        return await self.agent.background(session.policy, caller, options, session.settings.issuer)
+
+    async def _login_now(self, key: SessionKey, bus: str) -> None:
+        """A click on the warning ahead of a login: log in again now (as `brokerd login` does), the browser opened
+        by the daemon on the desktop that was warned; messages go to the log."""
+        session = self._sessions.get(key)
+        if session is None:
+            return
+        await self.logout(keys={key})
+        await self.obtain(session.settings, LoginOptions(), DesktopCaller(bus))
+
+    async def _end(self, key: SessionKey, why: str) -> None:
+        """End a session by policy (age, disuse) as logout does: its refresh token revoked, forgotten."""
+        session = self._sessions.get(key)
+        if session is None:
+            return
+        log.info("session %s %s", session.short, why)
+        await self.logout(keys={key})
 
     def credential(self, settings: ProviderSettings, tokens: TokenSet) -> tuple[str, float]:
         """The token kubectl gets from ``tokens`` and its expirationTimestamp, as the session serves them."""
@@ -175,7 +253,7 @@ class SessionManager:
                 tokens = s.stored()
                 written[s] = tokens is not None and tokens.refresh_token is not None
                 if tokens is not None:
-                    snapshot[key] = Session(key, s.settings, tokens)
+                    snapshot[key] = Session(key, s.settings, tokens, s.logged_in_at, s.last_served_at)
                 if written[s]:
                     s.on_disk = True  # from now until a later write without it is known to have landed
             write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
@@ -232,22 +310,31 @@ class SessionManager:
         for key, s in sorted(self._sessions.items()):
             if s.tokens is None and s.renewal is None:
                 continue
-            out.append(describe(key, s.settings, s.tokens, now,
-                                expires_at=s.served.expiry(s.tokens) if s.tokens is not None else None,
-                                next_refresh_at=s.next_refresh_at, retrying=s.retrying,
-                                login_pending=s.renewal is not None and s.renewal.logging_in))
+            doc = describe(key, s.settings, s.tokens, now,
+                           expires_at=s.served.expiry(s.tokens) if s.tokens is not None else None,
+                           next_refresh_at=s.next_refresh_at, retrying=s.retrying,
+                           login_pending=s.renewal is not None and s.renewal.logging_in)
+            tally = self.agent.counters.sessions.get(str(key))
+            doc.update(policy=s.policy.describe(), counters=tally.describe() if tally is not None else None,
+                       session_ends_at=session_end(s.policy, s.logged_in_at),
+                       idle_logout_at=idle_deadline(s.policy, s.last_served_at),
+                       login_needed_at=login_needed(s))
+            out.append(doc)
         return out
 
-    async def logout(self, issuer: str | None = None, client_id: str | None = None) -> list[dict[str, Any]]:
+    async def logout(self, issuer: str | None = None, client_id: str | None = None,
+                     keys: set[SessionKey] | None = None) -> list[dict[str, Any]]:
         """End the matching sessions: revoke the refresh token (RFC 7009), forget them in memory and on disk."""
         ended = [(key, s) for key, s in self._sessions.items()
                  if (issuer is None or s.settings.issuer == issuer)
-                 and (client_id is None or s.settings.client_id == client_id)]
+                 and (client_id is None or s.settings.client_id == client_id)
+                 and (keys is None or key in keys)]
         for key, session in ended:
             # Out of the table first: a caller arriving now starts a fresh session instead of reviving this one.
             del self._sessions[key]
             session.closed = True
             session.cancel_timer()
+            self.agent.forget(key)
         results = []
         for key, session in ended:
             renewal = session.renewal
@@ -273,3 +360,20 @@ class SessionManager:
         if ok:
             return "refresh token revoked; session forgotten"
         return "the provider has no revocation endpoint; session forgotten"
+
+
+class DesktopCaller:
+    """The Caller of a login the person started from a notification: no terminal, no stderr (the log instead)."""
+
+    interactive = False
+    asked_to_log_in = True  # a click is a person's request: the browser opens at once
+
+    def __init__(self, bus: str) -> None:
+        self.env: Mapping[str, str] = {"DBUS_SESSION_BUS_ADDRESS": bus}
+
+    def tell(self, text: str) -> None:
+        log.info("%s", text)
+
+    async def ask(self, prompt: str, *, secret: bool) -> str:
+        raise BrokerError("a login started from a notification cannot ask questions; run `brokerd login` in a "
+                          "terminal")

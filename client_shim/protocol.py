@@ -30,10 +30,12 @@ ANSWER = b"R"  # client -> daemon: the answer to a prompt, ended by NUL
 TERMINAL = (RESULT, ERROR)
 LINE_KINDS = (MESSAGE, RESULT, ERROR, ASK, ASK_SECRET)
 
-# The caller's environment the daemon may see.  DESKTOP_ENV says where a browser would open: a remote shim
-# (BROKERD_REMOTE=1, docs/remote.md) does not send it, since its desktop is elsewhere.
-FORWARDED_ENV = ("KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "BROKERD_PROFILE")
-DESKTOP_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY")
+# The caller's environment the daemon may see.  DESKTOP_ENV says where a browser would open and where a
+# notification would show (the session bus): a remote shim (BROKERD_REMOTE=1, docs/remote.md) does not send it,
+# since its desktop is elsewhere, and the daemon drops it for forwarded callers.
+FORWARDED_ENV = ("KUBERNETES_EXEC_INFO", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS",
+                 "BROKERD_PROFILE")
+DESKTOP_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")
 _FORWARDED_B = tuple(name.encode() for name in FORWARDED_ENV)
 _DESKTOP_B = tuple(name.encode() for name in DESKTOP_ENV)
 

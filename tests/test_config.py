@@ -41,8 +41,24 @@ def test_profiles_become_flags(tmp_path: Path) -> None:
     assert options.skip_open_browser and options.authentication_timeout == 20
 
 
+def test_agent_policy_tables_and_profile_policy_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\nbackground_login = "refuse"\nwarn_before = "10m"\n'
+                    '[policy."https://a/"]\nconfirm = true\nidle_logout = "8h"\n'
+                    '[profiles.prod]\noidc-issuer-url = "https://a"\noidc-client-id = "k"\nmax_session_age = "12h"\n')
+    config = load_config(path)
+    policy = config.policies.for_session("https://a", "prod")
+    assert policy.confirm and policy.idle_logout == 8 * 3600 and policy.max_session_age == 12 * 3600
+    assert policy.background_login == "refuse" and policy.warn_before == 600
+    assert not any("max_session_age" in arg for arg in config.profiles["prod"])  # a policy key is no flag
+
+
 @pytest.mark.parametrize(("text", "expect"), [
     ("[nope]\n", "unknown section"),
+    ('[policy."https://a"]\nconfirm = "yes"\n', "confirm must be true or false"),
+    ('[policy."https://a"]\nmax_session_age = "soon"\n', "expected a duration"),
+    ('[policy."https://a"]\nbogus = 1\n', "unknown setting"),
+    ('[daemon]\nbackground_login = "popup"\n', "background_login must be"),
     ("[daemon]\nrefresh_ratio = 'x'\n", "non-negative number"),
     ("[daemon]\nbogus = 1\n", "unknown setting 'bogus'"),
     ("[profiles.a]\noidc-bogus = 1\n", "unknown setting 'oidc-bogus'"),

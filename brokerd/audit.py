@@ -1,0 +1,341 @@
+"""The audit trail: one JSON line per token handed out, who asked, and how the token was obtained.
+
+Where: ``audit.jsonl`` in the state dir (0700), each file 0600, rotated by size into ``audit.jsonl.1`` ..
+``.N`` (the oldest dropped), so the trail never takes more than ``max_bytes * (keep + 1)``.
+
+What: time, session (short key, issuer, client id, user), how (cache | refresh | login), the caller's pid, uid and
+executable and its parent's pid and executable (SO_PEERCRED + /proc), and the cluster server when kubectl sent
+cluster info.  Entries are built field by field from named values (``entry``), never from a TokenSet, settings
+object or request, so no token, secret, CA data or cluster ``config`` can reach the file.
+
+How: ``AuditLog.record`` only appends to a bounded in-memory batch; one writer task (owned by the log, flushed and
+awaited on close) writes batches in a thread, so a served token never waits for the disk.
+
+Also here: ``peer_info`` (who is on the other end of a Unix socket) and ``Counters`` (per-session tallies for
+``brokerd status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from brokerd.paths import ensure_private_dir
+
+log = logging.getLogger("brokerd.audit")
+
+How = Literal["cache", "refresh", "login"]
+AUDIT_FILE = "audit.jsonl"
+MAX_BYTES = 1 << 20
+KEEP = 4  # rotated files kept besides the current one
+MAX_PENDING = 10_000  # records waiting for the writer; past this the oldest are dropped (and the drop is logged)
+USER_CLAIMS = ("preferred_username", "email", "name", "sub")
+
+
+# -- who is calling -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    pid: int
+    uid: int
+    gid: int
+    exe: str | None = None
+    ppid: int | None = None
+    parent_exe: str | None = None
+
+    def describe(self) -> str:
+        """One short line for status: ``kubectl (pid 12) from k9s (pid 11)``."""
+        text = f"{_base(self.exe)} (pid {self.pid})"
+        if self.ppid:
+            text += f" from {_base(self.parent_exe)} (pid {self.ppid})"
+        return text
+
+
+def _base(exe: str | None) -> str:
+    return exe.rsplit("/", 1)[-1] if exe else "?"
+
+
+def _exe(pid: int, proc: Path) -> str | None:
+    try:
+        return os.readlink(proc / str(pid) / "exe")
+    except OSError:  # gone, another user's, or a kernel thread
+        return None
+
+
+def _ppid(pid: int, proc: Path) -> int | None:
+    try:
+        stat = (proc / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    rest = stat.rpartition(b")")[2].split()
+    try:
+        return int(rest[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def peer_info(sock: socket.socket | None, proc: Path = Path("/proc")) -> PeerInfo | None:
+    """pid/uid/gid of a connected Unix socket's peer (SO_PEERCRED), its executable and its parent's from /proc.
+
+    Soft: None when the socket has no peer credentials; ``exe``/``ppid``/``parent_exe`` None when that process is
+    gone or not readable.  The pid is the one that connected; a process that exits and whose pid is reused before
+    /proc is read would be misnamed, which is why this is a record, not an authentication.
+    """
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("iII", raw)  # uid_t/gid_t are unsigned: uid 4294967294 is not -2
+    if pid <= 0:
+        return PeerInfo(pid=pid, uid=uid, gid=gid)
+    ppid = _ppid(pid, proc)
+    return PeerInfo(pid=pid, uid=uid, gid=gid, exe=_exe(pid, proc), ppid=ppid,
+                    parent_exe=_exe(ppid, proc) if ppid else None)
+
+
+def cluster_server(exec_info: str | None) -> str | None:
+    """``spec.cluster.server`` of KUBERNETES_EXEC_INFO (kubectl sends it with ``provideClusterInfo: true``),
+    without any userinfo, query or fragment.  Nothing else of the cluster info (CA data, ``config``) is kept."""
+    if not exec_info:
+        return None
+    try:
+        doc = json.loads(exec_info)
+    except ValueError:
+        return None
+    spec = doc.get("spec") if isinstance(doc, dict) else None
+    cluster = spec.get("cluster") if isinstance(spec, dict) else None
+    server = cluster.get("server") if isinstance(cluster, dict) else None
+    if not isinstance(server, str) or not server:
+        return None
+    try:
+        parts = urlsplit(server)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return None
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def user_of(claims: Mapping[str, Any]) -> str | None:
+    for name in USER_CLAIMS:
+        value = claims.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def entry(*, now: float, session: str, issuer: str, client_id: str, user: str | None, how: How,
+          peer: PeerInfo | None, server: str | None) -> dict[str, Any]:
+    """One audit record, from named values only."""
+    doc: dict[str, Any] = {
+        "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": round(now, 3),
+        "session": session[:12],
+        "issuer": issuer,
+        "client_id": client_id,
+        "user": user,
+        "how": how,
+    }
+    if peer is not None:
+        doc["caller"] = {"pid": peer.pid, "uid": peer.uid, "exe": peer.exe, "ppid": peer.ppid,
+                         "parent_exe": peer.parent_exe}
+    if server is not None:
+        doc["cluster"] = server
+    return doc
+
+
+# -- writing --------------------------------------------------------------------------------------------------------
+
+
+def _rotate(path: Path, keep: int) -> None:
+    for n in range(keep, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if n == keep:
+            with contextlib.suppress(FileNotFoundError):
+                older.unlink()
+        newer = path.with_name(f"{path.name}.{n - 1}") if n > 1 else path
+        with contextlib.suppress(FileNotFoundError):
+            newer.replace(older)
+
+
+def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
+    """Append ``lines`` (each one JSON document) to the audit file, rotating first when it would pass
+    ``max_bytes``.  Blocking: the writer task runs it in a thread."""
+    ensure_private_dir(directory)
+    path = directory / AUDIT_FILE
+    for line in lines:
+        data = (line + "\n").encode()
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(data) > max_bytes:
+            _rotate(path, keep)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+class AuditLog:
+    """Buffered audit writer.  ``record`` never blocks; ``start`` and ``close`` belong to the daemon's lifecycle."""
+
+    def __init__(self, directory: Path, max_bytes: int = MAX_BYTES, keep: int = KEEP,
+                 max_pending: int = MAX_PENDING) -> None:
+        self.directory = directory
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self._pending: deque[str] = deque()
+        self._max_pending = max_pending
+        self._dropped = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._writer(), name="audit-writer")
+
+    def record(self, doc: Mapping[str, Any]) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft()
+            self._dropped += 1
+        self._pending.append(json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Write everything recorded so far (tests; close)."""
+        while self._pending:
+            batch = list(self._pending)
+            self._pending.clear()
+            if self._dropped:
+                log.warning("audit: %d record(s) dropped: the writer could not keep up", self._dropped)
+                self._dropped = 0
+            try:
+                await asyncio.to_thread(write_lines, self.directory, batch, self._max_bytes, self._keep)
+            except OSError as exc:
+                log.error("audit: cannot write %s: %s (%d record(s) lost)", self.directory / AUDIT_FILE,
+                          exc.strerror or exc, len(batch))
+
+    async def _writer(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def close(self) -> None:
+        """Write what is pending and stop the writer.  Not a cancel: a batch taken for writing is written."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self.flush()
+
+
+# -- reading (`brokerd audit`, no daemon needed) ----------------------------------------------------------------
+
+
+def audit_files(directory: Path, keep: int = KEEP) -> list[Path]:
+    """Oldest first."""
+    path = directory / AUDIT_FILE
+    candidates = [path.with_name(f"{path.name}.{n}") for n in range(keep, 0, -1)] + [path]
+    return [p for p in candidates if p.is_file()]
+
+
+def read_entries(directory: Path, *, since: float | None = None, session: str | None = None,
+                 keep: int = KEEP) -> Iterator[dict[str, Any]]:
+    """Records oldest first; ``since`` an epoch, ``session`` a prefix of the session key.  Lines that are not
+    records (a torn write after a crash) are skipped."""
+    for path in audit_files(directory, keep):
+        try:
+            with path.open("rb") as handle:
+                for raw in handle:
+                    try:
+                        doc = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if not isinstance(doc, dict):
+                        continue
+                    if since is not None and float(doc.get("ts", 0)) < since:
+                        continue
+                    if session and not str(doc.get("session", "")).startswith(session[:12]):
+                        continue
+                    yield doc
+        except OSError:
+            continue
+
+
+def format_entry(doc: Mapping[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(doc.get("ts", 0))))
+    caller = doc.get("caller") or {}
+    who = "?"
+    if caller:
+        who = PeerInfo(pid=caller.get("pid") or 0, uid=caller.get("uid") or 0, gid=0, exe=caller.get("exe"),
+                       ppid=caller.get("ppid"), parent_exe=caller.get("parent_exe")).describe()
+    cluster = f" -> {doc['cluster']}" if doc.get("cluster") else ""
+    return (f"{when}  {doc.get('how', '?'):7} {doc.get('session', '?')}  {doc.get('user') or '-'} @ "
+            f"{doc.get('issuer', '?')} ({doc.get('client_id', '?')})  {who}{cluster}")
+
+
+# -- per-session tallies for `brokerd status` --------------------------------------------------------------------
+
+
+@dataclass
+class SessionCounters:
+    tokens_served: int = 0
+    refreshes: int = 0
+    logins: int = 0
+    last_caller: str | None = None
+    last_served_at: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"tokens_served": self.tokens_served, "refreshes": self.refreshes, "logins": self.logins,
+                "last_caller": self.last_caller, "last_served_at": self.last_served_at}
+
+
+@dataclass
+class Counters:
+    """Per session key: tokens handed out (and to whom last), and refreshes and logins made, whether a caller
+    waited for them or the refresh timer made them.  In memory: a restarted daemon counts from zero."""
+
+    sessions: dict[str, SessionCounters] = field(default_factory=dict)
+
+    def served(self, session: str, peer: PeerInfo | None, now: float) -> SessionCounters:
+        tally = self.sessions.setdefault(session, SessionCounters())
+        tally.tokens_served += 1
+        tally.last_caller = peer.describe() if peer is not None else None
+        tally.last_served_at = now
+        return tally
+
+    def renewed(self, session: str, how: Literal["refresh", "login"]) -> None:
+        tally = self.sessions.setdefault(session, SessionCounters())
+        if how == "refresh":
+            tally.refreshes += 1
+        else:
+            tally.logins += 1
+
+    def forget(self, session: str) -> None:
+        self.sessions.pop(session, None)
