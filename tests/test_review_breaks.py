@@ -6,11 +6,14 @@ with the fix.  Real components throughout: the test provider, real daemon proces
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
+import json
 import resource
 import subprocess
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 
@@ -75,6 +78,9 @@ class _Gateway(http.server.ThreadingHTTPServer):
         self.armed = 0
         self.answer: tuple[int, str, bytes] = (502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>")
         self.lock = threading.Lock()
+        self.delay = 0.0  # with ``armed``: answer the refresh for real, but only after this many seconds
+        self.upstream: list[bytes] = []  # the provider's answers to refreshes, as it sent them
+        self.answered = threading.Event()
 
     @property
     def url(self) -> str:
@@ -103,7 +109,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             fire = refresh and self.server.armed > 0
             if fire:
                 self.server.armed -= 1
-        if fire:
+            if refresh:
+                self.server.upstream.append(data)
+        if fire and self.server.delay:
+            self.server.answered.set()
+            time.sleep(self.server.delay)
+        elif fire:
             status, ctype, data = self.server.answer
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -196,3 +207,30 @@ def test_an_unusable_200_json_answer_spends_the_refresh_token(provider_factory: 
         after = idp.counters()
         assert after["refresh_reuse_detected"] == before["refresh_reuse_detected"], (
             "the refresh token spent behind the unusable 200 was sent again", d.log()[-2000:])
+
+
+def test_logout_during_a_slow_refresh_leaves_no_live_grant(provider_factory: ProviderFactory,
+                                                           gateway: _Gateway) -> None:
+    """Tried, and it held (kept as a guard): logout while a refresh is processed by the provider but its answer is
+    held back longer than LOGOUT_REFRESH_WAIT.  The daemon gives up on the answer and revokes the token it sent;
+    the rotated token, which crossed the network to a connection nobody reads, must not keep the grant alive."""
+    idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600,
+                            "discovery_overrides": {"token_endpoint": gateway.url}})
+    gateway.target = idp.port
+    with Daemon() as d:
+        _ok(d.shim(_password_args(idp.issuer)), d)
+        gateway.delay, gateway.armed = 13.0, 1  # longer than LOGOUT_REFRESH_WAIT (10 s)
+        refresh = d.shim_async(_password_args(idp.issuer, "--force-refresh"))
+        assert gateway.answered.wait(30), "the refresh never reached the provider"
+        out = d.cli("logout", "--all")
+        assert out.returncode == 0, out.stderr
+        refresh.communicate(timeout=60)
+        rotated = json.loads(gateway.upstream[-1])["refresh_token"]
+        # Whoever holds the rotated refresh token (it crossed the network to a connection the daemon gave up on):
+        conn = http.client.HTTPConnection("127.0.0.1", idp.port, timeout=10)
+        auth = base64.b64encode(b"kube_login:insecure_secret").decode()
+        conn.request("POST", "/token", body=f"grant_type=refresh_token&refresh_token={rotated}",
+                     headers={"Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Basic {auth}"})
+        status = conn.getresponse().status
+        conn.close()
+        assert status != 200, ("the grant is alive after logout said it was revoked", out.stdout)
