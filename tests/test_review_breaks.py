@@ -10,6 +10,7 @@ import base64
 import http.client
 import http.server
 import json
+import os
 import resource
 import subprocess
 import threading
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from brokerd.store import SessionStore
 from tests.support.daemon import Daemon, exec_token, login_args
 from tests.support.provider import ProviderFactory
 
@@ -234,3 +236,35 @@ def test_logout_during_a_slow_refresh_leaves_no_live_grant(provider_factory: Pro
         status = conn.getresponse().status
         conn.close()
         assert status != 200, ("the grant is alive after logout said it was revoked", out.stdout)
+
+
+# -- 4. a store that could not be read at start is overwritten by the first save that works ------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review: after a load that failed (StoreError: starting empty), the first save "
+                                       "that succeeds replaces the store it never read; its sessions are lost")
+def test_a_store_unreadable_at_start_is_not_overwritten_later(provider_factory: ProviderFactory) -> None:
+    """SessionManager.start logs 'sessions not loaded, starting empty' on a StoreError and carries on; nothing
+    remembers that the store on disk was never read.  When the cause goes away (here: the state dir belonged to
+    another uid at start, as after a restore or a home not yet mounted; then fixed), the next save writes the
+    in-memory sessions only, over a store full of refresh tokens.  House rule: nothing is lost (no store)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand the state dir to another uid for a moment")
+    idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600})
+    d = Daemon()
+    try:
+        d.start()
+        _ok(d.shim(_password_args(idp.issuer)), d)  # session X, saved
+        d.stop()
+        assert len(SessionStore(d.state_dir).load()) == 1
+        os.chown(d.state_dir, 65534, 65534)
+        d.start()  # cannot load: the state dir is not ours; serves from memory
+        os.chown(d.state_dir, 0, 0)
+        _ok(d.shim(login_args(idp.issuer, "--grant-type=password", "--username=alice", "--password=alice-password",
+                              scopes=("offline_access", "email"))), d)  # session Y: a save that now works
+        d.stop()
+        kept = SessionStore(d.state_dir).load()
+        assert len(kept) == 2, ("session X was lost when the store it could not read was overwritten",
+                                d.log()[-1500:])
+    finally:
+        d.close()
