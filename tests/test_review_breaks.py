@@ -17,12 +17,14 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from brokerd.store import SessionStore
 from tests.support.daemon import Daemon, exec_token, login_args
-from tests.support.provider import ProviderFactory
+from tests.support.hostile import Proxy, proxy_env
+from tests.support.provider import ProviderFactory, TestProvider
 
 
 def _password_args(issuer: str, *extra: str) -> list[str]:
@@ -268,3 +270,30 @@ def test_a_store_unreadable_at_start_is_not_overwritten_later(provider_factory: 
                                 d.log()[-1500:])
     finally:
         d.close()
+
+
+# -- 5. ~/.netrc: trust_env=True makes aiohttp add the user's netrc credentials to provider requests ---------------
+
+
+NETRC_PASSWORD = "netrc-Password-of-the-user"
+
+
+@pytest.mark.xfail(strict=True, reason="review: ProviderClients builds ClientSession(trust_env=True), which also reads "
+                                       "~/.netrc: its credentials go to every provider/JWKS host, and a confidential "
+                                       "client's POST fails with ValueError (internal error)")
+def test_the_users_netrc_credentials_never_reach_a_provider(provider: TestProvider, tmp_path: Path) -> None:
+    """trust_env=True is there for HTTPS_PROXY/NO_PROXY, but aiohttp also takes Basic credentials from ~/.netrc
+    (or $NETRC) for any request without its own: a 'default' entry (or one for the provider's host) is sent to the
+    issuer's discovery, the JWKS host, whichever issuer a kubeconfig names.  With a client secret the token POST
+    has its own Authorization header, and aiohttp refuses to combine the two (ValueError, not a ClientError): the
+    refresh counts as maybe sent (the token is dropped) and the login fails as an 'internal error'."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"default login someone password {NETRC_PASSWORD}\n")
+    netrc.chmod(0o600)
+    with Proxy() as proxy, Daemon(env={**proxy_env(proxy), "NETRC": str(netrc)}) as d:
+        result = d.shim(_password_args(provider.issuer))
+        seen = [ex.request_headers.get("Authorization", "") for ex in proxy.recorder.exchanges]
+        sent = [base64.b64decode(h[6:]).decode(errors="replace") for h in seen if h.lower().startswith("basic ")]
+        assert not any(NETRC_PASSWORD in s for s in sent), ("the user's netrc password was sent to the provider",
+                                                             [ex.url for ex in proxy.recorder.exchanges])
+        assert result.returncode == 0, (result.stderr, d.log()[-1500:])
