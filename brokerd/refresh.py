@@ -13,9 +13,6 @@ from typing import Any
 from brokerd.errors import InvalidGrant, ProviderError, TokenEndpointError
 from brokerd.models import ProviderSettings, SessionKey, TokenSet
 
-# A gateway that says it timed out waiting for the provider has forwarded the request: it may have been processed.
-_GATEWAY_TIMEOUT = 504
-
 
 @dataclass(frozen=True)
 class Policy:
@@ -58,14 +55,16 @@ def refresh_token_lost(exc: BaseException) -> bool:
     True when the grant is dead (invalid_grant) and whenever the provider may have processed the request: a
     rotating provider then has spent the token, and sending it again makes it revoke the whole grant.  Only two
     failures prove the token unspent: the request never left (``ProviderError.maybe_delivered`` is False: no
-    connection could be made), or the provider answered with an error status (it refused the request; a 504 is
-    a gateway that gave up waiting for the provider, so that one is not proof).  A 2xx answer we cannot use, a
-    dropped connection, a timeout after sending, and an ID token that fails verification all count as spent.
+    connection could be made), or the token endpoint refused it with an OAuth error (a 4xx/5xx whose JSON body
+    is ``{"error": ...}``: the provider itself read the request and said no).  Any other error status may come
+    from a gateway in front of the provider after it forwarded the request (nginx's 502, Cloudflare's 520/524, a
+    504), so it is no proof.  A 2xx answer we cannot use, a dropped connection, a timeout after sending, and an ID
+    token that fails verification all count as spent.
     """
     if isinstance(exc, InvalidGrant):
         return True
     if isinstance(exc, TokenEndpointError) and exc.status is not None:
-        return 200 <= exc.status < 300 or exc.status == _GATEWAY_TIMEOUT
+        return 200 <= exc.status < 300 or exc.error is None
     if isinstance(exc, ProviderError):
         return exc.maybe_delivered
     return True

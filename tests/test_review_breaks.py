@@ -138,9 +138,6 @@ def gateway() -> Iterator[_Gateway]:
     thread.join(5)
 
 
-@pytest.mark.xfail(strict=True, reason="review: refresh.refresh_token_lost treats every error status but 504 as "
-                                       "proof the token is unspent; a gateway 502 after the provider rotated "
-                                       "makes the daemon resend the spent token")
 def test_a_gateway_502_after_the_provider_rotated_does_not_replay(provider_factory: ProviderFactory,
                                                                   gateway: _Gateway) -> None:
     idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600,
@@ -188,9 +185,6 @@ def test_a_store_that_cannot_be_written_costs_one_login_not_one_per_renewal(prov
                              d.log()[-2000:])
 
 
-@pytest.mark.xfail(strict=True, reason="review: a 200 JSON answer without access_token and without refresh_token "
-                                       "keeps the sent refresh token (answered_refresh_unusable: ProviderError is "
-                                       "transient), so it is sent again")
 def test_an_unusable_200_json_answer_spends_the_refresh_token(provider_factory: ProviderFactory,
                                                               gateway: _Gateway) -> None:
     """session.py rule 3 and refresh.refresh_token_lost say an unusable 2xx answer spends the token.  But a 200 whose
@@ -278,9 +272,6 @@ def test_a_store_unreadable_at_start_is_not_overwritten_later(provider_factory: 
 NETRC_PASSWORD = "netrc-Password-of-the-user"
 
 
-@pytest.mark.xfail(strict=True, reason="review: ProviderClients builds ClientSession(trust_env=True), which also reads "
-                                       "~/.netrc: its credentials go to every provider/JWKS host, and a confidential "
-                                       "client's POST fails with ValueError (internal error)")
 def test_the_users_netrc_credentials_never_reach_a_provider(provider: TestProvider, tmp_path: Path) -> None:
     """trust_env=True is there for HTTPS_PROXY/NO_PROXY, but aiohttp also takes Basic credentials from ~/.netrc
     (or $NETRC) for any request without its own: a 'default' entry (or one for the provider's host) is sent to the
