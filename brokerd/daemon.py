@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from brokerd import systemd
+from brokerd import statelock, systemd
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import SystemClock
@@ -114,15 +114,28 @@ class Daemon:
             # Without it any local user could ask this daemon for tokens: refuse to serve rather than skip the check.
             raise ConfigError("this platform cannot tell who connects to a Unix socket (no SO_PEERCRED or "
                               "LOCAL_PEERCRED); brokerd will not serve without that check")
-        if activated:
-            sock = activated[0]
-            sock.setblocking(False)
-        else:
-            ensure_socket_dir(config.socket_path.parent)
-            lock = _lock_runtime_dir(config.socket_path)
-            sock = bind_socket(config.socket_path)
-            self._owned_socket = config.socket_path
+        # The state directory first: a second daemon on the same store (another socket path) must not even
+        # bind, or the shim would talk to it.
+        where = "the systemd socket" if activated else f"socket {config.socket_path}"
+        state_lock = statelock.hold(config.state_dir, where) if config.persist else None
+        try:
+            if activated:
+                sock = activated[0]
+                sock.setblocking(False)
+            else:
+                ensure_socket_dir(config.socket_path.parent)
+                lock = _lock_runtime_dir(config.socket_path)
+                sock = bind_socket(config.socket_path)
+                self._owned_socket = config.socket_path
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            if state_lock is not None:
+                state_lock.close()
+            raise
         async with contextlib.AsyncExitStack() as stack:
+            if state_lock is not None:
+                stack.callback(state_lock.close)  # pushed first, so released last: after the final save
             stack.callback(notifier.close)
             if lock is not None:
                 stack.callback(lock.close)

@@ -107,6 +107,10 @@ class StoreError(BrokerError):
     pass
 
 
+class StateDirBusy(BrokerError):
+    """Another brokerd holds the state directory (brokerd/statelock.py)."""
+
+
 class ProtocolError(BrokerError):
     exit_code = 2
 

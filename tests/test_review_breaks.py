@@ -40,14 +40,13 @@ def _ok(result: subprocess.CompletedProcess[str], d: Daemon) -> str:
 # -- 1. two daemons, one store ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review: the single-daemon lock is per socket, not per store; two daemons "
-                                       "on one state dir both hold and send the same refresh token")
 def test_two_daemons_on_one_state_dir_never_send_one_refresh_token_twice(provider_factory: ProviderFactory) -> None:
     """The lock that keeps one daemon per user is beside the socket ($XDG_RUNTIME_DIR/brokerd), but the store is
     in the state dir (~/.local/state/brokerd).  A second daemon whose socket path differs (a shell without
     XDG_RUNTIME_DIR: su, cron, sudo -u, a container sharing $HOME; the shim autostarts it under <tmp>/runtime-<uid>)
-    starts, loads the same store and holds the same refresh token.  Whichever refreshes second replays it: the
-    provider revokes the grant.  (Forced refreshes here stand for the two daemons' background timers.)"""
+    would load the same store and hold the same refresh token; whichever refreshed second would replay it.  The
+    fix: one daemon per state dir (an flock in it).  The second refuses to start with one line naming the first;
+    a shim that autostarts it says the same instead of hanging; ``brokerd clean`` leaves the store alone."""
     idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600})
     first = Daemon()
     second = Daemon(env={"BROKERD_STATE_DIR": str(first.state_dir)})
@@ -55,10 +54,22 @@ def test_two_daemons_on_one_state_dir_never_send_one_refresh_token_twice(provide
     try:
         _ok(first.shim(_password_args(idp.issuer)), first)  # logged in; the store holds refresh token R1
         before = idp.counters()
-        second.start()  # a second daemon on another socket, the same store: it loads R1 too
-        _ok(first.shim(_password_args(idp.issuer, "--force-refresh")), first)  # R1 -> R2
-        second.shim(_password_args(idp.issuer, "--force-refresh"))  # sends R1 again
+        with pytest.raises(RuntimeError, match="already uses the state directory"):
+            second.start()  # a second daemon on another socket, the same store: refused
+        lines = [ln for ln in second.log().splitlines() if "already uses the state directory" in ln]
+        assert lines and str(first.socket) in lines[-1], second.log()
+        assert "Traceback" not in second.log()
+        autostarted = second.shim(_password_args(idp.issuer, "--force-refresh"), env={"BROKERD_NO_AUTOSTART": ""},
+                                  timeout=30)
+        assert autostarted.returncode != 0
+        assert "already uses the state directory" in autostarted.stderr, autostarted.stderr
+        assert str(first.socket) in autostarted.stderr, autostarted.stderr
+        cleaned = second.cli("clean", timeout=30)
+        assert cleaned.returncode != 0 and "already uses the state directory" in cleaned.stderr, cleaned
+        assert len(SessionStore(first.state_dir).load()) == 1, "clean removed the store of a running daemon"
+        _ok(first.shim(_password_args(idp.issuer, "--force-refresh")), first)  # R1 -> R2, by the one owner
         after = idp.counters()
+        assert after["token_grants"]["refresh_token"] == before["token_grants"]["refresh_token"] + 1
         assert after["refresh_reuse_detected"] == before["refresh_reuse_detected"], (
             "a refresh token was sent twice", second.log()[-2000:])
     finally:
