@@ -72,6 +72,10 @@ class HungUp(Exception):
     """The caller closed its end while it waited (not a BrokerError: there is nobody to tell)."""
 
 
+def _carries_password(argv: Sequence[str]) -> bool:
+    return any(arg == "--password" or arg.startswith("--password=") for arg in argv)
+
+
 def _without_desktop(env: Mapping[str, str]) -> Mapping[str, str]:
     return {k: v for k, v in env.items() if k not in protocol.DESKTOP_ENV}
 
@@ -304,6 +308,8 @@ class Server:
             request = parse_request(data)
             info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
             cached = (request, info)
+            if _carries_password(request.argv):
+                return cached  # a --password never sits in a cache: it lives as long as this request only
             if len(self._requests) >= PARSE_CACHE_SIZE:
                 self._requests.clear()
             self._requests[data] = cached
@@ -334,6 +340,8 @@ class Server:
         if cached is None:
             flags = self._flags(args, env)
             cached = request_from_flags(flags)
+            if cached[1].password is not None:
+                return cached  # from the command line or a profile: never cached (see _parse)
             if len(self._parsed) >= PARSE_CACHE_SIZE:
                 self._parsed.clear()
             self._parsed[cache_key] = cached
@@ -385,7 +393,10 @@ class Server:
         try:
             return json.dumps({"logged_out": await self._sessions.logout(**filters)})
         finally:
-            self._rendered.clear()  # no token of a logged-out session stays in memory here
+            # No token of a logged-out session stays in memory here, nor its client secret in a parsed request.
+            self._rendered.clear()
+            self._requests.clear()
+            self._parsed.clear()
 
     async def _setup(self, request: Request, caller: ShimCaller) -> str:
         from brokerd.setup import kubeconfig_args, run_setup

@@ -137,6 +137,10 @@ class LiveSession:
         force = options.force_refresh
         # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
         for _ in range(2):
+            if self.closed:
+                # Logged out while this caller waited (a renewal that failed during logout's wait): renewing
+                # now would refresh or log in for a session nobody holds any more, an orphan grant.
+                raise LoginInterrupted("the session was logged out while this request waited; run it again")
             if not force and self.servable(self.tokens):
                 assert self.tokens is not None
                 return self.tokens
@@ -174,6 +178,8 @@ class LiveSession:
 
     def start_renewal(self, options: LoginOptions, caller: Caller | None, *, allow_login: bool,
                       force: bool = False) -> Renewal:
+        if self.closed:
+            raise LoginInterrupted("the session was logged out")
         renewal = Renewal(allow_login=allow_login)
         renewal.task = asyncio.create_task(self._renew(options, caller, renewal, force))
         self.renewal = renewal
@@ -202,7 +208,7 @@ class LiveSession:
                     if not force and self.servable(kept):
                         return kept
                     raise
-                if not renewal.allow_login or caller is None:
+                if not renewal.allow_login or caller is None or self.closed:
                     raise
         if not renewal.allow_login or caller is None:
             raise LoginError("the session has no refresh token; a login is needed")
