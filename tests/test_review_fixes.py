@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +35,7 @@ OPTIONS = LoginOptions(grant_type="password", password=PASSWORD)
 
 @dataclass(eq=False)
 class Caller:
+    env: Mapping[str, str] = field(default_factory=dict)
     interactive: bool = False
     told: list[str] = field(default_factory=list)
 
