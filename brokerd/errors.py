@@ -104,7 +104,8 @@ class CallbackUnavailable(LoginError):
 
 
 class StoreError(BrokerError):
-    pass
+    # A failed save whose new content may still be what the disk holds (the rename happened, its fsync failed).
+    maybe_written: bool = False
 
 
 class StateDirBusy(BrokerError):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NoReturn, Protocol
 
@@ -98,6 +99,9 @@ class LiveSession:
         self.retrying = False
         self.closed = False  # logged out: nothing may schedule work on it any more
         self.sending = False  # its refresh token is on its way to the provider: the store must not hold it
+        # The refresh tokens the disk may hold for this session (set by the manager after each save): the
+        # write-ahead save is needed only for those.
+        self.on_disk: set[str] = set()
         self.login_failed_at: float | None = None
         self.login_failure = ""
 
@@ -200,7 +204,7 @@ class LiveSession:
             # Discovery first, on its own: a failure here certainly sent nothing, so the refresh token stays.
             await oidc.metadata(self.settings.issuer)
             try:
-                return await self._refresh(oidc, tokens)
+                return await self._refresh(oidc, tokens, renewal.announce)
             except BrokerError as exc:
                 kept = self.tokens
                 if kept is not None and kept.refresh_token and not isinstance(exc, StoreError):
@@ -216,13 +220,21 @@ class LiveSession:
 
     # -- refresh --------------------------------------------------------------------------------------------------
 
-    async def _refresh(self, oidc: OIDCClient, tokens: TokenSet) -> TokenSet:
+    async def _refresh(self, oidc: OIDCClient, tokens: TokenSet, announce: Callable[[str], None]) -> TokenSet:
         self.sending = True
         try:
             await self._host.save(strict=True)  # write-ahead: the disk forgets the token before it leaves
+        except StoreError as exc:
+            if tokens.refresh_token in self.on_disk:
+                self.sending = False
+                raise  # nothing was sent: the token stays (one clear line for the caller)
+            # The disk cannot hold this token (no save that contained it landed), so it can never be read back
+            # and resent after a restart: sending it without the write-ahead save is safe.  The session lives
+            # in memory only until the store can be written again.
+            announce(f"note: {exc}; this session is kept in memory only")
         except BaseException:
             self.sending = False
-            raise  # nothing was sent: the token stays (a StoreError is one clear line for the caller)
+            raise
         try:
             answer = await oidc.refresh_grant(self.settings, tokens)
         except BaseException as exc:  # a cancellation too: the request may have reached the provider

@@ -60,6 +60,9 @@ class SessionManager:
         self._sessions: dict[SessionKey, LiveSession] = {}
         self._save_lock = asyncio.Lock()
         self.closing = False
+        # The store could not be read at start: it must not be saved over until it has been read (see _reload).
+        self.store_unread: str | None = None
+        self._save_failing = False  # the last save failed: logged once per streak
 
     @property
     def policy(self) -> Policy:
@@ -73,12 +76,36 @@ class SessionManager:
         try:
             stored = await asyncio.to_thread(self._store.load)
         except StoreError as exc:
-            log.error("sessions not loaded, starting empty: %s", exc)
+            self.store_unread = str(exc)
+            log.error("sessions not loaded (%s); serving from memory, and the store will not be saved over until "
+                      "it can be read", exc)
             return
-        for key, persisted in stored.items():
-            session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
-            session.schedule()
+        self._adopt_stored(stored)
         log.info("loaded %d session(s) from the store", len(stored))
+
+    def _adopt_stored(self, stored: Mapping[SessionKey, Session]) -> None:
+        """Sessions read from the store; one already in memory (a login made meanwhile) wins."""
+        for key, persisted in stored.items():
+            if key in self._sessions:
+                continue
+            session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
+            if persisted.tokens.refresh_token:
+                session.on_disk.add(persisted.tokens.refresh_token)
+            session.schedule()
+
+    async def _reload(self) -> bool:
+        """Before the first save after a failed load: read the store now, so a save never replaces sessions it
+        never read.  False (and nothing may be written) while it still cannot be read."""
+        assert self._store is not None
+        try:
+            stored = await asyncio.to_thread(self._store.load)
+        except StoreError as exc:
+            self.store_unread = str(exc)
+            return False
+        self.store_unread = None
+        self._adopt_stored(stored)
+        log.info("the store can be read now: merged %d session(s) from it", len(stored))
+        return True
 
     def interrupt_logins(self) -> None:
         """Stop pending logins (shutdown): their callers get LoginInterrupted now rather than hanging."""
@@ -156,13 +183,21 @@ class SessionManager:
             return
         await self._save_lock.acquire()
         try:
+            if self.store_unread is not None and not await self._reload():
+                raise StoreError(f"the session store could not be read ({self.store_unread}); it is not saved "
+                                 "over")
             snapshot = {key: Session(key, s.settings, tokens) for key, s in self._sessions.items()
                         if (tokens := s.stored()) is not None}
             write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
+        except StoreError:
+            self._save_lock.release()
+            if strict:
+                raise
+            return
         except BaseException:
             self._save_lock.release()
             raise
-        write.add_done_callback(self._saved)
+        write.add_done_callback(lambda done: self._saved(done, snapshot))
         try:
             await asyncio.shield(write)
         except StoreError:
@@ -172,12 +207,36 @@ class SessionManager:
             if strict:
                 raise StoreError(f"sessions not saved ({type(exc).__name__})") from exc
 
-    def _saved(self, write: asyncio.Future[None]) -> None:
+    def _saved(self, write: asyncio.Future[None], snapshot: Mapping[SessionKey, Session]) -> None:
         self._save_lock.release()
-        exc = write.exception()
-        if exc is not None:
-            # Keep serving from memory: losing persistence is bad, losing the running session is worse.
-            log.error("sessions not saved: %s", exc if isinstance(exc, StoreError) else type(exc).__name__)
+        exc: BaseException | None
+        if write.cancelled():  # not expected (shielded); if so, the write may or may not have landed
+            exc = StoreError("the save was cancelled")
+            exc.maybe_written = True
+        else:
+            exc = write.exception()
+        # What the disk may hold now, per session: the write-ahead rule needs to know (LiveSession._refresh).
+        landed = exc is None or (isinstance(exc, StoreError) and exc.maybe_written)
+        for key, session in self._sessions.items():
+            saved = snapshot.get(key)
+            token = saved.tokens.refresh_token if saved is not None else None
+            if exc is None:
+                session.on_disk.clear()
+            if landed and token:
+                session.on_disk.add(token)
+        if exc is None:
+            if self._save_failing:
+                log.info("sessions saved again")
+            self._save_failing = False
+            return
+        # Keep serving from memory: losing persistence is bad, losing the running session is worse.  One error
+        # per failure streak (every renewal saves), the rest at debug.
+        text = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+        if not self._save_failing:
+            log.error("sessions not saved (kept in memory until the store can be written): %s", text)
+        else:
+            log.debug("sessions not saved: %s", text)
+        self._save_failing = True
 
     # -- admin ----------------------------------------------------------------------------------------------------
 
