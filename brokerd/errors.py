@@ -79,6 +79,10 @@ class TokenValidationError(BrokerError):
     pass
 
 
+class ClaimTimeError(TokenValidationError):
+    """Only the ID token's time claims (exp, nbf, iat) failed against our clock, which may be the wrong one."""
+
+
 class LoginError(BrokerError):
     pass
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from brokerd.errors import InvalidGrant, ProviderError, TokenEndpointError
+from brokerd.errors import ClaimTimeError, InvalidGrant, ProviderError, TokenEndpointError
 from brokerd.models import ProviderSettings, SessionKey, TokenSet
 
 
@@ -76,9 +76,13 @@ def answered_refresh_unusable(exc: BaseException) -> bool:
     token unusable?
 
     The adopted token was never sent, so no network failure can have spent it: a JWKS that cannot be reached is
-    transient, and the next attempt sends the new token.  An ID token that fails verification (or no ID token when
+    transient, and the next attempt sends the new token.  So is an ID token whose only fault is its time claims
+    (``ClaimTimeError``: exp/nbf/iat against our clock, which may be the one that is wrong): that ID token is not
+    served, but the refresh token is kept.  An ID token that fails verification otherwise (or no ID token when
     the old one expired: ``InvalidGrant``) is not cured by asking again: drop it, and log in once.
     """
+    if isinstance(exc, ClaimTimeError):
+        return False
     return not isinstance(exc, ProviderError) or isinstance(exc, InvalidGrant)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -16,9 +17,9 @@ import pytest
 
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
-from brokerd.clock import SystemClock
+from brokerd.clock import Clock, SystemClock
 from brokerd.config import Settings
-from brokerd.errors import LoginInterrupted, UsageError
+from brokerd.errors import ClaimTimeError, LoginInterrupted, UsageError
 from brokerd.flows import LoginFlows
 from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import OIDCClient
@@ -26,8 +27,9 @@ from brokerd.server import Server
 from brokerd.sessions import SessionManager
 from brokerd.store import SessionStore
 from client_shim import core as shim
+from tests.support.clock import FakeClock
 from tests.support.daemon import login_args
-from tests.support.provider import TestProvider
+from tests.support.provider import ProviderFactory, TestProvider
 
 PASSWORD = "alice-password"
 OPTIONS = LoginOptions(grant_type="password", password=PASSWORD)
@@ -47,17 +49,18 @@ class Caller:
 
 
 @asynccontextmanager
-async def daemon_parts(state: Path) -> AsyncIterator[tuple[SessionManager, Server, Path]]:
+async def daemon_parts(state: Path, clock: Clock | None = None) -> AsyncIterator[tuple[SessionManager, Server, Path]]:
     path = state / "s.sock"
     config = Settings(socket_path=path, state_dir=state)
+    clock = clock or SystemClock()
     async with aiohttp.ClientSession() as http:
-        oidc = OIDCClient(http, SystemClock())
+        oidc = OIDCClient(http, clock)
 
         async def client_for(_settings: ProviderSettings) -> OIDCClient:
             return oidc
 
         callbacks = CallbackServer()
-        mgr = SessionManager(client_for, LoginFlows(callbacks, BrowserOpener({})), SessionStore(state), SystemClock())
+        mgr = SessionManager(client_for, LoginFlows(callbacks, BrowserOpener({})), SessionStore(state), clock)
         await mgr.start()
         api = Server(mgr, client_for, lambda: config)
         server = await asyncio.start_unix_server(api.handle, path=str(path))
@@ -108,3 +111,30 @@ async def test_no_password_or_client_secret_stays_in_the_servers_caches(provider
         assert "insecure_secret" in repr(api._requests), "the cache this test inspects is not where it looks"
         await asyncio.to_thread(shim.request, ["logout"], env, "brokerd", autostart=False)
         assert "insecure_secret" not in repr(api._requests) + repr(api._parsed), "a client secret outlived logout"
+
+
+async def test_a_clock_that_is_wrong_keeps_the_rotated_refresh_token(provider_factory: ProviderFactory,
+                                                                    tmp_path: Path) -> None:
+    """Decided (a doubt of the reviewer): the provider rotated and answered, and the new ID token fails only its
+    time checks (iat in the future by our clock).  Our clock may be the wrong one: keep the rotated refresh token
+    (it was never sent), serve the old, verified ID token meanwhile, never the unverified one."""
+    idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600})
+    clock = FakeClock(time.time())
+    s = ProviderSettings(issuer=idp.issuer, client_id="kube_login", client_secret="insecure_secret",
+                         scopes=("offline_access",), username="alice")
+    async with daemon_parts(tmp_path, clock) as (mgr, _api, _path):
+        first = await mgr.get_token(s, OPTIONS, Caller())
+        clock.t -= 600  # our clock now runs ten minutes slow: the next ID token's iat is in our future
+        before = idp.counters()
+        with pytest.raises(ClaimTimeError):
+            await mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller())
+        kept = mgr._sessions[s.key].tokens
+        assert kept is not None and kept.refresh_token, "the rotated refresh token was dropped"
+        assert kept.refresh_token != first.refresh_token, "the spent refresh token was kept"
+        assert kept.id_token == first.id_token, "an ID token that failed its checks is served"
+        clock.t += 600  # the clock is right again: the kept token refreshes, no login, no replay
+        again = await mgr.get_token(s, replace(OPTIONS, force_refresh=True), Caller())
+        after = idp.counters()
+        assert again.refresh_token not in (None, kept.refresh_token), "the kept refresh token was not used"
+        assert after["refresh_reuse_detected"] == before["refresh_reuse_detected"]
+        assert after["token_grants"]["password"] == before["token_grants"]["password"], "logged in again"
