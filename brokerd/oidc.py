@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
+import yarl
 from authlib.common.security import generate_token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
@@ -113,6 +114,18 @@ def _network_reason(exc: BaseException, timeout: float) -> str:
 
 log = logging.getLogger("brokerd.oidc")
 
+
+def proxy_options(url: str) -> dict[str, Any]:
+    """aiohttp's ``proxy``/``proxy_auth`` for ``url`` (HTTP(S)_PROXY/NO_PROXY; credentials in the proxy URL go
+    to the proxy as Proxy-Authorization, as trust_env did)."""
+    proxy = proxy_for(url)
+    if proxy is None:
+        return {}
+    parsed = yarl.URL(proxy)
+    if parsed.user is None:
+        return {"proxy": proxy}
+    return {"proxy": str(parsed.with_user(None)), "proxy_auth": aiohttp.BasicAuth.from_url(parsed)}
+
 # How everything that talks to a provider gets its client: by awaiting this with the session's settings (their
 # TLS options and request headers pick the HTTP client).  tls.ProviderClients.client_for is the daemon's.
 ClientFactory = Callable[[ProviderSettings], Awaitable["OIDCClient"]]
@@ -146,7 +159,7 @@ class OIDCClient:
         hdrs = {"Accept": "application/json", **self._request_headers, **(headers or {})}
         try:
             async with self._http.request(
-                method, url, data=data, headers=hdrs, allow_redirects=method == "GET", proxy=proxy_for(url),
+                method, url, data=data, headers=hdrs, allow_redirects=method == "GET", **proxy_options(url),
                 # sock_connect: a connect that times out is reported as such (ConnectionTimeoutError), not sent.
                 timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._timeout / 2),
             ) as resp:

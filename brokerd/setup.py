@@ -23,8 +23,8 @@ import aiohttp
 from brokerd.errors import BrokerError, DiscoveryError
 from brokerd.flags import FLAGS, SETUP_FLAGS, ParsedFlags, login_options, provider_settings
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
-from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient
-from brokerd.oidc_wire import proxy_for, safe_text
+from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient, proxy_options
+from brokerd.oidc_wire import safe_text
 
 SECRET_PLACEHOLDER = "YOUR_CLIENT_SECRET"
 NOT_REPEATED = frozenset({"password", "force-refresh", "v", *SETUP_FLAGS})  # never in the printed kubeconfig
@@ -109,7 +109,7 @@ def kubeconfig_args(flags: ParsedFlags) -> list[str]:
 
 async def _get(http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None,
                ) -> tuple[int, str | None, str]:
-    async with http.get(url, allow_redirects=False, headers=headers, proxy=proxy_for(url),
+    async with http.get(url, allow_redirects=False, headers=headers, **proxy_options(url),
                         timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as resp:
         body = await resp.content.read(256 * 1024)
         return resp.status, resp.headers.get("Location"), body.decode("utf-8", "replace")
