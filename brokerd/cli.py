@@ -161,6 +161,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     sessions = doc.get("sessions", [])
+    if doc.get("store_problem"):
+        print(f"warning: {_shown(doc['store_problem'])}; sessions are kept in memory only")
     if not sessions:
         print("no sessions")
         return 0

@@ -375,7 +375,10 @@ class Server:
         return f"brokerd {__version__}"  # as `brokerd version` prints it
 
     async def _status(self, request: Request, caller: ShimCaller) -> str:
-        return json.dumps({"sessions": self._sessions.status()})
+        doc: dict[str, Any] = {"sessions": self._sessions.status()}
+        if problem := self._sessions.store_problem:
+            doc["store_problem"] = problem  # only then: the usual answer stays {"sessions": [...]}
+        return json.dumps(doc)
 
     async def _logout(self, request: Request, caller: ShimCaller) -> str:
         filters: dict[str, Any] = {}

@@ -62,7 +62,7 @@ class SessionManager:
         self.closing = False
         # The store could not be read at start: it must not be saved over until it has been read (see _reload).
         self.store_unread: str | None = None
-        self._save_failing = False  # the last save failed: logged once per streak
+        self._save_failing: str | None = None  # why the last save failed: logged once per streak
 
     @property
     def policy(self) -> Policy:
@@ -227,7 +227,7 @@ class SessionManager:
         if exc is None:
             if self._save_failing:
                 log.info("sessions saved again")
-            self._save_failing = False
+            self._save_failing = None
             return
         # Keep serving from memory: losing persistence is bad, losing the running session is worse.  One error
         # per failure streak (every renewal saves), the rest at debug.
@@ -236,9 +236,18 @@ class SessionManager:
             log.error("sessions not saved (kept in memory until the store can be written): %s", text)
         else:
             log.debug("sessions not saved: %s", text)
-        self._save_failing = True
+        self._save_failing = text
 
     # -- admin ----------------------------------------------------------------------------------------------------
+
+    @property
+    def store_problem(self) -> str | None:
+        """Why sessions are not being persisted now (for status), or None."""
+        if self.store_unread is not None:
+            return f"the session store could not be read ({self.store_unread}); it is not saved over"
+        if self._save_failing is not None:
+            return f"sessions are not being saved ({self._save_failing})"
+        return None
 
     def status(self) -> list[dict[str, Any]]:
         out = []

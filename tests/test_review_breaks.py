@@ -186,7 +186,10 @@ def test_a_store_that_cannot_be_written_costs_one_login_not_one_per_renewal(prov
         _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (1, hard))  # every store write fails from now (EFBIG)
         _ok(d.shim(_password_args(idp.issuer, "--force-refresh")), d)  # the disk holds R1: one login, fair
-        _ok(d.shim(_password_args(idp.issuer, "--force-refresh")), d)  # the disk holds nothing: a refresh will do
+        assert "not being saved" in d.cli("status").stdout
+        renewed = d.shim(_password_args(idp.issuer, "--force-refresh"))  # the disk holds nothing: a refresh will do
+        _ok(renewed, d)
+        assert "kept in memory only" in renewed.stderr, renewed.stderr  # the caller is told
         _ok(d.shim(_password_args(idp.issuer, "--force-refresh")), d)
         after = idp.counters()
         logins = after["token_grants"]["password"] - before["token_grants"]["password"]
@@ -265,6 +268,8 @@ def test_a_store_unreadable_at_start_is_not_overwritten_later(provider_factory: 
         d.start()  # cannot load: the state dir is not ours; serves from memory
         # The socket listens before the store is loaded: wait for the failed load, or the race makes this pass.
         assert poll(lambda: "sessions not loaded" in d.log(), 15), d.log()
+        status = d.cli("status")
+        assert "could not be read" in status.stdout and "kept in memory only" in status.stdout, status
         os.chown(d.state_dir, 0, 0)
         _ok(d.shim(login_args(idp.issuer, "--grant-type=password", "--username=alice", "--password=alice-password",
                               scopes=("offline_access", "email"))), d)  # session Y: a save that now works
