@@ -6,15 +6,21 @@ live in ``brokerd.refresh`` as pure functions.
 A refresh token is never sent twice.  Three rules keep that promise, whatever is interrupted where:
 
 1. Write-ahead.  Before a refresh token is sent, the store is saved without it (fsynced): the disk never holds a
-   refresh token that may be in flight.  If that save fails, nothing is sent.  A daemon killed mid-refresh
-   (SIGKILL, power loss) restarts with the ID token only: it serves that until exp, then logs in once.
+   refresh token that may be in flight.  If that save fails, nothing is sent while the disk may hold that token
+   (``on_disk``, kept from each save's outcome); a token no save ever wrote cannot come back after a restart, so
+   it is sent anyway and the session lives in memory only.  A daemon killed mid-refresh (SIGKILL, power loss)
+   restarts with the ID token only: it serves that until exp, then logs in once.
 2. Adopt the answer first.  As soon as the token endpoint answered 200, the refresh token it returned (or the one
    sent, when the provider does not rotate) is the session's; verifying the new ID token comes after.  A failure
-   there (JWKS unreachable, a bad signature) cannot bring the spent token back: a transient one is retried with
-   the new refresh token, a verification failure drops it.  The old ID token is served meanwhile.
+   there (JWKS unreachable, a bad signature) cannot bring the spent token back: a transient one (or an ID token
+   failing only its time claims: our clock may be wrong) is retried with the new refresh token, a verification
+   failure drops it.  The old ID token is served meanwhile.
 3. Maybe delivered means spent.  A request that may have reached the provider (a timeout after sending, a dropped
-   connection, an unusable 2xx answer, a cancellation by logout or shutdown) spends the token
-   (``refresh.refresh_token_lost``); only a request that never left, or an error status, leaves it usable.
+   connection, an unusable 2xx answer, an error status without an OAuth error body, e.g. a gateway's 502, a
+   cancellation by logout or shutdown) spends the token (``refresh.refresh_token_lost``); only a request that
+   never left, or an OAuth error answer, leaves it usable.
+
+A logged-out session (``closed``) never starts a renewal: a caller still holding it is told it was logged out.
 
 A refresh that returns no new ID token (kubelogin #536) keeps the old one and stops the timer (refreshing again
 cannot extend it).  The ID token of a session whose refresh token was dropped is served until it expires; the next
