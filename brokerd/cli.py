@@ -62,7 +62,9 @@ def _run_loop(main: Callable[[], Any]) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from brokerd.config import Settings, load_settings
     from brokerd.daemon import AlreadyRunning, Daemon
+    from brokerd.errors import StateDirBusy
     from brokerd.hardening import no_core_dumps
+    from client_shim.protocol import STATE_DIR_BUSY_EXIT
 
     environ = os.environ
     state = paths.state_dir(environ)
@@ -75,6 +77,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except AlreadyRunning as exc:
         if args.autostarted:
             return 0  # lost the start race to another shim's daemon: that one serves
+        print(f"brokerd: {exc}", file=sys.stderr)
+        return 1
+    except StateDirBusy as exc:
+        log.error("%s", exc)
+        if args.autostarted:
+            return STATE_DIR_BUSY_EXIT  # the shim that started us says which daemon holds the state dir
         print(f"brokerd: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -157,6 +165,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     sessions = doc.get("sessions", [])
     if doc.get("store"):
         print(doc["store"].removeprefix("note: "))
+    if doc.get("store_problem"):
+        print(f"warning: {_shown(doc['store_problem'])}; sessions are kept in memory only")
     if not sessions:
         print("no sessions")
         return 0
@@ -281,9 +291,19 @@ def cmd_clean(args: argparse.Namespace) -> int:
             print("brokerd: a daemon is running, so its store was left alone; stop it or try again",
                   file=sys.stderr)
             return exc.code
+        from brokerd import statelock
+        from brokerd.errors import StateDirBusy
         from brokerd.store import SessionStore
 
-        SessionStore(paths.state_dir(os.environ)).clear()
+        state = paths.state_dir(os.environ)
+        try:
+            # Held while clearing: a daemon on this store (any socket path) would write its sessions back.
+            lock = statelock.hold(state, "brokerd clean")
+        except StateDirBusy as busy:
+            print(f"brokerd: {busy}", file=sys.stderr)
+            return 1
+        with lock:
+            SessionStore(state).clear()
         print("removed all stored sessions (the daemon is not running)")
         return 0
     print(f"logged out of {len(doc.get('logged_out', []))} session(s)")

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-from brokerd import systemd
+from brokerd import statelock, systemd
 from brokerd.audit import AuditLog
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
@@ -125,15 +125,31 @@ class Daemon:
             # Without it any local user could ask this daemon for tokens: refuse to serve rather than skip the check.
             raise ConfigError("this platform cannot tell who connects to a Unix socket (no SO_PEERCRED or "
                               "LOCAL_PEERCRED); brokerd will not serve without that check")
-        if activated:
-            sock = activated[0]
-            sock.setblocking(False)
-        else:
-            ensure_socket_dir(config.socket_path.parent)
-            lock = _lock_runtime_dir(config.socket_path)
-            sock = bind_socket(config.socket_path)
-            self._owned_socket = config.socket_path
+        # The socket's lock first (a daemon on the same socket is AlreadyRunning: an autostart race, quiet), then
+        # the state directory's, before binding: a second daemon on the same store (another socket path) must not
+        # bind, or shims would talk to it.
+        state_lock: IO[bytes] | None = None
+        try:
+            if activated:
+                sock = activated[0]
+                sock.setblocking(False)
+            else:
+                ensure_socket_dir(config.socket_path.parent)
+                lock = _lock_runtime_dir(config.socket_path)
+            if config.persist:
+                where = "the systemd socket" if activated else f"socket {config.socket_path}"
+                state_lock = statelock.hold(config.state_dir, where)
+            if not activated:
+                sock = bind_socket(config.socket_path)
+                self._owned_socket = config.socket_path
+        except BaseException:
+            for held in (lock, state_lock):
+                if held is not None:
+                    held.close()
+            raise
         async with contextlib.AsyncExitStack() as stack:
+            if state_lock is not None:
+                stack.callback(state_lock.close)  # pushed first, so released last: after the final save
             stack.callback(notifier.close)
             if lock is not None:
                 stack.callback(lock.close)

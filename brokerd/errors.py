@@ -81,6 +81,10 @@ class TokenValidationError(BrokerError):
     pass
 
 
+class ClaimTimeError(TokenValidationError):
+    """Only the ID token's time claims (exp, nbf, iat) failed against our clock, which may be the wrong one."""
+
+
 class LoginError(BrokerError):
     pass
 
@@ -106,7 +110,12 @@ class CallbackUnavailable(LoginError):
 
 
 class StoreError(BrokerError):
-    pass
+    # A failed save whose new content may still be what the disk holds (the rename happened, its fsync failed).
+    maybe_written: bool = False
+
+
+class StateDirBusy(BrokerError):
+    """Another brokerd holds the state directory (brokerd/statelock.py)."""
 
 
 class KeyringUnavailable(StoreError):

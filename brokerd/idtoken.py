@@ -15,7 +15,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key, KeySet
 
-from .errors import DiscoveryError, TokenValidationError
+from .errors import ClaimTimeError, DiscoveryError, TokenValidationError
 
 # Only public-key algorithms: "none" proves nothing, and HS* with a JWKS would let anyone who has the public key
 # (everyone) mint tokens.  A provider that signs ID tokens with HS* and the client secret is not supported.
@@ -149,12 +149,12 @@ def check_claims(claims: Mapping[str, Any], *, issuer: str, client_id: str, now:
     exp = _number(claims, "exp", required=True)
     assert exp is not None  # for mypy: required=True never returns None
     if exp <= now:
-        raise TokenValidationError(f"ID token expired {int(now - exp)} s ago")
+        raise ClaimTimeError(f"ID token expired {int(now - exp)} s ago")
     nbf = _number(claims, "nbf", required=False)
     if nbf is not None and nbf > now + skew:
-        raise TokenValidationError(f"ID token is not valid for another {int(nbf - now)} s (nbf)")
+        raise ClaimTimeError(f"ID token is not valid for another {int(nbf - now)} s (nbf)")
     iat = _number(claims, "iat", required=True)
     if iat is not None and iat > now + skew:
-        raise TokenValidationError(f"ID token was issued {int(iat - now)} s in the future (iat)")
+        raise ClaimTimeError(f"ID token was issued {int(iat - now)} s in the future (iat)")
     if nonce is not None and claims.get("nonce") != nonce:
         raise TokenValidationError("ID token nonce does not match the login request")

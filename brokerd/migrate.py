@@ -8,7 +8,8 @@ The order makes every intermediate state one the daemon can start from (a SIGKIL
 
 Until step 3 both places hold the same key, and ``[store] key = "auto"`` uses the key file while there is one, so
 a start after a kill finds a working key either way; running migrate again finishes the move.  The daemon must not
-run meanwhile (it reads the key on every save): migrate holds the same runtime lock as the daemon.
+run meanwhile (it reads the key on every save): migrate holds the same locks as the daemon, the runtime lock beside
+the socket and the state directory's lock (``statelock``: a daemon started under another socket path holds that one).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import hmac
 import pathlib
 
+from brokerd import statelock
 from brokerd.daemon import AlreadyRunning, _lock_runtime_dir
-from brokerd.errors import KeyringUnavailable, StoreError
+from brokerd.errors import KeyringUnavailable, StateDirBusy, StoreError
 from brokerd.keyring import GuardedFileKeySource, SecretServiceKeySource
 from brokerd.paths import ensure_private_dir
 from brokerd.store import KEY_NAME, SessionStore
@@ -36,7 +38,12 @@ def migrate_key(state_dir: pathlib.Path, to: str, socket_path: pathlib.Path, con
                          "brokerd.service, or end `brokerd serve`), then migrate") from None
     try:
         ensure_private_dir(state_dir)
-        _move(state_dir, to)
+        try:
+            state_lock = statelock.hold(state_dir, "brokerd store migrate")
+        except StateDirBusy as busy:
+            raise StoreError(f"{busy}; stop that daemon first, then migrate") from None
+        with state_lock:
+            _move(state_dir, to)
     except KeyringUnavailable as exc:
         raise KeyringUnavailable(f"cannot migrate, nothing was changed: {exc}") from None
     finally:

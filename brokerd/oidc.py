@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
+import yarl
 from authlib.common.security import generate_token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
@@ -37,7 +38,7 @@ from .errors import (
     UsageError,
 )
 from .models import STATUS_CLAIMS, ProviderSettings, TokenSet
-from .oidc_wire import ProviderMetadata, origin, parse_token_response, safe_text
+from .oidc_wire import ProviderMetadata, origin, parse_token_response, proxy_for, safe_text
 
 __all__ = ["AuthRequest", "ClientFactory", "DeviceAuthorization", "OIDCClient", "ProviderMetadata",
            "RefreshAnswer"]
@@ -113,6 +114,18 @@ def _network_reason(exc: BaseException, timeout: float) -> str:
 
 log = logging.getLogger("brokerd.oidc")
 
+
+def proxy_options(url: str) -> dict[str, Any]:
+    """aiohttp's ``proxy``/``proxy_auth`` for ``url`` (HTTP(S)_PROXY/NO_PROXY; credentials in the proxy URL go
+    to the proxy as Proxy-Authorization, as trust_env did)."""
+    proxy = proxy_for(url)
+    if proxy is None:
+        return {}
+    parsed = yarl.URL(proxy)
+    if parsed.user is None:
+        return {"proxy": proxy}
+    return {"proxy": str(parsed.with_user(None)), "proxy_auth": aiohttp.BasicAuth.from_url(parsed)}
+
 # How everything that talks to a provider gets its client: by awaiting this with the session's settings (their
 # TLS options and request headers pick the HTTP client).  tls.ProviderClients.client_for is the daemon's.
 ClientFactory = Callable[[ProviderSettings], Awaitable["OIDCClient"]]
@@ -147,7 +160,7 @@ class OIDCClient:
         hdrs = {"Accept": "application/json", **self._request_headers, **(headers or {})}
         try:
             async with self._http.request(
-                method, url, data=data, headers=hdrs, allow_redirects=method == "GET",
+                method, url, data=data, headers=hdrs, allow_redirects=method == "GET", **proxy_options(url),
                 # sock_connect: a connect that times out is reported as such (ConnectionTimeoutError), not sent.
                 timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._timeout / 2),
             ) as resp:
@@ -163,6 +176,8 @@ class OIDCClient:
             # sending may have reached the provider (a rotating refresh token is then spent).
             err.maybe_delivered = not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
             raise err from exc
+        except ValueError as exc:  # aiohttp refusing a request it was given (conflicting headers ...): one line
+            raise ProviderError(f"cannot send the request to {origin(url)} ({type(exc).__name__})") from exc
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
         status, _, body = await self._send("GET", url)
@@ -362,6 +377,13 @@ class OIDCClient:
         meta = await self.metadata(settings.issuer)
         form = {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token}
         doc = await self._post_form(settings, meta, meta.token_endpoint, form, "token endpoint")
+        # A 2xx that is not a token response (a middlebox's {"status": "ok"}) says nothing about the token sent:
+        # the provider may have rotated it behind it.  status=200 makes it count as spent (refresh_token_lost).
+        # token_type is checked only when present: providers (and tests) that omit it are common and harmless.
+        access, token_type = doc.get("access_token"), doc.get("token_type", "Bearer")
+        if not isinstance(access, str) or not access or not isinstance(token_type, str):
+            raise TokenEndpointError(f"token endpoint at {origin(meta.token_endpoint)} answered a refresh with "
+                                     "HTTP 200 but no token response", status=200)
         new = doc.get("refresh_token")
         return RefreshAnswer(doc=doc, refresh_token=new if isinstance(new, str) and new else tokens.refresh_token)
 

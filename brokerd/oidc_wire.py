@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,18 @@ class ProviderMetadata:
                 (endpoint, methods) for endpoint in AUTHENTICATED_ENDPOINTS
                 if (methods := names(f"{endpoint}_endpoint_auth_methods_supported", ()))),
         )
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy for ``url`` from the daemon's HTTP_PROXY/HTTPS_PROXY/NO_PROXY (lower case wins, as curl does).
+
+    Chosen here rather than by aiohttp's ``trust_env``, which also reads ~/.netrc and would send the user's
+    credentials from it to every provider host (and to proxies)."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies_environment().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
 
 
 def origin(url: str) -> str:

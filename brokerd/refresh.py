@@ -10,11 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from brokerd.errors import InvalidGrant, ProviderError, TokenEndpointError, UsageError
+from brokerd.errors import ClaimTimeError, InvalidGrant, ProviderError, TokenEndpointError, UsageError
 from brokerd.models import ProviderSettings, SessionKey, TokenSet
-
-# A gateway that says it timed out waiting for the provider has forwarded the request: it may have been processed.
-_GATEWAY_TIMEOUT = 504
 
 
 @dataclass(frozen=True)
@@ -58,18 +55,19 @@ def refresh_token_lost(exc: BaseException) -> bool:
     True when the grant is dead (invalid_grant) and whenever the provider may have processed the request: a
     rotating provider then has spent the token, and sending it again makes it revoke the whole grant.  Only two
     failures prove the token unspent: the request never left (``ProviderError.maybe_delivered`` is False: no
-    connection could be made), or the provider answered with an error status (it refused the request; a 504 is
-    a gateway that gave up waiting for the provider, so that one is not proof).  A 2xx answer we cannot use, a
-    dropped connection, a timeout after sending, and an ID token that fails verification all count as spent.
-    A ``UsageError`` is brokerd's own configuration (a client assertion key file it cannot read or use), found
-    while building the request: nothing left, the token stays (fixing the file cures it).
+    connection could be made), or the token endpoint refused it with an OAuth error (a 4xx/5xx whose JSON body
+    is ``{"error": ...}``: the provider itself read the request and said no).  Any other error status may come
+    from a gateway in front of the provider after it forwarded the request (nginx's 502, Cloudflare's 520/524, a
+    504), so it is no proof.  A 2xx answer we cannot use, a dropped connection, a timeout after sending, and an ID
+    token that fails verification all count as spent.  A ``UsageError`` is brokerd's own configuration (a client
+    assertion key file it cannot read or use), found while building the request: nothing left, the token stays.
     """
     if isinstance(exc, UsageError):
         return False
     if isinstance(exc, InvalidGrant):
         return True
     if isinstance(exc, TokenEndpointError) and exc.status is not None:
-        return 200 <= exc.status < 300 or exc.status == _GATEWAY_TIMEOUT
+        return 200 <= exc.status < 300 or exc.error is None
     if isinstance(exc, ProviderError):
         return exc.maybe_delivered
     return True
@@ -81,11 +79,13 @@ def answered_refresh_unusable(exc: BaseException) -> bool:
     token unusable?
 
     The adopted token was never sent, so no network failure can have spent it: a JWKS that cannot be reached is
-    transient, and the next attempt sends the new token.  An ID token that fails verification (or no ID token when
+    transient, and the next attempt sends the new token.  So is an ID token whose only fault is its time claims
+    (``ClaimTimeError``: exp/nbf/iat against our clock, which may be the one that is wrong): that ID token is not
+    served, but the refresh token is kept.  An ID token that fails verification otherwise (or no ID token when
     the old one expired: ``InvalidGrant``) is not cured by asking again: drop it, and log in once.  A
     ``UsageError`` (an ID token decryption key file brokerd cannot read or use) is cured by fixing the file: keep.
     """
-    if isinstance(exc, UsageError):
+    if isinstance(exc, ClaimTimeError | UsageError):
         return False
     return not isinstance(exc, ProviderError) or isinstance(exc, InvalidGrant)
 

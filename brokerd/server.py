@@ -74,6 +74,9 @@ class HungUp(Exception):
     """The caller closed its end while it waited (not a BrokerError: there is nobody to tell)."""
 
 
+def _carries_password(argv: Sequence[str]) -> bool:
+    return any(arg == "--password" or arg.startswith("--password=") for arg in argv)
+
 
 Handler = Callable[[Request, ShimCaller], Awaitable[str]]
 
@@ -263,6 +266,8 @@ class Server:
             request = parse_request(data)
             info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
             cached = (request, info)
+            if _carries_password(request.argv):
+                return cached  # a --password never sits in a cache: it lives as long as this request only
             if len(self._requests) >= PARSE_CACHE_SIZE:
                 self._requests.clear()
             self._requests[data] = cached
@@ -293,6 +298,8 @@ class Server:
         if cached is None:
             flags = self._flags(args, env)
             cached = request_from_flags(flags)
+            if cached[1].password is not None:
+                return cached  # from the command line or a profile: never cached (see _parse)
             if len(self._parsed) >= PARSE_CACHE_SIZE:
                 self._parsed.clear()
             self._parsed[cache_key] = cached
@@ -352,6 +359,8 @@ class Server:
         doc: dict[str, Any] = {"sessions": self._sessions.status()}
         if self._sessions.store_notice:
             doc["store"] = self._sessions.store_notice  # the stored sessions wait for the keyring (brokerd.keywait)
+        if problem := self._sessions.store_problem:
+            doc["store_problem"] = problem  # only then: the usual answer stays {"sessions": [...]}
         return json.dumps(doc)
 
     async def _logout(self, request: Request, caller: ShimCaller) -> str:
@@ -370,7 +379,10 @@ class Server:
         try:
             return json.dumps({"logged_out": await self._sessions.logout(**filters)})
         finally:
-            self._rendered.clear()  # no token of a logged-out session stays in memory here
+            # No token of a logged-out session stays in memory here, nor its client secret in a parsed request.
+            self._rendered.clear()
+            self._requests.clear()
+            self._parsed.clear()
 
     async def _setup(self, request: Request, caller: ShimCaller) -> str:
         from brokerd.setup import kubeconfig_args, run_setup

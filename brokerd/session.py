@@ -6,16 +6,22 @@ live in ``brokerd.refresh`` as pure functions.
 A refresh token is never sent twice.  Three rules keep that promise, whatever is interrupted where:
 
 1. Write-ahead.  Before a refresh token is sent, the store is saved without it (fsynced): the disk never holds a
-   refresh token that may be in flight.  If that save fails, nothing is sent.  A daemon killed mid-refresh
-   (SIGKILL, power loss) restarts with the ID token only: it serves that until exp, then logs in once.  A
-   memory-only session (``persist`` False) skips the save once the disk cannot hold its token (``on_disk``).
+   refresh token that may be in flight.  If that save fails, nothing is sent while the disk may hold that token
+   (``on_disk``, kept from each save's outcome); a token no save ever wrote cannot come back after a restart, so
+   it is sent anyway and the session lives in memory only.  A daemon killed mid-refresh (SIGKILL, power loss)
+   restarts with the ID token only: it serves that until exp, then logs in once.
+   A memory-only session (``persist`` False) is in no snapshot, so the disk never holds its token.
 2. Adopt the answer first.  As soon as the token endpoint answered 200, the refresh token it returned (or the one
    sent, when the provider does not rotate) is the session's; verifying the new ID token comes after.  A failure
-   there (JWKS unreachable, a bad signature) cannot bring the spent token back: a transient one is retried with
-   the new refresh token, a verification failure drops it.  The old ID token is served meanwhile.
+   there (JWKS unreachable, a bad signature) cannot bring the spent token back: a transient one (or an ID token
+   failing only its time claims: our clock may be wrong) is retried with the new refresh token, a verification
+   failure drops it.  The old ID token is served meanwhile.
 3. Maybe delivered means spent.  A request that may have reached the provider (a timeout after sending, a dropped
-   connection, an unusable 2xx answer, a cancellation by logout or shutdown) spends the token
-   (``refresh.refresh_token_lost``); only a request that never left, or an error status, leaves it usable.
+   connection, an unusable 2xx answer, an error status without an OAuth error body, e.g. a gateway's 502, a
+   cancellation by logout or shutdown) spends the token (``refresh.refresh_token_lost``); only a request that
+   never left, or an OAuth error answer, leaves it usable.
+
+A logged-out session (``closed``) never starts a renewal: a caller still holding it is told it was logged out.
 
 A refresh that returns no new ID token (kubelogin #536) keeps the old one and stops the timer (refreshing again
 cannot extend it).  The ID token of a session whose refresh token was dropped is served until it expires; the next
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, NoReturn, Protocol
 
@@ -116,9 +123,9 @@ class LiveSession:
         self.closed = False  # logged out: nothing may schedule work on it any more
         self.sending = False  # its refresh token is on its way to the provider: the store must not hold it
         self.persist = True  # False: memory only (--token-cache-storage=none); never in a snapshot for the store
-        # The store file may hold its refresh token: loaded from there, or in a snapshot that is (being) written
-        # and not yet replaced by a landed write without it.  Kept by SessionManager.save.
-        self.on_disk = False
+        # The refresh tokens the disk may hold for this session (set by the manager after each save): the
+        # write-ahead save is needed only for those.
+        self.on_disk: set[str] = set()
         self.login_failed_at: float | None = None
         self.login_failure = ""
         # The agent's view (agent.py): the policy in force, when the last login was (max_session_age counts from
@@ -169,6 +176,10 @@ class LiveSession:
         force = options.force_refresh
         # Two rounds at most: a background refresh that failed hands over to one renewal that may log in.
         for _ in range(2):
+            if self.closed:
+                # Logged out while this caller waited (a renewal that failed during logout's wait): renewing
+                # now would refresh or log in for a session nobody holds any more, an orphan grant.
+                raise LoginInterrupted("the session was logged out while this request waited; run it again")
             if not force and self.servable(self.tokens):
                 assert self.tokens is not None
                 return self.tokens, "cache"
@@ -210,6 +221,8 @@ class LiveSession:
 
     def start_renewal(self, options: LoginOptions, caller: Caller | None, *, allow_login: bool,
                       force: bool = False) -> Renewal:
+        if self.closed:
+            raise LoginInterrupted("the session was logged out")
         renewal = Renewal(allow_login=allow_login)
         renewal.task = asyncio.create_task(self._renew(options, caller, renewal, force))
         self.renewal = renewal
@@ -231,7 +244,7 @@ class LiveSession:
             # Discovery first, on its own: a failure here certainly sent nothing, so the refresh token stays.
             await oidc.metadata(self.settings.issuer)
             try:
-                return await self._refresh(oidc, tokens)
+                return await self._refresh(oidc, tokens, renewal.announce)
             except BrokerError as exc:
                 kept = self.tokens
                 if kept is not None and kept.refresh_token and not isinstance(exc, StoreError):
@@ -239,7 +252,7 @@ class LiveSession:
                     if not force and self.servable(kept):
                         return kept
                     raise
-                if not renewal.allow_login or caller is None:
+                if not renewal.allow_login or caller is None or self.closed:
                     raise
         if not renewal.allow_login or caller is None:
             raise LoginError("the session has no refresh token; a login is needed")
@@ -247,17 +260,22 @@ class LiveSession:
 
     # -- refresh --------------------------------------------------------------------------------------------------
 
-    async def _refresh(self, oidc: OIDCClient, tokens: TokenSet) -> TokenSet:
+    async def _refresh(self, oidc: OIDCClient, tokens: TokenSet, announce: Callable[[str], None]) -> TokenSet:
         self.sending = True
         try:
-            if self.persist or self.on_disk:
-                # Write-ahead: the disk forgets the token before it leaves.  A memory-only session that the disk
-                # cannot hold (never written, or taken off by a landed save) has nothing to forget: it refreshes
-                # even while the store cannot be written.
-                await self._host.save(strict=True)
+            await self._host.save(strict=True)  # write-ahead: the disk forgets the token before it leaves
+        except StoreError as exc:
+            if tokens.refresh_token in self.on_disk:
+                self.sending = False
+                raise  # nothing was sent: the token stays (one clear line for the caller)
+            # The disk cannot hold this token (no save that contained it landed), so it can never be read back
+            # and resent after a restart: sending it without the write-ahead save is safe.  The session lives
+            # in memory only until the store can be written again.
+            if self.persist:
+                announce(f"note: {exc}; this session is kept in memory only")
         except BaseException:
             self.sending = False
-            raise  # nothing was sent: the token stays (a StoreError is one clear line for the caller)
+            raise
         try:
             answer = await oidc.refresh_grant(self.settings, tokens)
         except BaseException as exc:  # a cancellation too: the request may have reached the provider

@@ -72,6 +72,9 @@ class SessionManager:
         self.store_notice: str | None = None
         self.agent = Agent(clock, policies, lambda: self.policy.login_retry_interval)
         self._ask_timeout = ask_timeout
+        # The store could not be read at start: it must not be saved over until it has been read (see _reload).
+        self.store_unread: str | None = None
+        self._save_failing: str | None = None  # why the last save failed: logged once per streak
 
     @property
     def policy(self) -> Policy:
@@ -85,19 +88,41 @@ class SessionManager:
         try:
             stored = await asyncio.to_thread(self._store.load)
         except StoreError as exc:
-            log.error("sessions not loaded, starting empty: %s", exc)
+            self.store_unread = str(exc)
+            log.error("sessions not loaded (%s); serving from memory, and the store will not be saved over until "
+                      "it can be read", exc)
             return
-        now = self.clock.now()
+        self._adopt_stored(stored)
+        log.info("loaded %d session(s) from the store", len(stored))
+
+    def _adopt_stored(self, stored: Mapping[SessionKey, Session]) -> None:
+        """Sessions read from the store; one already in memory (a login made meanwhile) wins."""
         for key, persisted in stored.items():
+            if key in self._sessions:
+                continue
             session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
-            session.on_disk = persisted.tokens.refresh_token is not None
+            if persisted.tokens.refresh_token:
+                session.on_disk.add(persisted.tokens.refresh_token)
             # A store written before these were kept: max_session_age and idle_logout count from this start.
+            now = self.clock.now()
             session.logged_in_at = persisted.logged_in_at or now
             session.last_served_at = persisted.last_served_at or now
             session.policy = self.agent.policy_for(session.settings, ())
             session.schedule()
-        log.info("loaded %d session(s) from the store", len(stored))
 
+    async def _reload(self) -> bool:
+        """Before the first save after a failed load: read the store now, so a save never replaces sessions it
+        never read.  False (and nothing may be written) while it still cannot be read."""
+        assert self._store is not None
+        try:
+            stored = await asyncio.to_thread(self._store.load)
+        except StoreError as exc:
+            self.store_unread = str(exc)
+            return False
+        self.store_unread = None
+        self._adopt_stored(stored)
+        log.info("the store can be read now: merged %d session(s) from it", len(stored))
+        return True
     def watch(self) -> None:
         """Start the agent's watch (idle logout, end of age, warnings); the daemon calls it once serving."""
         self.agent.start(lambda: [s for s in self._sessions.values() if s.tokens is not None], self._end,
@@ -247,20 +272,22 @@ class SessionManager:
             return
         await self._save_lock.acquire()
         try:
-            written: dict[LiveSession, bool] = {}  # each session: whether this snapshot holds its refresh token
-            snapshot = {}
-            for key, s in self._sessions.items():
-                tokens = s.stored()
-                written[s] = tokens is not None and tokens.refresh_token is not None
-                if tokens is not None:
-                    snapshot[key] = Session(key, s.settings, tokens, s.logged_in_at, s.last_served_at)
-                if written[s]:
-                    s.on_disk = True  # from now until a later write without it is known to have landed
+            if self.store_unread is not None and not await self._reload():
+                raise StoreError(f"the session store could not be read ({self.store_unread}); it is not saved "
+                                 "over")
+            snapshot = {key: Session(key, s.settings, tokens, s.logged_in_at, s.last_served_at)
+                        for key, s in self._sessions.items()
+                        if (tokens := s.stored()) is not None}
             write = asyncio.ensure_future(asyncio.to_thread(self._store.save, snapshot))
+        except StoreError:
+            self._save_lock.release()
+            if strict:
+                raise
+            return
         except BaseException:
             self._save_lock.release()
             raise
-        write.add_done_callback(lambda w: self._saved(w, written))
+        write.add_done_callback(lambda done: self._saved(done, snapshot))
         try:
             await asyncio.shield(write)
         except StoreError:
@@ -270,16 +297,36 @@ class SessionManager:
             if strict:
                 raise StoreError(f"sessions not saved ({type(exc).__name__})") from exc
 
-    def _saved(self, write: asyncio.Future[None], written: Mapping[LiveSession, bool]) -> None:
+    def _saved(self, write: asyncio.Future[None], snapshot: Mapping[SessionKey, Session]) -> None:
         self._save_lock.release()
-        exc = write.exception()
-        if exc is not None:
-            # Keep serving from memory: losing persistence is bad, losing the running session is worse.
-            log.error("sessions not saved: %s", exc if isinstance(exc, StoreError) else type(exc).__name__)
+        exc: BaseException | None
+        if write.cancelled():  # not expected (shielded); if so, the write may or may not have landed
+            exc = StoreError("the save was cancelled")
+            exc.maybe_written = True
+        else:
+            exc = write.exception()
+        # What the disk may hold now, per session: the write-ahead rule needs to know (LiveSession._refresh).
+        landed = exc is None or (isinstance(exc, StoreError) and exc.maybe_written)
+        for key, session in self._sessions.items():
+            saved = snapshot.get(key)
+            token = saved.tokens.refresh_token if saved is not None else None
+            if exc is None:
+                session.on_disk.clear()
+            if landed and token:
+                session.on_disk.add(token)
+        if exc is None:
+            if self._save_failing:
+                log.info("sessions saved again")
+            self._save_failing = None
             return
-        for session, held in written.items():
-            if not held:
-                session.on_disk = False  # the store file now on disk lacks its refresh token
+        # Keep serving from memory: losing persistence is bad, losing the running session is worse.  One error
+        # per failure streak (every renewal saves), the rest at debug.
+        text = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+        if not self._save_failing:
+            log.error("sessions not saved (kept in memory until the store can be written): %s", text)
+        else:
+            log.debug("sessions not saved: %s", text)
+        self._save_failing = text
 
     async def adopt(self, sessions: Mapping[SessionKey, Session], open_store: Callable[[], None]) -> int:
         """Take in stored sessions that loaded late (the keyring unlocked) and write the merged set.  A session
@@ -296,13 +343,23 @@ class SessionManager:
                 continue
             # A login may be pending for it in a browser; until it lands, the stored tokens serve (and are kept).
             session.tokens = stored.tokens
-            session.on_disk = stored.tokens.refresh_token is not None
+            if stored.tokens.refresh_token:
+                session.on_disk.add(stored.tokens.refresh_token)
             session.schedule()
             adopted += 1
         await self.save()
         return adopted
 
     # -- admin ----------------------------------------------------------------------------------------------------
+
+    @property
+    def store_problem(self) -> str | None:
+        """Why sessions are not being persisted now (for status), or None."""
+        if self.store_unread is not None:
+            return f"the session store could not be read ({self.store_unread}); it is not saved over"
+        if self._save_failing is not None:
+            return f"sessions are not being saved ({self._save_failing})"
+        return None
 
     def status(self) -> list[dict[str, Any]]:
         out = []

@@ -26,7 +26,7 @@ import aiohttp
 from brokerd.errors import BrokerError, DiscoveryError, TokenEndpointError
 from brokerd.flags import FLAGS, SETUP_FLAGS, ParsedFlags, login_options, provider_settings
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
-from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient
+from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient, proxy_options
 from brokerd.oidc_wire import safe_text
 from brokerd.setup_registration import registration_diagnosis
 
@@ -116,7 +116,7 @@ def kubeconfig_args(flags: ParsedFlags) -> list[str]:
 
 async def _get(http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None,
                ) -> tuple[int, str | None, str]:
-    async with http.get(url, allow_redirects=False, headers=headers,
+    async with http.get(url, allow_redirects=False, headers=headers, **proxy_options(url),
                         timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as resp:
         body = await resp.content.read(256 * 1024)
         return resp.status, resp.headers.get("Location"), body.decode("utf-8", "replace")

@@ -105,7 +105,11 @@ def atomic_write(target: pathlib.Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # still there only if the rename failed
-    _fsync_dir(target.parent)
+    try:
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        exc.brokerd_replaced = True  # type: ignore[attr-defined]  # the new content may be what survives
+        raise
 
 
 def atomic_create(target: pathlib.Path, data: bytes) -> bool:
@@ -208,7 +212,9 @@ def _os_errors(action: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise StoreError(f"session store: cannot {action}: {exc.strerror or exc} ({exc.filename})") from exc
+        err = StoreError(f"session store: cannot {action}: {exc.strerror or exc} ({exc.filename})")
+        err.maybe_written = getattr(exc, "brokerd_replaced", False)
+        raise err from exc
 
 
 class SessionStore:

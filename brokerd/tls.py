@@ -5,7 +5,7 @@ kubelogin's --certificate-authority, --certificate-authority-data, --insecure-sk
 anchors.  ``ProviderClients`` keeps one ``aiohttp.ClientSession`` per distinct TLS set (keyed by a hash of the CA
 *content*, so a renamed file shares and an edited file does not) and one ``OIDCClient`` per TLS set plus headers,
 so discovery and JWKS caches are shared wherever that is safe.  Proxies come from HTTP(S)_PROXY/NO_PROXY in the
-daemon's environment (``trust_env``).
+daemon's environment (``oidc_wire.proxy_for``; not aiohttp's ``trust_env``, which also reads ~/.netrc).
 
 Files are the caller's to name, so they are read off the event loop with a time limit, and only regular files: a
 FIFO or a hung network mount fails that caller's request with one line while every other caller is served.
@@ -181,7 +181,8 @@ class ProviderClients:
             if len(self._http) >= self._max:
                 self._evict()
             connector = aiohttp.TCPConnector(ssl=context)
-            http = aiohttp.ClientSession(connector=connector, trust_env=True)
+            # trust_env=False: it would also read ~/.netrc; proxies come from oidc_wire.proxy_for per request.
+            http = aiohttp.ClientSession(connector=connector, trust_env=False)
             self._http[trust.digest] = http
         if len(self._oidc) >= self._max:
             self._oidc.pop(next(iter(self._oidc)))

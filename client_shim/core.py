@@ -219,6 +219,8 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
             except OSError:
                 pass
             done, status = os.waitpid(pid, os.WNOHANG)
+            if done and os.waitstatus_to_exitcode(status) == protocol.STATE_DIR_BUSY_EXIT:
+                raise ShimError(3, "brokerd: " + _state_dir_busy(env))
             if done:
                 raise ShimError(3, "brokerd: the daemon exited at start (status "
                                    f"{os.waitstatus_to_exitcode(status)}); run `brokerd serve` to see why")
@@ -226,6 +228,26 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
         raise ShimError(3, f"brokerd: started the daemon but it did not answer within {CONNECT_WAIT:.0f} s")
     finally:
         os.close(lock)
+
+
+def _state_dir_busy(env: "dict[bytes, bytes]") -> str:
+    """The line for an autostarted daemon that found its state directory held by another daemon (whose socket
+    path differs from ours): who holds it, as the lock file says (brokerd.paths.state_dir without platformdirs)."""
+    import os
+
+    state = env.get(b"BROKERD_STATE_DIR", b"")
+    if not state:
+        xdg = env.get(b"XDG_STATE_HOME", b"")
+        base = xdg if xdg.startswith(b"/") else os.path.expanduser(b"~/.local/state")
+        state = base + b"/brokerd"
+    state = _clean(state)
+    holder = ""
+    try:
+        with open(os.path.join(state, protocol.STATE_LOCK_NAME.encode()), "rb") as lock:
+            holder = lock.read(512).decode("utf-8", "replace").strip()
+    except OSError:
+        pass
+    return protocol.STATE_DIR_BUSY.format(holder=protocol.for_terminal(holder) or "unknown", path=_show(state))
 
 
 def connect(env: "dict[bytes, bytes]", *, autostart: bool = True) -> "_socket.socket":

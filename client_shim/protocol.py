@@ -39,6 +39,14 @@ DESKTOP_ENV = ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRES
 _FORWARDED_B = tuple(name.encode() for name in FORWARDED_ENV)
 _DESKTOP_B = tuple(name.encode() for name in DESKTOP_ENV)
 
+# One daemon per state directory (brokerd/statelock.py): the lock file in it names its holder.  An autostarted
+# daemon that finds it held exits with STATE_DIR_BUSY_EXIT, and the shim then prints STATE_DIR_BUSY as well.
+STATE_LOCK_NAME = "daemon.lock"
+STATE_DIR_BUSY_EXIT = 75
+STATE_DIR_BUSY = ("another brokerd ({holder}) already uses the state directory {path}; use that daemon (set "
+                  "BROKERD_SOCKET to its socket) or stop it first")
+
+
 # The one line either side prints when the socket's directory or listener is not the user's own (issue 11.5).
 FOREIGN_LISTENER = "refusing the socket {path}: it is served by uid {uid}, not by you"
 

@@ -146,11 +146,14 @@ def _not_sent() -> ProviderError:
     (TokenEndpointError("weird", error="weird", status=400), False),
     (TokenEndpointError("empty body", status=200), True),
     (TokenEndpointError("gateway timeout", status=504), True),
+    (TokenEndpointError("HTML 502 from a gateway", status=502), True),
+    (TokenEndpointError("500 without an OAuth error body", status=500), True),
     (_not_sent(), False),
     (ProviderError("no answer within 30 s"), True),
     (TokenValidationError("bad signature"), True),
     (UsageError("--oidc-client-assertion-key /k.pem: No such file or directory"), False),
-], ids=["invalid_grant", "500", "nonstandard-400", "unusable-200", "504", "not-sent", "maybe-delivered",
+], ids=["invalid_grant", "500", "nonstandard-400", "unusable-200", "504", "gateway-502",
+        "500-not-oauth", "not-sent", "maybe-delivered",
         "bad-id-token", "assertion-key-unusable"])
 def test_which_failures_spend_the_refresh_token(exc: Exception, lost: bool) -> None:
     assert refresh_token_lost(exc) is lost
