@@ -93,7 +93,8 @@ def login_needed(session: SessionView) -> float | None:
         return None
     return login_needed_at(session.policy, logged_in_at=session.logged_in_at,
                            token_expiry=session.serve_until(tokens), has_refresh_token=bool(tokens.refresh_token),
-                           refreshed_at=tokens.issued_at, refresh_expires_at=None)
+                           refreshed_at=tokens.issued_at,
+                           refresh_expires_at=tokens.refresh_expires_at)
 
 
 class Agent:

@@ -401,6 +401,34 @@ def test_warn_before_shows_one_warning_ahead_of_the_needed_login(provider: TestP
         assert provider.counters()["auth_requests"] - before["auth_requests"] == 1
 
 
+@desktop_only
+@pytest.mark.parametrize("field", ["refresh_expires_in", "refresh_token_expires_in"])
+def test_warn_before_uses_the_refresh_tokens_own_expiry_from_the_provider(
+        provider_factory: Callable[..., TestProvider], clear: NotificationDesktop, field: str) -> None:
+    # Keycloak says how long its refresh token lives; no refresh_token_lifetime and no max age are set, and the ID
+    # token lives an hour: only the provider's word can make this warning.
+    desktop = clear
+    short = provider_factory({"refresh_expires_field": field, "refresh_token_ttl": 40})
+    config = '[daemon]\nwarn_before = "35s"\nbackground_login = "browser"\n'
+    with Daemon(config=config) as daemon:
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        done = daemon.shim(_offline(short), env=env)
+        assert done.returncode == 0, done.stderr + daemon.log()
+        (session,) = _status(daemon)
+        until = session.get("refresh_token_expires_at")
+        assert isinstance(until, float) and 0 < until - time.time() <= 40
+        desktop.wait_displayed(1, timeout=30)
+        assert daemon.shim(_offline(short), env=env).returncode == 0  # served again: no second warning
+        assert desktop.displayed() == 1
+        desktop.dunstctl("close")  # dismissed, not clicked: into dunst's history, where its text can be read
+        desktop.wait_displayed(0)
+        assert daemon.shim(_offline(short), env=env).returncode == 0
+        summaries = [str(n.get("summary")) for n in desktop.history() if n.get("appname") == "brokerd"]
+        assert len(summaries) == 1 and summaries[0].startswith(f"Login to {short.issuer} needed in")
+        shown = daemon.cli("status")
+        assert shown.returncode == 0 and "refresh token: yes, expires " in shown.stdout, shown.stdout + shown.stderr
+
+
 @needs_kubectl
 def test_audit_of_a_kubectl_call_names_its_cluster_and_holds_no_token(
         tmp_path: Path, provider: TestProvider, apiserver: ApiServer) -> None:
