@@ -5,6 +5,7 @@ A person's clicks are dunstctl's; the browser is tests/support/browser.py (it co
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import subprocess
@@ -233,6 +234,47 @@ def test_background_login_refuse_says_what_to_do(provider: TestProvider, clear: 
         assert "logged in to" in login.stdout and daemon.browser_openings() == 1
         served = daemon.shim(login_args(provider.issuer), env=env)
         assert served.returncode == 0, served.stderr
+
+
+@desktop_only
+def test_a_background_device_login_shows_the_user_code_and_opens_the_page_on_the_click(
+        provider: TestProvider, clear: NotificationDesktop) -> None:
+    desktop = clear
+    args = login_args(provider.issuer, "--grant-type=device-code")
+    with Daemon() as daemon:
+        before = provider.counters()
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        shim = Background(lambda: daemon.shim(args, env=env, timeout=90))
+        desktop.wait_displayed(1)
+        assert daemon.browser_openings() == 0  # the device flow too: no tab before the person asks for one
+        desktop.invoke_default()
+        done = shim.wait()
+        assert done.returncode == 0, done.stderr + daemon.log()
+        assert jwt_claims(exec_token(done))["sub"] == provider.sub("alice")
+        desktop.wait_displayed(0)  # withdrawn once the login ended
+        (opened,) = daemon.browser_log.read_text().splitlines()
+        assert "/device" in opened  # the verification page, opened by the click
+        said = re.search(r"enter the code (\S+)", done.stderr)
+        assert said is not None, done.stderr
+        shown = [n for n in desktop.history() if n.get("appname") == "brokerd"]
+        assert len(shown) == 1 and str(shown[0]["summary"]).endswith("needs a login")
+        assert f"The code to confirm there: {said.group(1)}" in str(shown[0]["body"])
+        assert provider.counters()["device_authorization"] - before["device_authorization"] == 1
+
+
+@desktop_only
+def test_a_background_device_login_refused_by_policy_is_one_line(provider: TestProvider,
+                                                                  clear: NotificationDesktop) -> None:
+    desktop = clear
+    with Daemon(config='[daemon]\nbackground_login = "refuse"\n') as daemon:
+        before = provider.counters()
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        done = daemon.shim(login_args(provider.issuer, "--grant-type=device-code"), env=env)
+        assert done.returncode == 1 and done.stdout == ""
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "brokerd login" in lines[0], done.stderr
+        assert daemon.browser_openings() == 0 and desktop.displayed() == 0
+        assert provider.counters()["device_authorization"] == before["device_authorization"]  # nothing started
 
 
 @desktop_only
