@@ -471,6 +471,27 @@ def test_warn_before_uses_the_refresh_tokens_own_expiry_from_the_provider(
         assert shown.returncode == 0 and "refresh token: yes, expires " in shown.stdout, shown.stdout + shown.stderr
 
 
+@desktop_only
+def test_a_sliding_refresh_token_expiry_warns_once_not_at_every_refresh(
+        provider_factory: Callable[..., TestProvider], clear: NotificationDesktop) -> None:
+    # Keycloak's refresh_expires_in is its idle time, renewed at each refresh: with warn_before longer than it, each
+    # background refresh brings a new expiry inside the warning window.  One warning, not one a refresh.
+    desktop = clear
+    sliding = provider_factory({"refresh_expires_field": "refresh_expires_in", "refresh_token_ttl": 20,
+                                "id_token_ttl": 4, "access_token_ttl": 4})
+    with Daemon(config='[daemon]\nwarn_before = "40s"\nbackground_login = "browser"\n') as daemon:
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        done = daemon.shim(_offline(sliding), env=env)
+        assert done.returncode == 0, done.stderr + daemon.log()
+        desktop.wait_displayed(1, timeout=30)
+        first = sliding.counters()["token_requests"]
+        _poll(lambda: sliding.counters()["token_requests"] - first >= 3, "three background refreshes")
+        assert _status(daemon)[0]["counters"]["refreshes"] >= 3
+        # dunst stacks identical notifications into one, so the daemon's own record is what counts the warnings.
+        assert daemon.log().count("; notifying") == 1, daemon.log()
+        assert desktop.displayed() == 1
+
+
 @needs_kubectl
 def test_audit_of_a_kubectl_call_names_its_cluster_and_holds_no_token(
         tmp_path: Path, provider: TestProvider, apiserver: ApiServer) -> None:
