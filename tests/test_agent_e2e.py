@@ -461,7 +461,7 @@ def test_warn_before_uses_the_refresh_tokens_own_expiry_from_the_provider(
         assert isinstance(until, float) and 0 < until - time.time() <= 40
         desktop.wait_displayed(1, timeout=30)
         assert daemon.shim(_offline(short), env=env).returncode == 0  # served again: no second warning
-        assert desktop.displayed() == 1
+        assert desktop.displayed() == 1 and daemon.log().count("; notifying") == 1  # (dunst stacks duplicates)
         desktop.dunstctl("close")  # dismissed, not clicked: into dunst's history, where its text can be read
         desktop.wait_displayed(0)
         assert daemon.shim(_offline(short), env=env).returncode == 0
