@@ -64,6 +64,7 @@ class Guard:
     approvals: Approvals = field(default_factory=Approvals)
     asking: dict[CallerIdentity, asyncio.Task[bool]] = field(default_factory=dict)
     warned_for: float | None = None
+    warned_at: float | None = None
     bus_address: str | None = None
     warning: asyncio.Task[None] | None = None
 
@@ -93,7 +94,8 @@ def login_needed(session: SessionView) -> float | None:
         return None
     return login_needed_at(session.policy, logged_in_at=session.logged_in_at,
                            token_expiry=session.serve_until(tokens), has_refresh_token=bool(tokens.refresh_token),
-                           refreshed_at=tokens.issued_at, refresh_expires_at=None)
+                           refreshed_at=tokens.issued_at,
+                           refresh_expires_at=tokens.refresh_expires_at)
 
 
 class Agent:
@@ -272,11 +274,11 @@ class Agent:
             return None
         due = [t for t in (idle_at, end_at) if t is not None]
         need = login_needed(session)
-        warn = warn_at(policy, need)
         guard = self.guard(key)
+        warn = warn_at(policy, need, guard.warned_at)
         if warn is not None and need is not None and guard.warned_for != need:
             if now >= warn:
-                guard.warned_for = need
+                guard.warned_for, guard.warned_at = need, now
                 self._warn(session, guard, need, now)
             else:
                 due.append(warn)

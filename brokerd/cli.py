@@ -180,7 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               + (f"  <{_shown(s['email'])}>" if s.get("email") else ""))
         print(f"  groups:        {_shown(', '.join(map(str, s.get('groups') or [])) or '-')}")
         print(f"  expires:       {_when(s.get('expires_at'), now)}")
-        print(f"  refresh token: {'yes' if s.get('refresh_token') else 'no'}")
+        rt_until = s.get("refresh_token_expires_at")  # when the provider said when it expires
+        print(f"  refresh token: {'yes' if s.get('refresh_token') else 'no'}"
+              + (f", expires {_when(rt_until, now)}" if s.get("refresh_token") and rt_until else ""))
         retry = "  (retrying after a failed refresh)" if s.get("refresh_retrying") else ""
         print(f"  next refresh:  {_when(s.get('next_refresh_at'), now)}{retry}")
         if s.get("login_pending"):

@@ -41,6 +41,7 @@ def session_to_dict(session: Session) -> dict[str, Any]:
             "refresh_token": t.refresh_token,
             "access_token": t.access_token,
             "access_expires_at": t.access_expires_at,
+            "refresh_expires_at": t.refresh_expires_at,
             "claims": dict(t.claims),
         },
         "agent": {"logged_in_at": session.logged_in_at, "last_served_at": session.last_served_at},
@@ -106,6 +107,7 @@ def session_from_dict(doc: Mapping[str, Any]) -> Session:
         refresh_token=_get(td, "refresh_token", str, optional=True),
         access_token=_get(td, "access_token", str, optional=True),
         access_expires_at=_number(td, "access_expires_at", optional=True),
+        refresh_expires_at=_number(td, "refresh_expires_at", optional=True),  # absent in stores before it was kept
         claims=dict(_get(td, "claims", dict, optional=True) or {}),
     )
     stored_key = _get(doc, "key", str)

@@ -124,7 +124,7 @@ class LoginFlows:
         if grant == "password":
             return await self._password(oidc, settings, options, caller)
         if grant == "device-code":
-            return await self._device(oidc, settings, options, caller, announce)
+            return await self._device(oidc, settings, options, caller, announce, background, on_notice)
         if grant == "client-credentials":
             tokens = await oidc.client_credentials(settings)
             if not tokens.id_token and tokens.access_token:
@@ -165,43 +165,40 @@ class LoginFlows:
 
             notice = None
             if background == "notify":
-                bus = caller.env.get("DBUS_SESSION_BUS_ADDRESS", "")
-                try:
-                    notice = await LoginNotice.show(bus, settings.issuer, settings.client_id,
-                                                    _program(caller), open_browser)
-                except NotificationError as exc:
-                    # The server went away since the probe.  No surprise tab: the caller hears what to do.
-                    raise PolicyRefused(f"a login to {settings.issuer} is needed, this program has no terminal and "
-                                        f"the desktop notification failed ({exc}); log in from a terminal: "
-                                        "`brokerd login` or any kubectl command there") from None
+                notice = await _show_notice(settings, caller, open_browser)
             elif not options.skip_open_browser:
                 await open_browser()
-            try:
-                if notice is None:
-                    result = await self._wait(waiter, options)
-                else:
-                    on_notice(notice)
-                    async with notice:
-                        result = await self._wait_or_dismissed(waiter, notice, options)
-            finally:
-                on_notice(None)
+            result = await self._wait_shown(waiter, notice, options, on_notice)
             return await oidc.exchange_code(settings, auth, result.code, iss=result.iss, response=result.response)
         finally:
             await lease.release()
 
+    async def _wait_shown(self, waiter: Awaitable[T], notice: LoginNotice | None, options: LoginOptions,
+                          on_notice: OnNotice, what: str = "no login was completed in the browser") -> T:
+        """Wait for the login; with a notice, until the person closes it too (the notice is withdrawn after)."""
+        try:
+            if notice is None:
+                return await self._wait(waiter, options, what)
+            on_notice(notice)
+            async with notice:
+                return await self._wait_or_dismissed(waiter, notice, options, what)
+        finally:
+            on_notice(None)
+
     @staticmethod
-    async def _wait(waiter: Awaitable[T], options: LoginOptions) -> T:
+    async def _wait(waiter: Awaitable[T], options: LoginOptions,
+                    what: str = "no login was completed in the browser") -> T:
         try:
             return await asyncio.wait_for(waiter, options.authentication_timeout)
         except TimeoutError:
-            raise LoginTimeout(
-                f"no login was completed in the browser within {options.authentication_timeout:.0f} s") from None
+            raise LoginTimeout(f"{what} within {options.authentication_timeout:.0f} s") from None
 
-    async def _wait_or_dismissed(self, waiter: Awaitable[T], notice: LoginNotice, options: LoginOptions) -> T:
+    async def _wait_or_dismissed(self, waiter: Awaitable[T], notice: LoginNotice, options: LoginOptions,
+                                 what: str) -> T:
         """The callback, unless the person closes the notification first (then nobody is asked again for a while:
         the session's login retry interval)."""
         dismissed = asyncio.ensure_future(notice.dismissed.wait())
-        done = asyncio.ensure_future(self._wait(waiter, options))
+        done = asyncio.ensure_future(self._wait(waiter, options, what))
         try:
             await asyncio.wait({done, dismissed}, return_when=asyncio.FIRST_COMPLETED)
             if done.done():
@@ -249,7 +246,10 @@ class LoginFlows:
         return await oidc.password_grant(settings, username, password)
 
     async def _device(self, oidc: OIDCClient, settings: ProviderSettings, options: LoginOptions, caller: Caller,
-                      announce: Announce) -> TokenSet:
+                      announce: Announce, background: BackgroundLogin | None = None,
+                      on_notice: OnNotice = lambda notice: None) -> TokenSet:
+        """The same rule as the code flow for a caller without a terminal: "notify" shows the user code on a
+        notification whose click opens the verification page; nothing opens before that click."""
         device = await oidc.start_device_authorization(settings, pkce=options.pkce_method != "no")
         # Both are the provider's words: checked before they are shown or reach a browser command line.
         shown = browser_url(device.verification_uri, "the device flow's verification_uri")
@@ -257,10 +257,29 @@ class LoginFlows:
         if device.verification_uri_complete is not None:
             url = browser_url(device.verification_uri_complete, "the device flow's verification_uri_complete")
         announce(f"Open {shown} and enter the code {device.user_code}")
-        if not options.skip_open_browser:
-            await self._browser.open(url, command=options.browser_command, caller_env=caller.env)
-        try:
-            return await asyncio.wait_for(oidc.poll_device_token(settings, device), options.authentication_timeout)
-        except TimeoutError:
-            raise LoginTimeout(
-                f"the device login was not completed within {options.authentication_timeout:.0f} s") from None
+
+        async def open_browser() -> None:
+            if not await self._browser.open(url, command=options.browser_command, caller_env=caller.env):
+                announce("brokerd could not open a browser (set BROWSER or --browser-command); "
+                         "open the URL above yourself")
+
+        notice = None
+        if background == "notify":
+            notice = await _show_notice(settings, caller, open_browser, user_code=device.user_code)
+        elif not options.skip_open_browser:
+            await open_browser()
+        return await self._wait_shown(oidc.poll_device_token(settings, device), notice, options, on_notice,
+                                      "the device login was not completed")
+
+
+async def _show_notice(settings: ProviderSettings, caller: Caller, open_browser: Callable[[], Awaitable[None]], *,
+                       user_code: str | None = None) -> LoginNotice:
+    """The pending login's notification on the caller's bus; PolicyRefused (one line) when it cannot be shown."""
+    try:
+        return await LoginNotice.show(caller.env.get("DBUS_SESSION_BUS_ADDRESS", ""), settings.issuer,
+                                      settings.client_id, _program(caller), open_browser, user_code=user_code)
+    except NotificationError as exc:
+        # The server went away since the probe.  No surprise tab: the caller hears what to do.
+        raise PolicyRefused(f"a login to {settings.issuer} is needed, this program has no terminal and the desktop "
+                            f"notification failed ({exc}); log in from a terminal: `brokerd login` or any kubectl "
+                            "command there") from None

@@ -104,6 +104,8 @@ class TokenSet:
     refresh_token: str | None = field(default=None, repr=False)
     access_token: str | None = field(default=None, repr=False)
     access_expires_at: float | None = None
+    # When the refresh token stops working, when the provider said so (refresh_expires_in); None: not said.
+    refresh_expires_at: float | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -24,9 +24,13 @@ ALLOW, DENY = "allow", "deny"
 CRITICAL = 2
 
 
-def login_text(issuer: str, client_id: str, program: str, waiting: int) -> tuple[str, str]:
+def login_text(issuer: str, client_id: str, program: str, waiting: int,
+               user_code: str | None = None) -> tuple[str, str]:
+    """``user_code``: the device flow's code, shown so the person can check it against the login page."""
     summary = f"{program} needs a login"
     body = f"to {issuer} as {client_id}\nClick to open the login page."
+    if user_code is not None:
+        body += f"\nThe code to confirm there: {user_code}"
     if waiting > 1:
         body += f"\n{waiting} programs are waiting for it."
     return summary, body
@@ -41,8 +45,9 @@ class LoginNotice:
     """
 
     def __init__(self, notifier: Notifier, nid: int, issuer: str, client_id: str, program: str,
-                 on_open: Callable[[], Awaitable[object]]) -> None:
+                 on_open: Callable[[], Awaitable[object]], user_code: str | None = None) -> None:
         self._notifier = notifier
+        self._user_code = user_code
         self._nid = nid
         self._issuer = issuer
         self._client_id = client_id
@@ -54,15 +59,16 @@ class LoginNotice:
 
     @classmethod
     async def show(cls, address: str, issuer: str, client_id: str, program: str,
-                   on_open: Callable[[], Awaitable[object]], *, waiting: int = 1) -> LoginNotice:
+                   on_open: Callable[[], Awaitable[object]], *, waiting: int = 1,
+                   user_code: str | None = None) -> LoginNotice:
         notifier = await Notifier.open(address)
         try:
-            summary, body = login_text(issuer, client_id, program, waiting)
+            summary, body = login_text(issuer, client_id, program, waiting, user_code)
             nid = await notifier.notify(summary, body, actions=[(OPEN, "Open login page")], expire_ms=0)
         except BaseException:
             await notifier.close()
             raise
-        return cls(notifier, nid, issuer, client_id, program, on_open)
+        return cls(notifier, nid, issuer, client_id, program, on_open, user_code)
 
     @property
     def nid(self) -> int:
@@ -72,7 +78,7 @@ class LoginNotice:
         """Replace the text (never a second notification); ignored once the person opened or dismissed it."""
         if self.opened.is_set() or self.dismissed.is_set():
             return
-        summary, body = login_text(self._issuer, self._client_id, self._program, waiting)
+        summary, body = login_text(self._issuer, self._client_id, self._program, waiting, self._user_code)
         try:
             await self._notifier.notify(summary, body, actions=[(OPEN, "Open login page")], replaces_id=self._nid,
                                         expire_ms=0)

@@ -38,7 +38,15 @@ from .errors import (
     UsageError,
 )
 from .models import STATUS_CLAIMS, ProviderSettings, TokenSet
-from .oidc_wire import ProviderMetadata, origin, parse_token_response, proxy_for, safe_text
+from .oidc_wire import (
+    ProviderMetadata,
+    lifetime,
+    origin,
+    parse_token_response,
+    proxy_for,
+    refresh_lifetime,
+    safe_text,
+)
 
 __all__ = ["AuthRequest", "ClientFactory", "DeviceAuthorization", "OIDCClient", "ProviderMetadata",
            "RefreshAnswer"]
@@ -54,8 +62,6 @@ MAX_BODY = 1024 * 1024
 # When a token response has no expires_in and no ID token (client credentials), assume a short life.
 FALLBACK_LIFETIME = 300.0
 JWKS_REFETCH_INTERVAL = 60.0
-# expires_in beyond this is not a lifetime but nonsense (or an attempt to make us keep a token for ever).
-MAX_EXPIRES_IN = 366 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -65,17 +71,6 @@ class RefreshAnswer:
 
     doc: Mapping[str, Any] = field(repr=False)
     refresh_token: str = field(repr=False)
-
-
-def lifetime(value: Any) -> float | None:
-    """A provider's ``expires_in`` as seconds, or None when absent or not a sane positive number (a bool, NaN,
-    infinity, a 400-digit integer, more than a year)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, int) and not 0 < value <= MAX_EXPIRES_IN:
-        return None
-    seconds = float(value)
-    return seconds if math.isfinite(seconds) and 0 < seconds <= MAX_EXPIRES_IN else None
 
 
 @dataclass(frozen=True)
@@ -278,8 +273,15 @@ class OIDCClient:
         access_exp = now + expires_in if expires_in is not None else None
         refresh = doc.get("refresh_token")
         refresh_token = refresh if isinstance(refresh, str) and refresh else None
+        refresh_life = refresh_lifetime(doc) if refresh_token is not None else None
+        refresh_exp = now + refresh_life if refresh_life is not None else None
         if refresh_token is None and previous is not None:
             refresh_token = previous.refresh_token  # providers without rotation send none back
+            # The same token: a new expiry when the provider says one (Keycloak's sliding idle time), else its own.
+            refresh_life = refresh_lifetime(doc)
+            refresh_exp = now + refresh_life if refresh_life is not None else previous.refresh_expires_at
+        if refresh_token is None:
+            refresh_exp = None
         raw_id = await id_token_jwe.signed_id_token(settings, doc.get("id_token"), self._authenticator.private_key)
         if isinstance(raw_id, str) and raw_id:
             claims = await self.verify_id_token(settings, raw_id, nonce=nonce)
@@ -289,20 +291,22 @@ class OIDCClient:
                         raise TokenValidationError(f"refreshed ID token has a different '{name}' than before")
             kept = {k: claims[k] for k in STATUS_CLAIMS if k in claims}
             return TokenSet(id_token=raw_id, expires_at=float(claims["exp"]), issued_at=now,
-                            refresh_token=refresh_token, access_token=access, access_expires_at=access_exp,
-                            claims=kept)
+                            refresh_token=refresh_token, refresh_expires_at=refresh_exp, access_token=access,
+                            access_expires_at=access_exp, claims=kept)
         if previous is not None and previous.id_token:
             if previous.expires_at <= now:
                 # kubelogin #536: some providers return no ID token on refresh; the old one is of no use now.
                 raise InvalidGrant(f"refresh at {origin(settings.issuer)} returned no ID token and the old one "
                                    "has expired; log in again", error="no_id_token", status=200)
             return TokenSet(id_token=previous.id_token, expires_at=previous.expires_at, issued_at=now,
-                            refresh_token=refresh_token, access_token=access, access_expires_at=access_exp,
+                            refresh_token=refresh_token, refresh_expires_at=refresh_exp, access_token=access,
+                            access_expires_at=access_exp,
                             claims=previous.claims)
         if not (id_token_optional or settings.use_access_token):
             raise ProviderError(f"token response from {origin(settings.issuer)} has no id_token")
         return TokenSet(id_token="", expires_at=access_exp or now + FALLBACK_LIFETIME, issued_at=now,
-                        refresh_token=refresh_token, access_token=access, access_expires_at=access_exp)
+                        refresh_token=refresh_token, refresh_expires_at=refresh_exp, access_token=access,
+                        access_expires_at=access_exp)
 
     # ---- grants -----------------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ quoting provider text in error messages (short, printable, nothing token-like, n
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.request
 from collections.abc import Mapping
@@ -21,6 +22,10 @@ STANDARD_ERRORS = frozenset({
 })
 # Endpoints other than the token endpoint where the client authenticates, and that may list methods of their own.
 AUTHENTICATED_ENDPOINTS = ("revocation", "pushed_authorization_request", "device_authorization")
+# expires_in beyond this is not a lifetime but nonsense (or an attempt to make us keep a token for ever).
+MAX_EXPIRES_IN = 366 * 24 * 3600
+# What providers call the refresh token's own lifetime: Keycloak's name, and the one of RFC-less others.
+REFRESH_LIFETIME_FIELDS = ("refresh_expires_in", "refresh_token_expires_in")
 _TOKENISH = re.compile(r"[A-Za-z0-9_\-.~+/=]{24,}")
 
 
@@ -142,3 +147,24 @@ def parse_token_response(status: int, content_type: str, body: bytes, where: str
         what = "JSON that is neither a result nor an error"
     desc = safe_text(body.decode("utf-8", "replace")) or None
     raise TokenEndpointError(f"{where} answered HTTP {status} with {what}", description=desc, status=status)
+
+
+def lifetime(value: Any) -> float | None:
+    """A provider's ``expires_in`` as seconds, or None when absent or not a sane positive number (a bool, NaN,
+    infinity, a 400-digit integer, more than a year)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not 0 < value <= MAX_EXPIRES_IN:
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and 0 < seconds <= MAX_EXPIRES_IN else None
+
+
+def refresh_lifetime(doc: Mapping[str, Any]) -> float | None:
+    """The refresh token's own lifetime when a token response says it, checked like ``expires_in``; None when it
+    does not say or says nonsense (Keycloak's 0 for an offline token that does not expire included)."""
+    for name in REFRESH_LIFETIME_FIELDS:
+        seconds = lifetime(doc.get(name))
+        if seconds is not None:
+            return seconds
+    return None

@@ -250,11 +250,17 @@ def login_needed_at(policy: SessionPolicy, *, logged_in_at: float | None, token_
     return min(known) if known else None
 
 
-def warn_at(policy: SessionPolicy, login_at: float | None) -> float | None:
-    """When to notify (once) that a login will be needed at ``login_at``; None when no warning is set."""
+def warn_at(policy: SessionPolicy, login_at: float | None, last_warned_at: float | None = None) -> float | None:
+    """When to notify (once) that a login will be needed at ``login_at``; None when no warning is set, or none is
+    due for it.  At most one warning per ``warn_before``: a refresh token whose expiry slides with each refresh
+    (Keycloak's idle time) would otherwise bring a new warning at every background refresh."""
     if policy.warn_before is None or login_at is None:
         return None
-    return login_at - policy.warn_before
+    at = login_at - policy.warn_before
+    if last_warned_at is not None and last_warned_at + policy.warn_before > at:
+        later = last_warned_at + policy.warn_before
+        return later if later < login_at else None  # warned about a login this close already
+    return at
 
 
 def background_mode(policy: SessionPolicy, notifications_answer: bool) -> BackgroundLogin:

@@ -375,6 +375,7 @@ class SessionManager:
             doc.update(policy=s.policy.describe(), counters=tally.describe() if tally is not None else None,
                        session_ends_at=session_end(s.policy, s.logged_in_at),
                        idle_logout_at=idle_deadline(s.policy, s.last_served_at),
+                       refresh_token_expires_at=s.tokens.refresh_expires_at if s.tokens is not None else None,
                        login_needed_at=login_needed(s))
             out.append(doc)
         return out

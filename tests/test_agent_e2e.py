@@ -5,6 +5,7 @@ A person's clicks are dunstctl's; the browser is tests/support/browser.py (it co
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import subprocess
@@ -236,6 +237,47 @@ def test_background_login_refuse_says_what_to_do(provider: TestProvider, clear: 
 
 
 @desktop_only
+def test_a_background_device_login_shows_the_user_code_and_opens_the_page_on_the_click(
+        provider: TestProvider, clear: NotificationDesktop) -> None:
+    desktop = clear
+    args = login_args(provider.issuer, "--grant-type=device-code")
+    with Daemon() as daemon:
+        before = provider.counters()
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        shim = Background(lambda: daemon.shim(args, env=env, timeout=90))
+        desktop.wait_displayed(1)
+        assert daemon.browser_openings() == 0  # the device flow too: no tab before the person asks for one
+        desktop.invoke_default()
+        done = shim.wait()
+        assert done.returncode == 0, done.stderr + daemon.log()
+        assert jwt_claims(exec_token(done))["sub"] == provider.sub("alice")
+        desktop.wait_displayed(0)  # withdrawn once the login ended
+        (opened,) = daemon.browser_log.read_text().splitlines()
+        assert "/device" in opened  # the verification page, opened by the click
+        said = re.search(r"enter the code (\S+)", done.stderr)
+        assert said is not None, done.stderr
+        shown = [n for n in desktop.history() if n.get("appname") == "brokerd"]
+        assert len(shown) == 1 and str(shown[0]["summary"]).endswith("needs a login")
+        assert f"The code to confirm there: {said.group(1)}" in str(shown[0]["body"])
+        assert provider.counters()["device_authorization"] - before["device_authorization"] == 1
+
+
+@desktop_only
+def test_a_background_device_login_refused_by_policy_is_one_line(provider: TestProvider,
+                                                                  clear: NotificationDesktop) -> None:
+    desktop = clear
+    with Daemon(config='[daemon]\nbackground_login = "refuse"\n') as daemon:
+        before = provider.counters()
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        done = daemon.shim(login_args(provider.issuer, "--grant-type=device-code"), env=env)
+        assert done.returncode == 1 and done.stdout == ""
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "brokerd login" in lines[0], done.stderr
+        assert daemon.browser_openings() == 0 and desktop.displayed() == 0
+        assert provider.counters()["device_authorization"] == before["device_authorization"]  # nothing started
+
+
+@desktop_only
 def test_a_forwarded_socket_caller_never_reaches_the_desktop_bus(provider: TestProvider,
                                                                  clear: NotificationDesktop) -> None:
     desktop = clear
@@ -399,6 +441,55 @@ def test_warn_before_shows_one_warning_ahead_of_the_needed_login(provider: TestP
         summaries = [str(n.get("summary")) for n in desktop.history() if n.get("appname") == "brokerd"]
         assert len(summaries) == 1 and summaries[0].startswith(f"Login to {provider.issuer} needed in")
         assert provider.counters()["auth_requests"] - before["auth_requests"] == 1
+
+
+@desktop_only
+@pytest.mark.parametrize("field", ["refresh_expires_in", "refresh_token_expires_in"])
+def test_warn_before_uses_the_refresh_tokens_own_expiry_from_the_provider(
+        provider_factory: Callable[..., TestProvider], clear: NotificationDesktop, field: str) -> None:
+    # Keycloak says how long its refresh token lives; no refresh_token_lifetime and no max age are set, and the ID
+    # token lives an hour: only the provider's word can make this warning.
+    desktop = clear
+    short = provider_factory({"refresh_expires_field": field, "refresh_token_ttl": 40})
+    config = '[daemon]\nwarn_before = "35s"\nbackground_login = "browser"\n'
+    with Daemon(config=config) as daemon:
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        done = daemon.shim(_offline(short), env=env)
+        assert done.returncode == 0, done.stderr + daemon.log()
+        (session,) = _status(daemon)
+        until = session.get("refresh_token_expires_at")
+        assert isinstance(until, float) and 0 < until - time.time() <= 40
+        desktop.wait_displayed(1, timeout=30)
+        assert daemon.shim(_offline(short), env=env).returncode == 0  # served again: no second warning
+        assert desktop.displayed() == 1 and daemon.log().count("; notifying") == 1  # (dunst stacks duplicates)
+        desktop.dunstctl("close")  # dismissed, not clicked: into dunst's history, where its text can be read
+        desktop.wait_displayed(0)
+        assert daemon.shim(_offline(short), env=env).returncode == 0
+        summaries = [str(n.get("summary")) for n in desktop.history() if n.get("appname") == "brokerd"]
+        assert len(summaries) == 1 and summaries[0].startswith(f"Login to {short.issuer} needed in")
+        shown = daemon.cli("status")
+        assert shown.returncode == 0 and "refresh token: yes, expires " in shown.stdout, shown.stdout + shown.stderr
+
+
+@desktop_only
+def test_a_sliding_refresh_token_expiry_warns_once_not_at_every_refresh(
+        provider_factory: Callable[..., TestProvider], clear: NotificationDesktop) -> None:
+    # Keycloak's refresh_expires_in is its idle time, renewed at each refresh: with warn_before longer than it, each
+    # background refresh brings a new expiry inside the warning window.  One warning, not one a refresh.
+    desktop = clear
+    sliding = provider_factory({"refresh_expires_field": "refresh_expires_in", "refresh_token_ttl": 20,
+                                "id_token_ttl": 4, "access_token_ttl": 4})
+    with Daemon(config='[daemon]\nwarn_before = "40s"\nbackground_login = "browser"\n') as daemon:
+        env = {"DBUS_SESSION_BUS_ADDRESS": desktop.bus_address}
+        done = daemon.shim(_offline(sliding), env=env)
+        assert done.returncode == 0, done.stderr + daemon.log()
+        desktop.wait_displayed(1, timeout=30)
+        first = sliding.counters()["token_requests"]
+        _poll(lambda: sliding.counters()["token_requests"] - first >= 3, "three background refreshes")
+        assert _status(daemon)[0]["counters"]["refreshes"] >= 3
+        # dunst stacks identical notifications into one, so the daemon's own record is what counts the warnings.
+        assert daemon.log().count("; notifying") == 1, daemon.log()
+        assert desktop.displayed() == 1
 
 
 @needs_kubectl

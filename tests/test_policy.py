@@ -181,6 +181,16 @@ def test_warning_before_a_login_is_needed() -> None:
     assert warn_at(SessionPolicy(), now + H) is None
 
 
+def test_at_most_one_warning_per_warn_before() -> None:
+    policy = SessionPolicy(warn_before=10 * M)
+    now = FakeClock().now()
+    # Warned at `now` for a login at now + 8 min; a refresh slid it to now + 9 min: no second warning for it.
+    assert warn_at(policy, now + 9 * M, last_warned_at=now) is None
+    # Slid well beyond: the next warning comes warn_before after the last one at the earliest.
+    assert warn_at(policy, now + 15 * M, last_warned_at=now) == now + 10 * M
+    assert warn_at(policy, now + 40 * M, last_warned_at=now) == now + 30 * M
+
+
 def test_background_login_mode() -> None:
     assert background_mode(SessionPolicy(), notifications_answer=True) == "notify"
     assert background_mode(SessionPolicy(), notifications_answer=False) == "browser"  # today's behaviour

@@ -25,7 +25,8 @@ from brokerd.errors import BrokerError, LoginError, TokenValidationError, UsageE
 from brokerd.flows import LoginFlows
 from brokerd.idtoken import check_claims
 from brokerd.models import LoginOptions, ProviderSettings
-from brokerd.oidc import OIDCClient, lifetime
+from brokerd.oidc import OIDCClient
+from brokerd.oidc_wire import lifetime, refresh_lifetime
 from brokerd.refresh import Policy
 from brokerd.sessions import MAX_IDLE, SessionManager
 from brokerd.store import SessionStore
@@ -223,6 +224,15 @@ def test_lifetime_accepts_only_sane_numbers() -> None:
     assert lifetime(3600) == 3600.0 and lifetime(1.5) == 1.5
     for bad in (float("inf"), float("nan"), 10**400, 0, -3, True, "3600", None, 400 * 24 * 3600):
         assert lifetime(bad) is None
+
+
+def test_refresh_lifetime_reads_both_names_checked_like_expires_in() -> None:
+    assert refresh_lifetime({"refresh_expires_in": 1800}) == 1800.0
+    assert refresh_lifetime({"refresh_token_expires_in": 600}) == 600.0
+    assert refresh_lifetime({"expires_in": 300}) is None
+    # Keycloak's 0 for an offline token that does not expire, and nonsense: not a known expiry.
+    for bad in (0, float("nan"), True, "1800", 10**400, 400 * 24 * 3600):
+        assert refresh_lifetime({"refresh_expires_in": bad}) is None
 
 
 async def test_entries_of_failed_logins_are_bounded(idp: TestProvider, tmp_path: Path) -> None:

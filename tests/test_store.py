@@ -77,6 +77,7 @@ def make_session(n: int = 0, *, secret: bool = True) -> Session:
         refresh_token=f"{SECRETS[1]}-{n}",
         access_token=f"{SECRETS[2]}-{n}",
         access_expires_at=1_700_000_100.0,
+        refresh_expires_at=1_700_001_800.0 if n % 2 == 0 else None,  # when the provider said (refresh_expires_in)
         claims={"sub": f"u{n}", "groups": ["admins", "devs"], "exp": 1_700_000_000},
     )
     return Session(key=settings.key, settings=settings, tokens=tokens)
@@ -398,6 +399,18 @@ def test_unknown_fields_are_tolerated(state: pathlib.Path, store: SessionStore) 
 def test_dict_helpers_round_trip() -> None:
     for s in sample().values():
         assert session_from_dict(json.loads(json.dumps(session_to_dict(s)))) == s
+
+
+def test_a_store_written_before_refresh_expiry_was_kept_loads_without_it() -> None:
+    s = make_session(0)
+    assert s.tokens.refresh_expires_at == 1_700_001_800.0
+    doc = json.loads(json.dumps(session_to_dict(s)))
+    del doc["tokens"]["refresh_expires_at"]
+    loaded = session_from_dict(doc)
+    assert loaded.tokens.refresh_expires_at is None and loaded.tokens.refresh_token == s.tokens.refresh_token
+    doc["tokens"]["refresh_expires_at"] = True  # format drift, not a time: the entry is skipped, as any bad one
+    with pytest.raises(BadEntry):
+        session_from_dict(doc)
 
 
 def test_tls_options_are_part_of_the_key_only_when_set() -> None:

@@ -27,6 +27,10 @@ const DEFAULTS = {
   // Off by default so the plain code flow stays what older tests expect; a test that wants PAR turns it on (and a
   // client's require_pushed_authorization_requests makes it the only way in, like Authelia's setting).
   par: false,
+  // Keycloak says how long a refresh token lives: 'refresh_expires_in' (Keycloak's name) or
+  // 'refresh_token_expires_in' (others') adds that field, set to refresh_token_ttl, to every token response that
+  // carries a refresh token.  null: not said (Authelia, oidc-provider).
+  refresh_expires_field: null,
   encryption: false, // clients opt in with id_token_encrypted_response_alg and an enc key in their jwks
   jarm: false, // jwtResponseModes (clients opt in with authorization_signed_response_alg and response_modes)
   client_auth_signing_algs: ['HS256', 'HS384', 'HS512', 'RS256', 'RS384', 'RS512', 'PS256', 'ES256', 'ES384',
@@ -514,6 +518,10 @@ async function main() {
       else if (kind) state.counters[kind] += 1;
       if (kind === 'discovery' && Object.keys(cfg.discovery_overrides).length) {
         rewriteJson(res, (doc) => ({ ...doc, ...cfg.discovery_overrides }));
+      }
+      if (kind === 'token' && cfg.refresh_expires_field) {
+        rewriteJson(res, (doc) => (typeof doc.refresh_token === 'string'
+          ? { ...doc, [cfg.refresh_expires_field]: cfg.refresh_token_ttl } : doc));
       }
       if (kind && await applyFault(req, res, kind, form)) return undefined;
       if (form && wrongAuthMethod(req, res, form)) return undefined;
