@@ -4,6 +4,7 @@ quoting provider text in error messages (short, printable, nothing token-like, n
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.request
 from collections.abc import Mapping
@@ -142,3 +143,18 @@ def parse_token_response(status: int, content_type: str, body: bytes, where: str
         what = "JSON that is neither a result nor an error"
     desc = safe_text(body.decode("utf-8", "replace")) or None
     raise TokenEndpointError(f"{where} answered HTTP {status} with {what}", description=desc, status=status)
+
+
+# expires_in beyond this is not a lifetime but nonsense (or an attempt to make us keep a token for ever).
+MAX_EXPIRES_IN = 366 * 24 * 3600
+
+
+def lifetime(value: Any) -> float | None:
+    """A provider's ``expires_in`` as seconds, or None when absent or not a sane positive number (a bool, NaN,
+    infinity, a 400-digit integer, more than a year)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not 0 < value <= MAX_EXPIRES_IN:
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and 0 < seconds <= MAX_EXPIRES_IN else None

@@ -25,7 +25,8 @@ from brokerd.errors import BrokerError, LoginError, TokenValidationError, UsageE
 from brokerd.flows import LoginFlows
 from brokerd.idtoken import check_claims
 from brokerd.models import LoginOptions, ProviderSettings
-from brokerd.oidc import OIDCClient, lifetime
+from brokerd.oidc import OIDCClient
+from brokerd.oidc_wire import lifetime
 from brokerd.refresh import Policy
 from brokerd.sessions import MAX_IDLE, SessionManager
 from brokerd.store import SessionStore
