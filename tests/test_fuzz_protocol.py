@@ -23,7 +23,8 @@ from brokerd.config import Settings
 from brokerd.flows import LoginFlows
 from brokerd.models import ProviderSettings
 from brokerd.oidc import OIDCClient
-from brokerd.server import Limits, Server, parse_request
+from brokerd.requestcache import parse_request
+from brokerd.server import Limits, Server
 from brokerd.sessions import SessionManager
 from client_shim.protocol import MAGIC
 from tests.support.daemon import Daemon
@@ -368,6 +369,6 @@ async def test_logout_leaves_no_rendered_credential(provider: TestProvider,
                                    "--username=alice", "--password=alice-password"), timeout=20)
     assert raw.startswith(b"O"), raw
     token = json.loads(raw[1:])["status"]["token"]
-    assert any(token in rendered for rendered in api._rendered.values())  # cached while the session lives
+    assert any(token in rendered for rendered in api._cache._rendered.values())  # cached while the session lives
     assert (await _raw(path, request("logout"), timeout=20)).startswith(b'O{"logged_out"')
-    assert not any(token in rendered for rendered in api._rendered.values())
+    assert not any(token in rendered for rendered in api._cache._rendered.values())

@@ -103,14 +103,15 @@ async def test_no_password_or_client_secret_stays_in_the_servers_caches(provider
         args = login_args(provider.issuer, "--grant-type=password", "--username=alice", f"--password={PASSWORD}",
                           scopes=("offline_access",))
         await asyncio.to_thread(shim.request, args, env, "kubectl-oidc_login", autostart=False)
-        cached = repr(api._requests) + repr(api._parsed)
+        cached = repr(api._cache._requests) + repr(api._cache._parsed)
         assert PASSWORD not in cached, "a --password sits in the request cache"
         # Without --password (the session is there now): cached, and emptied by logout with the client secret.
         args = login_args(provider.issuer, "--username=alice", scopes=("offline_access",))
         await asyncio.to_thread(shim.request, args, env, "kubectl-oidc_login", autostart=False)
-        assert "insecure_secret" in repr(api._requests), "the cache this test inspects is not where it looks"
+        assert "insecure_secret" in repr(api._cache._requests), "the cache this test inspects is not where it looks"
         await asyncio.to_thread(shim.request, ["logout"], env, "brokerd", autostart=False)
-        assert "insecure_secret" not in repr(api._requests) + repr(api._parsed), "a client secret outlived logout"
+        assert "insecure_secret" not in repr(api._cache._requests) + repr(api._cache._parsed), \
+            "a client secret outlived logout"
 
 
 async def test_a_clock_that_is_wrong_keeps_the_rotated_refresh_token(provider_factory: ProviderFactory,
