@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +19,7 @@ from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import Clock, SystemClock
 from brokerd.config import Settings
-from brokerd.errors import ClaimTimeError, LoginInterrupted, UsageError
+from brokerd.errors import ClaimTimeError, LoginInterrupted
 from brokerd.flows import LoginFlows
 from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import OIDCClient
@@ -27,25 +27,13 @@ from brokerd.server import Server
 from brokerd.sessions import SessionManager
 from brokerd.store import SessionStore
 from client_shim import core as shim
+from tests.support.callers import Caller
 from tests.support.clock import FakeClock
 from tests.support.daemon import login_args
 from tests.support.provider import ProviderFactory, TestProvider
 
 PASSWORD = "alice-password"
 OPTIONS = LoginOptions(grant_type="password", password=PASSWORD)
-
-
-@dataclass(eq=False)
-class Caller:
-    env: Mapping[str, str] = field(default_factory=dict)
-    interactive: bool = False
-    told: list[str] = field(default_factory=list)
-
-    def tell(self, text: str) -> None:
-        self.told.append(text)
-
-    async def ask(self, prompt: str, *, secret: bool) -> str:
-        raise UsageError("no terminal in this test")
 
 
 @asynccontextmanager
