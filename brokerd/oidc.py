@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -38,7 +38,16 @@ from .errors import (
     UsageError,
 )
 from .models import STATUS_CLAIMS, ProviderSettings, TokenSet
-from .oidc_wire import ProviderMetadata, lifetime, origin, parse_token_response, safe_text
+from .oidc_wire import (
+    AuthRequest,
+    DeviceAuthorization,
+    ProviderMetadata,
+    RefreshAnswer,
+    lifetime,
+    origin,
+    parse_token_response,
+    safe_text,
+)
 
 __all__ = ["AuthRequest", "ClientFactory", "DeviceAuthorization", "OIDCClient", "ProviderMetadata",
            "RefreshAnswer"]
@@ -54,38 +63,7 @@ GROUPS_CLAIMS_REQUEST = '{"id_token":{"groups":{"essential":true}}}'
 FALLBACK_LIFETIME = 300.0
 JWKS_REFETCH_INTERVAL = 60.0
 
-
-@dataclass(frozen=True)
-class RefreshAnswer:
-    """A token endpoint's 200 answer to a refresh, not yet verified.  ``refresh_token`` is the one to use from now
-    on: the rotated one, or the one sent when the provider does not rotate."""
-
-    doc: Mapping[str, Any] = field(repr=False)
-    refresh_token: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class AuthRequest:
-    url: str = field(repr=False)
-    state: str = field(repr=False)
-    nonce: str = field(repr=False)
-    code_verifier: str | None = field(repr=False)
-    redirect_uri: str
-
-
-@dataclass(frozen=True)
-class DeviceAuthorization:
-    device_code: str = field(repr=False)
-    user_code: str
-    verification_uri: str
-    verification_uri_complete: str | None
-    interval: float
-    expires_at: float
-    code_verifier: str | None = field(default=None, repr=False)
-
-
 log = logging.getLogger("brokerd.oidc")
-
 
 # How everything that talks to a provider gets its client: by awaiting this with the session's settings (their
 # TLS options and request headers pick the HTTP client).  tls.ProviderClients.client_for is the daemon's.
