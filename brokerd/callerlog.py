@@ -75,7 +75,7 @@ class CallerHandler(logging.Handler):
 
 def install() -> Callable[[], None]:
     """Let brokerd's loggers make debug records for callers that ask (the daemon's own handlers must carry their
-    level: cli.py sets it); returns the undo."""
+    level: cli_local.py sets it); returns the undo."""
     logger = logging.getLogger(LOGGER)
     handler = CallerHandler(logging.DEBUG)
     old_level = logger.level

@@ -1,4 +1,4 @@
-"""The daemon's settings: one inert, frozen ``Settings`` object, built by cli.py and rebuilt whole on SIGHUP.
+"""The daemon's settings: one inert, frozen ``Settings`` object, built by cli_local.py and rebuilt whole on SIGHUP.
 
 Where the daemon lives (socket, state directory, config file) comes from the environment (``paths``); how it
 behaves comes from the config file (TOML):

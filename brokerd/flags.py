@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,7 +17,7 @@ from urllib.parse import urlsplit
 from brokerd.errors import UsageError
 from brokerd.models import DEFAULT_LISTEN, LoginOptions, ProviderSettings, TLSOptions
 from brokerd.registration import FLAG_NAMES as REGISTRATION_FLAGS
-from brokerd.registration import parse_registration
+from brokerd.registration import absolute_path, parse_registration
 
 Kind = Literal["str", "bool", "int", "list", "kv", "array"]
 
@@ -128,16 +127,6 @@ def decode_ca_data(value: str) -> str:
     return text
 
 
-def _absolute(flag: str, path: str | None) -> str | None:
-    # The daemon does not share the caller's working directory, so a relative path would name another file.
-    if path is None:
-        return None
-    full = os.path.expanduser(path)
-    if not os.path.isabs(full):
-        raise UsageError(f"--{flag} needs an absolute path (brokerd does not run in your directory), got {path!r}")
-    return full
-
-
 def parse_flags(args: Sequence[str], known: Mapping[str, Kind] = FLAGS) -> ParsedFlags:
     """Parse get-token flags; ``known`` widens the table (``setup`` adds SETUP_FLAGS)."""
     parsed = ParsedFlags()
@@ -240,7 +229,7 @@ def grant_type(flags: ParsedFlags) -> str:
 
 def tls_options(flags: ParsedFlags) -> TLSOptions:
     """How to trust the provider: --certificate-authority(-data), --insecure-skip-tls-verify (files not read)."""
-    ca_files = tuple(p for p in (_absolute("certificate-authority", f)
+    ca_files = tuple(p for p in (absolute_path("certificate-authority", f)
                                  for f in flags.list_("certificate-authority")) if p)
     ca_data = tuple(flags.list_("certificate-authority-data"))
     for value in ca_data:
@@ -282,8 +271,8 @@ def login_options(flags: ParsedFlags) -> LoginOptions:
     assert isinstance(timeout, int)
     if not 0 < timeout <= MAX_AUTHENTICATION_TIMEOUT:
         raise UsageError(f"--authentication-timeout-sec must be between 1 and {MAX_AUTHENTICATION_TIMEOUT} (one hour)")
-    cert = _absolute("local-server-cert", flags.str_("local-server-cert"))
-    key = _absolute("local-server-key", flags.str_("local-server-key"))
+    cert = absolute_path("local-server-cert", flags.str_("local-server-cert"))
+    key = absolute_path("local-server-key", flags.str_("local-server-key"))
     if (cert is None) != (key is None):
         raise UsageError("--local-server-cert and --local-server-key go together")
     verbosity = flags.values.get("v", 0)

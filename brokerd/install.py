@@ -2,7 +2,7 @@
 
 The unit templates ship in the package as ``brokerd/units/*.in``; ``systemd/`` in the source tree holds the same
 units rendered with ``EXAMPLE_EXEC_START`` (tests/test_systemd.py fails when the two drift).  Nothing here runs
-systemctl: cli.py prints ``ENABLE_COMMAND`` / ``DISABLE_COMMAND`` for the person to run.
+systemctl: cli_local.py prints ``ENABLE_COMMAND`` / ``DISABLE_COMMAND`` for the person to run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The OIDC protocol adapter: discovery, JWKS, PKCE/state/nonce, the grants, ID token verification, revocation.
 
-HTTP goes through an injected ``aiohttp.ClientSession`` (TLS, proxies and CA bundles are the caller's choice);
+HTTP goes through an injected ``aiohttp.ClientSession`` (TLS and CA bundles are the caller's choice) by way of
+``provider_http.py`` (proxies, body limit, network failures); wire formats are ``oidc_wire.py``'s;
 time goes through a ``Clock``.  Authlib supplies the protocol helpers (PKCE challenge, random tokens); joserfc
-verifies JWTs (``idtoken.py``).  Every aiohttp/joserfc error is converted here into the ``brokerd.errors`` tree.
+verifies JWTs (``idtoken.py``).  Every aiohttp/joserfc error is converted into the ``brokerd.errors`` tree here
+(network failures in ``provider_http``).
 Secrets (tokens, codes, verifiers, client secrets) never appear in exception messages.
 """
 
@@ -12,19 +14,17 @@ import asyncio
 import json
 import logging
 import math
-import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
-import yarl
 from authlib.common.security import generate_token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
-from . import id_token_jwe, idtoken, jarm
+from . import id_token_jwe, idtoken, jarm, provider_http
 from .client_auth import ClientAuthenticator, check_response_issuer, pushed_request_endpoint, pushed_request_uri
 from .clock import Clock
 from .errors import (
@@ -39,11 +39,13 @@ from .errors import (
 )
 from .models import STATUS_CLAIMS, ProviderSettings, TokenSet
 from .oidc_wire import (
+    AuthRequest,
+    DeviceAuthorization,
     ProviderMetadata,
+    RefreshAnswer,
     lifetime,
     origin,
     parse_token_response,
-    proxy_for,
     refresh_lifetime,
     safe_text,
 )
@@ -58,68 +60,11 @@ PROTECTED_PARAMS = frozenset({
     "code_challenge_method",
 })
 GROUPS_CLAIMS_REQUEST = '{"id_token":{"groups":{"essential":true}}}'
-MAX_BODY = 1024 * 1024
 # When a token response has no expires_in and no ID token (client credentials), assume a short life.
 FALLBACK_LIFETIME = 300.0
 JWKS_REFETCH_INTERVAL = 60.0
 
-
-@dataclass(frozen=True)
-class RefreshAnswer:
-    """A token endpoint's 200 answer to a refresh, not yet verified.  ``refresh_token`` is the one to use from now
-    on: the rotated one, or the one sent when the provider does not rotate."""
-
-    doc: Mapping[str, Any] = field(repr=False)
-    refresh_token: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class AuthRequest:
-    url: str = field(repr=False)
-    state: str = field(repr=False)
-    nonce: str = field(repr=False)
-    code_verifier: str | None = field(repr=False)
-    redirect_uri: str
-
-
-@dataclass(frozen=True)
-class DeviceAuthorization:
-    device_code: str = field(repr=False)
-    user_code: str
-    verification_uri: str
-    verification_uri_complete: str | None
-    interval: float
-    expires_at: float
-    code_verifier: str | None = field(default=None, repr=False)
-
-
-def _network_reason(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g} s"
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        # Checked before ClientConnectorError: its errno (1) would read as "operation not permitted".
-        cert_error = exc.certificate_error
-        detail = getattr(cert_error, "verify_message", "") or type(cert_error).__name__
-        return (f"TLS certificate verification failed ({safe_text(str(detail), 80)}); trust its CA with "
-                "--certificate-authority or --certificate-authority-data")
-    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
-        return os.strerror(exc.os_error.errno).lower()  # "connection refused", not asyncio's wording
-    return safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
-
-
 log = logging.getLogger("brokerd.oidc")
-
-
-def proxy_options(url: str) -> dict[str, Any]:
-    """aiohttp's ``proxy``/``proxy_auth`` for ``url`` (HTTP(S)_PROXY/NO_PROXY; credentials in the proxy URL go
-    to the proxy as Proxy-Authorization, as trust_env did)."""
-    proxy = proxy_for(url)
-    if proxy is None:
-        return {}
-    parsed = yarl.URL(proxy)
-    if parsed.user is None:
-        return {"proxy": proxy}
-    return {"proxy": str(parsed.with_user(None)), "proxy_auth": aiohttp.BasicAuth.from_url(parsed)}
 
 # How everything that talks to a provider gets its client: by awaiting this with the session's settings (their
 # TLS options and request headers pick the HTTP client).  tls.ProviderClients.client_for is the daemon's.
@@ -152,27 +97,8 @@ class OIDCClient:
 
     async def _send(self, method: str, url: str, *, data: Mapping[str, str] | None = None,
                     headers: Mapping[str, str] | None = None) -> tuple[int, str, bytes]:
-        hdrs = {"Accept": "application/json", **self._request_headers, **(headers or {})}
-        try:
-            async with self._http.request(
-                method, url, data=data, headers=hdrs, allow_redirects=method == "GET", **proxy_options(url),
-                # sock_connect: a connect that times out is reported as such (ConnectionTimeoutError), not sent.
-                timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._timeout / 2),
-            ) as resp:
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        raise ProviderError(f"{origin(url)} sent more than {MAX_BODY} bytes")
-                return resp.status, resp.headers.get("Content-Type", ""), bytes(body)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            err = ProviderError(f"cannot reach {origin(url)}: {_network_reason(exc, self._timeout)}")
-            # Only a connection never made proves the request unsent; a timeout or a dropped connection after
-            # sending may have reached the provider (a rotating refresh token is then spent).
-            err.maybe_delivered = not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-            raise err from exc
-        except ValueError as exc:  # aiohttp refusing a request it was given (conflicting headers ...): one line
-            raise ProviderError(f"cannot send the request to {origin(url)} ({type(exc).__name__})") from exc
+        return await provider_http.send(self._http, method, url, time_limit=self._timeout, data=data,
+                                        headers={**self._request_headers, **(headers or {})})
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
         status, _, body = await self._send("GET", url)

@@ -1,5 +1,7 @@
-"""Wire formats of the OIDC adapter: the discovery document and token endpoint answers, and the rules for
-quoting provider text in error messages (short, printable, nothing token-like, no URL paths).  Pure, no I/O."""
+"""Wire formats of the OIDC adapter: the discovery document and token endpoint answers (``expires_in`` as a sane
+lifetime), what the grants hand back before a TokenSet (AuthRequest, DeviceAuthorization, RefreshAnswer), and the
+rules for quoting provider text in error messages (short, printable, nothing token-like, no URL paths).  Pure, no
+I/O."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import math
 import re
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -168,3 +170,33 @@ def refresh_lifetime(doc: Mapping[str, Any]) -> float | None:
         if seconds is not None:
             return seconds
     return None
+
+
+# What the grants hand back before they end in a TokenSet (oidc.py re-exports them).
+@dataclass(frozen=True)
+class RefreshAnswer:
+    """A token endpoint's 200 answer to a refresh, not yet verified.  ``refresh_token`` is the one to use from now
+    on: the rotated one, or the one sent when the provider does not rotate."""
+
+    doc: Mapping[str, Any] = field(repr=False)
+    refresh_token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    url: str = field(repr=False)
+    state: str = field(repr=False)
+    nonce: str = field(repr=False)
+    code_verifier: str | None = field(repr=False)
+    redirect_uri: str
+
+
+@dataclass(frozen=True)
+class DeviceAuthorization:
+    device_code: str = field(repr=False)
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    interval: float
+    expires_at: float
+    code_verifier: str | None = field(default=None, repr=False)

@@ -1,6 +1,6 @@
 """Where brokerd keeps its socket, state and config.
 
-The ``BROKERD_*`` overrides come from the environ mapping the caller passes (cli.py passes ``os.environ``);
+The ``BROKERD_*`` overrides come from the environ mapping the caller passes (the CLI passes ``os.environ``);
 the defaults come from platformdirs.  Nothing here runs at import.
 """
 

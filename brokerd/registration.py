@@ -56,7 +56,9 @@ class ClientRegistration:
         return cls(**dict(doc))
 
 
-def _absolute(flag: str, path: str | None) -> str | None:
+def absolute_path(flag: str, path: str | None) -> str | None:
+    """A file flag's path, ``~`` expanded; UsageError unless absolute."""
+    # The daemon does not share the caller's working directory, so a relative path would name another file.
     if path is None:
         return None
     full = os.path.expanduser(path)
@@ -77,10 +79,10 @@ def parse_registration(get: Callable[[str], str | None], *, has_secret: bool) ->
     _one_of("oidc-par", get("oidc-par"), PAR_MODES)
     _one_of("oidc-response-mode", get("oidc-response-mode"), RESPONSE_MODES)
     reg = ClientRegistration(
-        auth_method=method, assertion_key=_absolute("oidc-client-assertion-key", get("oidc-client-assertion-key")),
+        auth_method=method, assertion_key=absolute_path("oidc-client-assertion-key", get("oidc-client-assertion-key")),
         assertion_alg=alg, assertion_kid=get("oidc-client-assertion-kid"), par=get("oidc-par") or "auto",
         response_mode=get("oidc-response-mode") or "query",
-        id_token_decryption_key=_absolute("oidc-id-token-decryption-key", get("oidc-id-token-decryption-key")))
+        id_token_decryption_key=absolute_path("oidc-id-token-decryption-key", get("oidc-id-token-decryption-key")))
     chosen = reg.method
     if chosen == "private_key_jwt" and reg.assertion_key is None:
         raise UsageError("--oidc-client-auth-method=private_key_jwt needs --oidc-client-assertion-key=PATH")

@@ -1,4 +1,5 @@
-"""The Unix-socket API (protocol: client_shim/protocol.py): peer check, request parsing, dispatch, error table."""
+"""The Unix-socket API (protocol: client_shim/protocol.py): peer check, connection budgets, dispatch, error table.
+Parsing and its caches are requestcache.py's."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import json
 import logging
 import os
 import resource
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from brokerd import __version__, audit, execcred
+from brokerd import __version__, audit
 from brokerd.callerlog import telling
 from brokerd.config import Settings
 from brokerd.errors import BrokerError, PeerRejected, ProtocolError, UsageError
-from brokerd.flags import FLAGS, SETUP_FLAGS, Kind, ParsedFlags, ignored_flag_notes, parse_flags, request_from_flags
+from brokerd.flags import FLAGS, SETUP_FLAGS, ignored_flag_notes, parse_flags
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
 from brokerd.oidc import ClientFactory
 from brokerd.peers import hung_up
+from brokerd.requestcache import RequestCache, request_profile
 from brokerd.sessions import SessionManager
 from brokerd.shimcaller import ShimCaller
 from client_shim import protocol
@@ -27,8 +29,6 @@ from client_shim.protocol import Request
 
 log = logging.getLogger("brokerd.server")
 
-PARSE_CACHE_SIZE = 256
-RENDER_CACHE_SIZE = 16
 # May wait minutes for a login; admin commands answer at once.
 LONG_COMMANDS = frozenset({"get-token", "setup", "login"})
 
@@ -63,19 +63,8 @@ class Limits:
         return max(1, min(self.max_connections, soft - self.fd_reserve))
 
 
-def parse_request(data: bytes) -> Request:
-    try:
-        return protocol.decode_request(data)
-    except protocol.ProtocolViolation as exc:
-        raise ProtocolError(str(exc)) from None
-
-
 class HungUp(Exception):
     """The caller closed its end while it waited (not a BrokerError: there is nobody to tell)."""
-
-
-def _carries_password(argv: Sequence[str]) -> bool:
-    return any(arg == "--password" or arg.startswith("--password=") for arg in argv)
 
 
 Handler = Callable[[Request, ShimCaller], Awaitable[str]]
@@ -90,11 +79,8 @@ class Server:
         self._trail = trail
         self._client_for = client_for  # `setup` makes its own checks against the provider
         self._settings = settings
-        self._parsed_for = settings()  # the settings the parse cache below was filled under
         self._limits = limits or Limits()
-        self._requests: dict[bytes, tuple[Request, execcred.ExecInfo]] = {}
-        self._parsed: dict[tuple[str | None, tuple[str, ...]],
-                           tuple[ProviderSettings, LoginOptions, tuple[str, ...]]] = {}
+        self._cache = RequestCache(settings)  # parsed requests, flags and rendered credentials
         self._uid = os.getuid()
         self._active = 0
         self._cap = self._limits.connection_cap()
@@ -103,9 +89,6 @@ class Server:
         self._dropped: set[asyncio.StreamWriter] = set()
         self._long = 0  # connections in a LONG_COMMANDS handler
         self._long_cap = max(1, self._cap - min(self._limits.admin_reserve, self._cap // 4))
-        # The same credential goes to every caller until it is renewed: rendered once.  Holds tokens, so it is
-        # small and emptied by every logout.
-        self._rendered: dict[tuple[str, str, float], str] = {}
         self.handlers: dict[str, Handler] = {
             "get-token": self._get_token,
             "version": self._version,
@@ -192,7 +175,7 @@ class Server:
             self._reading.pop(writer, None)
         long_running = False
         try:
-            request, info = self._parse(data)
+            request, info = self._cache.parse(data)
             command = request.argv[0] if request.argv else ""
             handler = self.handlers.get(command)
             if handler is None:
@@ -259,65 +242,13 @@ class Server:
             return
         writer.write(protocol.error_line(exc.exit_code, f"brokerd: {exc}"))
 
-    def _parse(self, data: bytes) -> tuple[Request, execcred.ExecInfo]:
-        # kubectl sends the same bytes on every call from one kubeconfig: parse them once (bounded cache).
-        cached = self._requests.get(data)
-        if cached is None:
-            request = parse_request(data)
-            info = execcred.parse_exec_info(request.env.get("KUBERNETES_EXEC_INFO"), stdin_is_tty=request.stdin_tty)
-            cached = (request, info)
-            if _carries_password(request.argv):
-                return cached  # a --password never sits in a cache: it lives as long as this request only
-            if len(self._requests) >= PARSE_CACHE_SIZE:
-                self._requests.clear()
-            self._requests[data] = cached
-        return cached
-
-    def _flags(self, args: Sequence[str], env: Mapping[str, str],
-                known: Mapping[str, Kind] = FLAGS) -> ParsedFlags:
-        """The request's flags over its profile's (``--profile`` or BROKERD_PROFILE): the command line wins."""
-        flags = parse_flags(args, known)
-        profile = flags.str_("profile") or env.get("BROKERD_PROFILE")
-        if not profile:
-            return flags
-        profiles = self._settings().profiles
-        if profile not in profiles:
-            known_profiles = ", ".join(sorted(profiles)) or "none configured"
-            raise UsageError(f"unknown profile {profile!r} (profiles: {known_profiles})")
-        return parse_flags([*profiles[profile], *args], known)
-
-    def _request_settings(self, args: tuple[str, ...],
-                          env: Mapping[str, str]) -> tuple[ProviderSettings, LoginOptions, tuple[str, ...]]:
-        # Every kubectl call repeats the same argv: parse it once.  Bounded; emptied when profiles change.
-        current = self._settings()
-        if current is not self._parsed_for:  # reloaded: a profile may mean other flags now
-            self._parsed.clear()
-            self._parsed_for = current
-        cache_key = (env.get("BROKERD_PROFILE"), args)
-        cached = self._parsed.get(cache_key)
-        if cached is None:
-            flags = self._flags(args, env)
-            cached = request_from_flags(flags)
-            if cached[1].password is not None:
-                return cached  # from the command line or a profile: never cached (see _parse)
-            if len(self._parsed) >= PARSE_CACHE_SIZE:
-                self._parsed.clear()
-            self._parsed[cache_key] = cached
-        return cached
-
     async def _get_token(self, request: Request, caller: ShimCaller) -> str:
-        settings, options, notes = self._request_settings(request.argv[1:], request.env)
+        settings, options, notes = self._cache.request_settings(request.argv[1:], request.env)
         for note in notes:
             caller.tell(note)
-        tokens = await self._token_for_caller(settings, options, caller, _profile(request))
+        tokens = await self._token_for_caller(settings, options, caller, request_profile(request))
         token, expiry = self._sessions.credential(settings, tokens)
-        key = (caller.exec_info.api_version, token, expiry)
-        rendered = self._rendered.get(key)
-        if rendered is None:
-            if len(self._rendered) >= RENDER_CACHE_SIZE:
-                self._rendered.clear()
-            rendered = self._rendered[key] = execcred.render(*key)
-        return rendered
+        return self._cache.rendered(caller.exec_info.api_version, token, expiry)
 
     async def _token_for_caller(self, settings: ProviderSettings, options: LoginOptions, caller: Caller,
                                 profile: str | None = None) -> TokenSet:
@@ -341,13 +272,13 @@ class Server:
     async def _login(self, request: Request, caller: ShimCaller) -> str:
         """``brokerd login [--profile NAME | get-token flags]``: end the session (revoking its refresh token) and
         log in now, at a moment the person chose, so its max_session_age counts from here."""
-        settings, options, notes = self._request_settings(request.argv[1:], request.env)
+        settings, options, notes = self._cache.request_settings(request.argv[1:], request.env)
         for note in notes:
             caller.tell(note)
         caller.asked_to_log_in = True
         await self._sessions.logout(keys={settings.key})
-        self._rendered.clear()
-        tokens = await self._token_for_caller(settings, options, caller, _profile(request))
+        self._cache.forget_tokens()
+        tokens = await self._token_for_caller(settings, options, caller, request_profile(request))
         return json.dumps({"logged_in": True, "session": settings.key.short(), "issuer": settings.issuer,
                            "client_id": settings.client_id, "expires_at": self._sessions.credential(settings,
                                                                                                     tokens)[1]})
@@ -379,10 +310,7 @@ class Server:
         try:
             return json.dumps({"logged_out": await self._sessions.logout(**filters)})
         finally:
-            # No token of a logged-out session stays in memory here, nor its client secret in a parsed request.
-            self._rendered.clear()
-            self._requests.clear()
-            self._parsed.clear()
+            self._cache.clear()
 
     async def _setup(self, request: Request, caller: ShimCaller) -> str:
         from brokerd.setup import kubeconfig_args, run_setup
@@ -390,20 +318,10 @@ class Server:
         args = request.argv[1:]
         known = {**FLAGS, **SETUP_FLAGS}
         own = parse_flags(args, known)
-        flags = self._flags(args, request.env, known)
+        flags = self._cache.flags(args, request.env, known)
         report = await run_setup(flags, self._client_for, self._token_for_caller, caller)
         for note in ignored_flag_notes(flags):
             caller.tell(note)
         report["kubeconfig_args"] = kubeconfig_args(own)  # the command line's flags: a profile stays a profile
         return json.dumps(report)
 
-
-def _profile(request: Request) -> str | None:
-    """The profile a request names (``--profile`` or BROKERD_PROFILE): its policy table applies to the session."""
-    args = request.argv
-    for i, arg in enumerate(args):
-        if arg.startswith("--profile="):
-            return arg.partition("=")[2]
-        if arg == "--profile" and i + 1 < len(args):
-            return args[i + 1]
-    return request.env.get("BROKERD_PROFILE")

@@ -1,4 +1,5 @@
-"""One session: its tokens, its renewal (a refresh or a login, at most one at a time) and its refresh-ahead timer.
+"""One session: its tokens, its renewal (a refresh or a login, at most one at a time, shared as a
+``renewal.Renewal``) and its refresh-ahead timer.
 
 What happens when a refresh fails is decided in one place: ``LiveSession._refresh_failed``.  The rules it applies
 live in ``brokerd.refresh`` as pure functions.
@@ -35,17 +36,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Literal, NoReturn, Protocol
 
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, LoginError, LoginInterrupted, LoginPending, ProviderError, StoreError
 from brokerd.flows import LoginFlows
 from brokerd.models import Caller, LoginOptions, ProviderSettings, Served, TokenSet
-from brokerd.notices import LoginNotice
 from brokerd.oidc import OIDCClient
 from brokerd.policy import BackgroundLogin, SessionPolicy, may_refresh, serve_limit, session_end
 from brokerd.refresh import Policy, answered_refresh_unusable, refresh_due, refresh_token_lost, serve_until
+from brokerd.renewal import Renewal
 
 log = logging.getLogger("brokerd.sessions")
 
@@ -77,37 +78,6 @@ class Host(Protocol):
     async def save(self, *, strict: bool = False) -> None:
         """Persist every session as ``LiveSession.stored`` says; with ``strict``, raise StoreError if not saved."""
         ...
-
-
-@dataclass(eq=False)
-class Renewal:
-    """One refresh or login of a session, shared by every caller that waits for it."""
-
-    allow_login: bool
-    task: asyncio.Task[TokenSet] | None = None
-    logging_in: bool = False
-    messages: list[str] = field(default_factory=list)
-    callers: set[Caller] = field(default_factory=set)
-    how: Literal["refresh", "login"] = "refresh"
-    notice: LoginNotice | None = None  # the pending login's desktop notification, when it has one
-
-    @property
-    def running(self) -> asyncio.Task[TokenSet]:
-        assert self.task is not None  # set right after construction, before anyone can see the renewal
-        return self.task
-
-    def announce(self, text: str) -> None:
-        self.messages.append(text)
-        for caller in list(self.callers):
-            caller.tell(text)
-
-    def attach(self, notice: LoginNotice | None) -> None:
-        self.notice = notice
-
-    def join(self, caller: Caller) -> None:
-        self.callers.add(caller)
-        for text in self.messages:
-            caller.tell(text)
 
 
 class LiveSession:

@@ -26,8 +26,9 @@ import aiohttp
 from brokerd.errors import BrokerError, DiscoveryError, TokenEndpointError
 from brokerd.flags import FLAGS, SETUP_FLAGS, ParsedFlags, login_options, provider_settings
 from brokerd.models import Caller, LoginOptions, ProviderSettings, TokenSet
-from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient, proxy_options
+from brokerd.oidc import GROUPS_CLAIMS_REQUEST, ClientFactory, OIDCClient
 from brokerd.oidc_wire import safe_text
+from brokerd.provider_http import proxy_options
 from brokerd.setup_registration import registration_diagnosis
 
 SECRET_PLACEHOLDER = "YOUR_CLIENT_SECRET"

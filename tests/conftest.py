@@ -1,17 +1,21 @@
-"""Shared fixtures: the test OIDC provider (tests/provider/server.mjs) as a real node process."""
+"""Shared fixtures: the test OIDC provider (tests/provider/server.mjs) as a real node process, a daemon per test,
+an OIDC client."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.support.daemon import stop_daemons_holding
+from brokerd.clock import SystemClock
+from brokerd.oidc import OIDCClient
+from tests.support.daemon import Daemon, stop_daemons_holding
 from tests.support.provider import ProviderFactory, TestProvider, node_modules_missing, start_provider
 
 
@@ -62,3 +66,17 @@ def provider_factory() -> Iterator[ProviderFactory]:
     yield make
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    """A daemon of its own for one test (modules that share one daemon define a module-scoped ``daemon``)."""
+    with Daemon() as d:
+        yield d
+
+
+@pytest.fixture
+async def oidc() -> AsyncIterator[OIDCClient]:
+    """An OIDC client on its own aiohttp session, with a 5 s request limit."""
+    async with aiohttp.ClientSession() as http:
+        yield OIDCClient(http, SystemClock(), request_timeout=5)

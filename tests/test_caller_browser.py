@@ -18,6 +18,7 @@ from brokerd.browser import BrowserOpener
 from brokerd.errors import LoginError
 from tests.support.daemon import Daemon, login_args
 from tests.support.provider import TestProvider
+from tests.support.unix_relay import RELAY
 
 
 def _evil(tmp_path: Path) -> tuple[Path, Path]:
@@ -95,34 +96,6 @@ async def test_the_opener_hands_over_only_a_checked_url_as_one_argument(tmp_path
             break
         await asyncio.sleep(0.05)
     assert record.read_text().splitlines() == ["https://idp.example/auth?a=1&b=2"]
-
-
-# What `ssh -R` does as seen from the daemon: its peer is the local ssh process, relaying for another host.
-RELAY = """\
-import os, socket, sys, threading
-listen, target = sys.argv[1], sys.argv[2]
-server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-server.bind(listen)
-server.listen(4)
-print("ready", flush=True)
-def pump(src, dst):
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-while True:
-    client, _ = server.accept()
-    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    upstream.connect(target)
-    threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
-    threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
-"""
 
 
 def test_forwarded_callers_never_pick_the_browser_by_default(provider: TestProvider, tmp_path: Path) -> None:

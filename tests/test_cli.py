@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,12 +22,6 @@ def idp(provider_factory: ProviderFactory) -> TestProvider:
     users = {"eve": {"password": "eve-password", "email": f"eve{HOSTILE}@example.com", "name": f"Eve{HOSTILE}",
                      "groups": [f"dev{HOSTILE}"]}}
     return provider_factory({"users": users, "groups_in_id_token": True})
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 def password_args(idp: TestProvider) -> list[str]:

@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from brokerd import client_auth
-from brokerd.clock import SystemClock
 from brokerd.codec import BadEntry, session_from_dict, session_to_dict
 from brokerd.errors import TokenEndpointError, UsageError
 from brokerd.flags import parse_flags, request_from_flags
@@ -82,18 +79,6 @@ def op(provider_factory: ProviderFactory, keys: Keys) -> TestProvider:
          "redirect_uris": REDIRECTS, "grant_types": GRANTS, "response_types": ["code"], "scope": SCOPE},
     ]
     return provider_factory({"clients": clients})
-
-
-@pytest.fixture
-async def oidc() -> AsyncIterator[OIDCClient]:
-    async with aiohttp.ClientSession() as http:
-        yield OIDCClient(http, SystemClock(), request_timeout=5)
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 def _pk_settings(op: TestProvider, key: Path, **reg: str) -> ProviderSettings:

@@ -38,6 +38,7 @@ from tests.support.kube import (
     write_kubeconfig,
 )
 from tests.support.provider import ProviderFactory, TestProvider
+from tests.support.unix_relay import RELAY
 from tests.support.wait import wait_until
 
 PY = sys.executable
@@ -52,41 +53,6 @@ deadline = time.monotonic() + 90
 while not os.path.exists(gate) and time.monotonic() < deadline:
     time.sleep(0.02)
 os.execv(sys.argv[3], sys.argv[3:])
-"""
-
-# What `ssh -R /remote/brokerd.sock:$BROKERD_SOCKET` does, locally: accept on one Unix socket path, relay each
-# connection byte for byte to another.
-RELAY = """\
-import os, socket, sys, threading
-listen, target = sys.argv[1], sys.argv[2]
-server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-os.umask(0o177)
-server.bind(listen)
-server.listen(16)
-print("ready", flush=True)
-def pump(src, dst):
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-def serve(client):
-    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    upstream.connect(target)
-    back = threading.Thread(target=pump, args=(upstream, client))
-    back.start()
-    pump(client, upstream)
-    back.join()
-    client.close()
-    upstream.close()
-while True:
-    conn, _ = server.accept()
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
 
 # Counts daemon starts (one PID per line; exec keeps the PID) and becomes the daemon.

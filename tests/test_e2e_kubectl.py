@@ -23,12 +23,6 @@ def apiserver(provider: TestProvider) -> Iterator[ApiServer]:
         yield server
 
 
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
-
-
 def _authelia_kubeconfig(path: Path, apiserver: ApiServer, issuer: str, *, v1: bool) -> Path:
     exec_args = ["oidc-login", "get-token", f"--oidc-issuer-url={issuer}", "--oidc-client-id=kube_login",
                  "--oidc-client-secret=insecure_secret", "--oidc-extra-scope=groups"]

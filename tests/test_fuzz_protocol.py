@@ -23,7 +23,8 @@ from brokerd.config import Settings
 from brokerd.flows import LoginFlows
 from brokerd.models import ProviderSettings
 from brokerd.oidc import OIDCClient
-from brokerd.server import Limits, Server, parse_request
+from brokerd.requestcache import parse_request
+from brokerd.server import Limits, Server
 from brokerd.sessions import SessionManager
 from client_shim.protocol import MAGIC
 from tests.support.daemon import Daemon
@@ -177,19 +178,20 @@ def test_parse_request_keeps_invalid_utf8_round_trippable() -> None:
 
 # ---- in-process server with small limits (fast timeouts) -------------------------------------------------------
 
-@pytest.fixture
-async def small_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
-    limits = Limits(max_request=4096, read_timeout=0.5, answer_timeout=3.0, max_connections=8)
+@contextlib.asynccontextmanager
+async def in_process_server(tmp_path: Path, limits: Limits) -> AsyncIterator[tuple[Path, Server]]:
+    """A Server on ``tmp_path/s.sock`` with its real parts (sessions, login flows, browser, callback listener)."""
     path = tmp_path / "s.sock"
     config = Settings(socket_path=path, state_dir=tmp_path, persist=False)
     async with aiohttp.ClientSession() as http:
         oidc = OIDCClient(http, SystemClock())
+        callbacks = CallbackServer()
+        browser = BrowserOpener({})
 
         async def client_for(_settings: ProviderSettings) -> OIDCClient:
             return oidc
 
-        callbacks = CallbackServer()
-        sessions = SessionManager(client_for, LoginFlows(callbacks, BrowserOpener({})), None, SystemClock())
+        sessions = SessionManager(client_for, LoginFlows(callbacks, browser), None, SystemClock())
         api = Server(sessions, client_for, lambda: config, limits)
         server = await asyncio.start_unix_server(api.handle, path=str(path), limit=limits.max_request)
         try:
@@ -199,6 +201,14 @@ async def small_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
             await server.wait_closed()
             await sessions.close()
             await callbacks.close()
+            await browser.close()
+
+
+@pytest.fixture
+async def small_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
+    async with in_process_server(tmp_path, Limits(max_request=4096, read_timeout=0.5, answer_timeout=3.0,
+                                                  max_connections=8)) as parts:
+        yield parts
 
 
 async def _raw(path: Path, data: bytes, *, trickle: float = 0.0, timeout: float = 5.0) -> bytes:
@@ -296,28 +306,8 @@ def test_connection_cap_stays_below_the_fd_limit() -> None:
 @pytest.fixture
 async def provider_server(provider: TestProvider, tmp_path: Path) -> AsyncIterator[tuple[Path, Server]]:
     """An in-process server on the real test provider, checking for hung-up callers every 50 ms."""
-    limits = Limits(hangup_poll=0.05)
-    async with aiohttp.ClientSession() as http:
-        oidc = OIDCClient(http, SystemClock())
-        callbacks = CallbackServer()
-        browser = BrowserOpener({})
-
-        async def client_for(_settings: ProviderSettings) -> OIDCClient:
-            return oidc
-
-        path = tmp_path / "s.sock"
-        config = Settings(socket_path=path, state_dir=tmp_path, persist=False)
-        sessions = SessionManager(client_for, LoginFlows(callbacks, browser), None, SystemClock())
-        api = Server(sessions, client_for, lambda: config, limits)
-        server = await asyncio.start_unix_server(api.handle, path=str(path), limit=limits.max_request)
-        try:
-            yield path, api
-        finally:
-            server.close()
-            await server.wait_closed()
-            await sessions.close()
-            await callbacks.close()
-            await browser.close()
+    async with in_process_server(tmp_path, Limits(hangup_poll=0.05)) as parts:
+        yield parts
 
 
 async def _wait_active(api: Server, count: int, within: float = 5.0) -> None:
@@ -368,6 +358,6 @@ async def test_logout_leaves_no_rendered_credential(provider: TestProvider,
                                    "--username=alice", "--password=alice-password"), timeout=20)
     assert raw.startswith(b"O"), raw
     token = json.loads(raw[1:])["status"]["token"]
-    assert any(token in rendered for rendered in api._rendered.values())  # cached while the session lives
+    assert any(token in rendered for rendered in api._cache._rendered.values())  # cached while the session lives
     assert (await _raw(path, request("logout"), timeout=20)).startswith(b'O{"logged_out"')
-    assert not any(token in rendered for rendered in api._rendered.values())
+    assert not any(token in rendered for rendered in api._cache._rendered.values())

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +38,6 @@ def op(provider_factory: ProviderFactory, key_files: dict[str, tuple[Path, dict[
                 "id_token_encrypted_response_enc": enc, "jwks": {"keys": [key_files[name][1]]}, **COMMON}
                for name, (_, alg, enc) in CLIENTS.items()]
     return provider_factory({"encryption": True, "clients": clients})
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 def _args(op: TestProvider, client: str, *extra: str) -> list[str]:

@@ -41,12 +41,6 @@ def _no_leftover_faults(idp: TestProvider) -> Iterator[None]:
     idp.clear_faults()
 
 
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
-
-
 def args(p: TestProvider, *extra: str) -> list[str]:
     return login_args(p.issuer, f"--listen-address=127.0.0.1:{redirect_port()}", *extra,
                       scopes=("groups", "email", "offline_access"))

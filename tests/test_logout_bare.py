@@ -9,7 +9,6 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,12 +19,6 @@ from tests.support.provider import ProviderFactory, TestProvider
 @pytest.fixture(scope="module")
 def second(provider_factory: ProviderFactory) -> TestProvider:
     return provider_factory()
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 def _issuers(daemon: Daemon) -> list[str]:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from brokerd.store import KEY_NAME, SessionStore
+from tests.support.callers import Caller
 from tests.support.provider import ProviderFactory, TestProvider
-from tests.test_sessions import OPTIONS, Caller, grants, manager, settings_for
+from tests.test_sessions import OPTIONS, grants, manager, settings_for
 
 MEMORY_ONLY = replace(OPTIONS, cache_storage="none")
 

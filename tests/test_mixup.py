@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from brokerd.clock import SystemClock
 from brokerd.errors import TokenValidationError
 from brokerd.models import ProviderSettings
 from brokerd.oidc import OIDCClient
@@ -31,18 +28,6 @@ CLIENT = {
 @pytest.fixture(scope="module")
 def op(provider_factory: ProviderFactory) -> TestProvider:
     return provider_factory({"clients": [CLIENT]})
-
-
-@pytest.fixture
-async def oidc() -> AsyncIterator[OIDCClient]:
-    async with aiohttp.ClientSession() as http:
-        yield OIDCClient(http, SystemClock(), request_timeout=5)
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 async def _landed(oidc: OIDCClient, settings: ProviderSettings) -> tuple[object, dict[str, str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -65,12 +64,6 @@ def env(provider_factory: ProviderFactory) -> Env:
     ]
     op = provider_factory({"clients": clients, "id_token_ttl": 300, "access_token_ttl": 300})
     return Env(op, redirect_uri, port)
-
-
-@pytest.fixture
-async def oidc() -> AsyncIterator[OIDCClient]:
-    async with aiohttp.ClientSession() as http:
-        yield OIDCClient(http, SystemClock(), request_timeout=5)
 
 
 async def _browser_login(url: str, **kw: Any) -> browser.LoginResult:

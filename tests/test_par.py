@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-import aiohttp
 import pytest
 
-from brokerd.clock import SystemClock
 from brokerd.errors import TokenEndpointError
 from brokerd.models import ProviderSettings
 from brokerd.oidc import OIDCClient
@@ -49,18 +46,6 @@ def op(provider_factory: ProviderFactory, key_file: tuple[Path, dict[str, str]])
          **common},
     ]
     return provider_factory({"par": True, "clients": clients})
-
-
-@pytest.fixture
-async def oidc() -> AsyncIterator[OIDCClient]:
-    async with aiohttp.ClientSession() as http:
-        yield OIDCClient(http, SystemClock(), request_timeout=5)
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 def _jwt_args(op: TestProvider, key: Path, *extra: str) -> list[str]:

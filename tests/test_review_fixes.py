@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +19,7 @@ from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
 from brokerd.clock import Clock, SystemClock
 from brokerd.config import Settings
-from brokerd.errors import ClaimTimeError, LoginInterrupted, UsageError
+from brokerd.errors import ClaimTimeError, LoginInterrupted
 from brokerd.flows import LoginFlows
 from brokerd.models import LoginOptions, ProviderSettings
 from brokerd.oidc import OIDCClient
@@ -27,25 +27,13 @@ from brokerd.server import Server
 from brokerd.sessions import SessionManager
 from brokerd.store import SessionStore
 from client_shim import core as shim
+from tests.support.callers import Caller
 from tests.support.clock import FakeClock
 from tests.support.daemon import login_args
 from tests.support.provider import ProviderFactory, TestProvider
 
 PASSWORD = "alice-password"
 OPTIONS = LoginOptions(grant_type="password", password=PASSWORD)
-
-
-@dataclass(eq=False)
-class Caller:
-    env: Mapping[str, str] = field(default_factory=dict)
-    interactive: bool = False
-    told: list[str] = field(default_factory=list)
-
-    def tell(self, text: str) -> None:
-        self.told.append(text)
-
-    async def ask(self, prompt: str, *, secret: bool) -> str:
-        raise UsageError("no terminal in this test")
 
 
 @asynccontextmanager
@@ -103,14 +91,15 @@ async def test_no_password_or_client_secret_stays_in_the_servers_caches(provider
         args = login_args(provider.issuer, "--grant-type=password", "--username=alice", f"--password={PASSWORD}",
                           scopes=("offline_access",))
         await asyncio.to_thread(shim.request, args, env, "kubectl-oidc_login", autostart=False)
-        cached = repr(api._requests) + repr(api._parsed)
+        cached = repr(api._cache._requests) + repr(api._cache._parsed)
         assert PASSWORD not in cached, "a --password sits in the request cache"
         # Without --password (the session is there now): cached, and emptied by logout with the client secret.
         args = login_args(provider.issuer, "--username=alice", scopes=("offline_access",))
         await asyncio.to_thread(shim.request, args, env, "kubectl-oidc_login", autostart=False)
-        assert "insecure_secret" in repr(api._requests), "the cache this test inspects is not where it looks"
+        assert "insecure_secret" in repr(api._cache._requests), "the cache this test inspects is not where it looks"
         await asyncio.to_thread(shim.request, ["logout"], env, "brokerd", autostart=False)
-        assert "insecure_secret" not in repr(api._requests) + repr(api._parsed), "a client secret outlived logout"
+        assert "insecure_secret" not in repr(api._cache._requests) + repr(api._cache._parsed), \
+            "a client secret outlived logout"
 
 
 async def test_a_clock_that_is_wrong_keeps_the_rotated_refresh_token(provider_factory: ProviderFactory,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pytest
 
 from brokerd.browser import BrowserOpener
 from brokerd.callback import CallbackServer
-from brokerd.errors import BrokerError, LoginError, TokenValidationError, UsageError
+from brokerd.errors import BrokerError, LoginError, TokenValidationError
 from brokerd.flows import LoginFlows
 from brokerd.idtoken import check_claims
 from brokerd.models import LoginOptions, ProviderSettings
@@ -30,25 +30,13 @@ from brokerd.oidc_wire import lifetime, refresh_lifetime
 from brokerd.refresh import Policy
 from brokerd.sessions import MAX_IDLE, SessionManager
 from brokerd.store import SessionStore
+from tests.support.callers import Caller
 from tests.support.clock import FakeClock
 from tests.support.provider import ProviderFactory, TestProvider
 
 TTL = 3600
 POLICY = Policy(retry_initial=2.0, retry_max=8.0, login_retry_interval=30.0)
 OPTIONS = LoginOptions(grant_type="password", password="alice-password")
-
-
-@dataclass(eq=False)
-class Caller:
-    env: Mapping[str, str] = field(default_factory=dict)
-    interactive: bool = False
-    told: list[str] = field(default_factory=list)
-
-    def tell(self, text: str) -> None:
-        self.told.append(text)
-
-    async def ask(self, prompt: str, *, secret: bool) -> str:
-        raise UsageError("no terminal in this test")
 
 
 @pytest.fixture(scope="module")

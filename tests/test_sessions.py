@@ -8,9 +8,9 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +35,12 @@ from brokerd.oidc import OIDCClient
 from brokerd.refresh import Policy, margin, refresh_due, refresh_token_lost, serve_until
 from brokerd.sessions import SessionManager
 from brokerd.store import SessionStore
+from tests.support.callers import Caller
 from tests.support.provider import ProviderFactory, TestProvider
 
 TTL = 4  # ID and access token lifetime at this module's provider
 FAST = Policy(retry_initial=0.2, retry_max=1.0)
 OPTIONS = LoginOptions(grant_type="password", password="alice-password")
-
-
-@dataclass(eq=False)  # hashable by identity, like the server's callers
-class Caller:
-    env: Mapping[str, str] = field(default_factory=dict)
-    interactive: bool = False
-    told: list[str] = field(default_factory=list)
-
-    def tell(self, text: str) -> None:
-        self.told.append(text)
-
-    async def ask(self, prompt: str, *, secret: bool) -> str:
-        raise UsageError("no terminal in this test")
 
 
 @pytest.fixture(scope="module")

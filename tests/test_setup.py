@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ from tests.support.provider import KUBE_LOGIN_CLIENT_SECRET, ProviderFactory, Te
 
 def setup_args(issuer: str, *extra: str, scopes: tuple[str, ...] = ("groups",)) -> list[str]:
     return ["setup", *login_args(issuer, *extra, scopes=scopes)[1:]]
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 # ---- pure parts ---------------------------------------------------------------------------------------------------

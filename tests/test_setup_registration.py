@@ -4,7 +4,6 @@ opens for any of them; with the flag added, setup logs in."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,12 +44,6 @@ def op(provider_factory: ProviderFactory, keys: dict[str, object]) -> TestProvid
          "authorization_signed_response_alg": "RS256", "response_modes": ["query.jwt", "form_post.jwt"], **COMMON},
     ]
     return provider_factory({"par": True, "jarm": True, "clients": clients})
-
-
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with Daemon() as d:
-        yield d
 
 
 def _setup(daemon: Daemon, op: TestProvider, client: str, *extra: str, secret: str | None = SECRET) -> str:

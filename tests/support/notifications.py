@@ -24,22 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.desktop import BUS_CONFIG  # a private session bus, as the keyring tests use
+
 TOOLS = {"dbus-daemon": "dbus-daemon", "Xvfb": "xvfb", "dunst": "dunst", "dunstctl": "dunst",
          "dbus-send": "dbus-bin", "xwd": "x11-apps"}
-
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={path}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
 
 DUNSTRC = """[global]
     font = DejaVu Sans 11
@@ -180,7 +168,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def start_bus(base: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A private dbus-daemon; yields (address, process)."""
     config = base / "bus.conf"
-    config.write_text(BUS_CONFIG.format(path=base / "bus"))
+    config.write_text(BUS_CONFIG.format(socket=base / "bus"))
     proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": os.environ["PATH"]})
     try:
