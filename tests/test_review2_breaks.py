@@ -13,7 +13,10 @@ import sys
 
 import pytest
 
-from tests.support.daemon import Daemon
+from brokerd.store import SessionStore
+from tests.support.daemon import Daemon, login_args
+from tests.support.provider import ProviderFactory
+from tests.support.wait import poll
 
 
 @pytest.mark.xfail(strict=True, reason="review2: a FIFO at <state>/daemon.lock crashes serve/clean with a traceback "
@@ -34,5 +37,44 @@ def test_a_fifo_lock_file_gets_one_clear_line_not_a_traceback() -> None:
         assert "Traceback" not in d.log(), d.log()[-2000:]
         assert "Traceback" not in cleaned.stderr, cleaned.stderr
         assert len(cleaned.stderr.strip().splitlines()) == 1, cleaned.stderr
+    finally:
+        d.close()
+
+
+def _password_args(issuer: str, *extra: str, password: str = "alice-password") -> list[str]:
+    return login_args(issuer, "--grant-type=password", "--username=alice", f"--password={password}", *extra,
+                      scopes=("offline_access",))
+
+
+@pytest.mark.xfail(strict=True, reason="review2: a store unreadable at start, read later, loses a stored session "
+                                       "whose key has an entry in memory without tokens (a failed login)")
+def test_a_failed_login_while_the_store_was_unreadable_does_not_cost_the_stored_session(
+        provider_factory: ProviderFactory) -> None:
+    """SessionManager._adopt_stored (the re-read before the first save) skips every key already in memory, even an
+    entry with no tokens at all (a login that failed, kept for login_retry_interval).  keywait's adopt() takes the
+    stored tokens for such an entry; _adopt_stored does not, and the merged save then writes the store without that
+    session: its refresh token is gone from disk and memory (house rule: nothing is lost)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand the state dir to another uid for a moment")
+    idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600})
+    d = Daemon()
+    try:
+        d.start()
+        assert d.shim(_password_args(idp.issuer)).returncode == 0, d.log()[-2000:]  # session X, saved
+        d.stop()
+        assert len(SessionStore(d.state_dir).load()) == 1
+        os.chown(d.state_dir, 65534, 65534)
+        d.start()
+        assert poll(lambda: "sessions not loaded" in d.log(), 15), d.log()
+        failed = d.shim(_password_args(idp.issuer, password="not-the-password"))  # X's key: a login that fails
+        assert failed.returncode != 0
+        os.chown(d.state_dir, 0, 0)
+        ok = d.shim(login_args(idp.issuer, "--grant-type=password", "--username=alice", "--password=alice-password",
+                               scopes=("offline_access", "email")))  # session Y: the first save that works
+        assert ok.returncode == 0, (ok.stderr, d.log()[-2000:])
+        d.stop()
+        kept = SessionStore(d.state_dir).load()
+        assert len(kept) == 2, ("stored session X was dropped by the merge after the store became readable",
+                                d.log()[-1500:])
     finally:
         d.close()
