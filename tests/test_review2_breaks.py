@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from brokerd.store import SessionStore
+from brokerd.store import KEY_NAME, SessionStore
 from tests.support import desktop as desktop_support
 from tests.support.daemon import Daemon, login_args
 from tests.support.provider import ProviderFactory, TestProvider
@@ -192,3 +192,29 @@ def test_sessions_loaded_after_the_unlock_keep_max_session_age_and_idle_logout(p
                 d.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.xfail(strict=True, reason="review2: a FIFO at the store's key file (sessions.key) wedges the daemon "
+                                       "(open() blocks in the load thread): no status, no token, SIGTERM ignored")
+def test_a_fifo_in_place_of_the_store_key_is_refused_not_waited_on(provider: TestProvider) -> None:
+    """FileKeySource.load opens the key file with a plain open(): for a FIFO that waits for a writer for ever
+    (client_auth and tls open key files O_NONBLOCK and check S_ISREG; the store's key file is not).  The load thread holds the store's lock, so every save waits too: the daemon answers nobody, not even
+    status, and a SIGTERM cannot finish its final save."""
+    d = Daemon()
+    try:
+        d.state_dir.mkdir(mode=0o700, parents=True)
+        os.mkfifo(d.state_dir / KEY_NAME, 0o600)
+        d.start()
+        try:
+            status = d.cli("status", timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("brokerd status got no answer: the daemon is wedged on the FIFO")
+        assert status.returncode == 0, status.stderr
+        try:
+            result = d.shim(_password_args(provider.issuer), timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a login got no answer: the daemon is wedged on the FIFO")
+        assert result.stderr.strip(), "the caller was not told about the store"
+        assert d.stop(timeout=15) == 0, "SIGTERM did not stop the daemon"
+    finally:
+        d.close()
