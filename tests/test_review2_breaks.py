@@ -199,7 +199,8 @@ def test_sessions_loaded_after_the_unlock_keep_max_session_age_and_idle_logout(p
 def test_a_fifo_in_place_of_the_store_key_is_refused_not_waited_on(provider: TestProvider) -> None:
     """FileKeySource.load opens the key file with a plain open(): for a FIFO that waits for a writer for ever
     (client_auth and tls open key files O_NONBLOCK and check S_ISREG; the store's key file is not).  The load
-    thread holds the store's lock, so every save waits too: the daemon answers nobody, not even status, and a SIGTERM cannot finish its final save."""
+    thread holds the store's lock, so every save waits too: the daemon answers nobody, not even status,
+    and a SIGTERM cannot finish its final save."""
     d = Daemon()
     try:
         d.state_dir.mkdir(mode=0o700, parents=True)
