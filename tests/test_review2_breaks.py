@@ -219,3 +219,22 @@ def test_a_fifo_in_place_of_the_store_key_is_refused_not_waited_on(provider: Tes
         assert d.stop(timeout=15) == 0, "SIGTERM did not stop the daemon"
     finally:
         d.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review2: `brokerd audit` prints the provider's user claim raw: terminal "
+                                       "escape sequences from an ID token reach the terminal (status strips them)")
+def test_brokerd_audit_never_prints_control_characters_from_the_provider(provider: TestProvider) -> None:
+    """audit.user_of takes preferred_username/email/name from the ID token as is and cli.cmd_audit prints
+    format_entry's line without for_terminal; `brokerd status` passes the same claim through _shown.  An email (or
+    display name) with ESC sequences (OSC 52 sets the clipboard, OSC 0 the title, CSI rewrites lines) reaches the
+    person's terminal."""
+    provider.set_user("carol", password="carol-password", email="\x1b]0;owned\x07carol@example.com")
+    with Daemon() as d:
+        result = d.shim(login_args(provider.issuer, "--grant-type=password", "--username=carol",
+                                   "--password=carol-password", scopes=("email",)))
+        assert result.returncode == 0, (result.stderr, d.log()[-1500:])
+        d.stop()  # the trail is flushed
+        out = d.cli("audit")
+        assert out.returncode == 0, out.stderr
+        assert "carol@example.com" in out.stdout, out.stdout
+        assert "\x1b" not in out.stdout, repr(out.stdout)
