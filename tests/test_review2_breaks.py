@@ -238,3 +238,30 @@ def test_brokerd_audit_never_prints_control_characters_from_the_provider(provide
         assert out.returncode == 0, out.stderr
         assert "carol@example.com" in out.stdout, out.stdout
         assert "\x1b" not in out.stdout, repr(out.stdout)
+
+
+@pytest.mark.xfail(strict=True, reason="review2: a daemon.lock removed as 'stale' lets a second daemon lock a new "
+                                       "file on the same store; both refresh the same token and the grant is revoked")
+def test_a_removed_lock_file_does_not_let_a_second_daemon_share_the_store(provider_factory: ProviderFactory) -> None:
+    """statelock locks an inode, not the path: once daemon.lock is unlinked (a person clearing what looks like a
+    stale lock file, a cleanup of the state dir), the running daemon keeps its lock on the old inode and a second
+    daemon (another socket path) creates a new file, locks it and loads the same store.  Neither checks that the
+    path still names the file it locked."""
+    idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600})
+    first = Daemon()
+    second = Daemon(env={"BROKERD_STATE_DIR": str(first.state_dir)})
+    try:
+        first.start()
+        assert first.shim(_password_args(idp.issuer)).returncode == 0, first.log()[-2000:]  # the store holds R1
+        (first.state_dir / "daemon.lock").unlink()
+        try:
+            second.start()
+        except RuntimeError:
+            return  # refused: the store keeps one owner (what the fix should do)
+        before = idp.counters()["refresh_reuse_detected"]
+        for d in (second, first):
+            d.shim(_password_args(idp.issuer, "--force-refresh"))
+        assert idp.counters()["refresh_reuse_detected"] == before, "one refresh token was sent by both daemons"
+    finally:
+        second.close()
+        first.close()
