@@ -265,3 +265,35 @@ def test_a_removed_lock_file_does_not_let_a_second_daemon_share_the_store(provid
     finally:
         second.close()
         first.close()
+
+
+@pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
+@pytest.mark.xfail(strict=True, reason="review2: a keyring locked mid-run makes every write-ahead save fail, so a "
+                                       "stored session logs in again (and orphans its grant) instead of refreshing")
+def test_a_keyring_locked_mid_run_costs_a_refresh_not_a_login(provider: TestProvider) -> None:
+    """The store reads the key from the Secret Service on every save.  Locked after the start (KeePassXC locks on
+    screen lock; seahorse), each save raises KeyringUnavailable; the refresh token of a stored session is in
+    on_disk, so the write-ahead rule forbids sending it (rightly, the disk still holds it) and LiveSession._renew
+    falls through to a login: a browser or a notification for a session whose refresh token is valid, and its old
+    grant is never revoked.  The key the daemon already read (or WaitingStore's waiting) would keep it refreshing."""
+    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
+    try:
+        with desktop_support.desktop(base / "desk") as desk:
+            (base / "d").mkdir()
+            d = Daemon(base=base / "d", env=desk.env)
+            try:
+                d.start()
+                assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
+                d.stop()
+                d.start()  # the session is a stored one now (its refresh token is on disk)
+                desk.lock()
+                grants = provider.counters()["token_grants"]
+                result = d.shim(_password_args(provider.issuer, "--force-refresh"))
+                assert result.returncode == 0, (result.stderr, d.log()[-2000:])
+                after = provider.counters()["token_grants"]
+                assert after["password"] == grants["password"], ("a login instead of a refresh", result.stderr)
+                assert after["refresh_token"] == grants["refresh_token"] + 1
+            finally:
+                d.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
