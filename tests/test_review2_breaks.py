@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from brokerd.audit import AUDIT_FILE
-from brokerd.store import KEY_NAME, SessionStore
+from brokerd.store import KEY_NAME, STORE_NAME, SessionStore
 from tests.support import desktop as desktop_support
 from tests.support.daemon import Daemon, login_args
 from tests.support.provider import ProviderFactory, TestProvider
@@ -316,3 +316,33 @@ def test_a_fifo_audit_file_does_not_keep_the_daemon_from_stopping(provider: Test
         assert d.stop(timeout=20) == 0, ("SIGTERM did not stop the daemon", d.log()[-1500:])
     finally:
         d.close()
+
+
+@pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
+@pytest.mark.xfail(strict=True, reason="review2: [store] key = \"file\" with the key in a locked keyring sets the "
+                                       "store aside and makes a new key: the guard only works when the keyring answers")
+def test_file_mode_with_the_key_in_a_locked_keyring_sets_nothing_aside(provider: TestProvider) -> None:
+    """GuardedFileKeySource.load refuses when the key is in the keyring, but it suppresses KeyringUnavailable: with
+    the keyring locked (or not running: an SSH login), "no key file" reads as "no key", SessionStore._key moves the
+    store aside and creates a new key file, and every stored session (its refresh token) is gone from the daemon."""
+    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
+    try:
+        with desktop_support.desktop(base / "desk") as desk:
+            (base / "d").mkdir()
+            d = Daemon(base=base / "d", env=desk.env, config='[store]\nkey = "keyring"\n')
+            try:
+                d.start()
+                assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
+                d.stop()
+                stored = (d.state_dir / STORE_NAME).read_bytes()
+                d.config_path.write_text('[store]\nkey = "file"\n')  # the config changed, migrate not run yet
+                desk.lock()
+                d.start()
+                d.shim(_password_args(provider.issuer, "--force-refresh"))
+                d.stop()
+                assert list(d.state_dir.glob("*.corrupt-*")) == [], ("the store was set aside", d.log()[-1500:])
+                assert (d.state_dir / STORE_NAME).read_bytes() == stored
+            finally:
+                d.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
