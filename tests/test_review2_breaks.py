@@ -305,8 +305,6 @@ def test_a_keyring_locked_mid_run_costs_a_refresh_not_a_login(provider: TestProv
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a FIFO at <state>/audit.jsonl blocks the audit writer's open() "
-                                       "for ever; SIGTERM then never finishes (the daemon and its state lock stay)")
 def test_a_fifo_audit_file_does_not_keep_the_daemon_from_stopping(provider: TestProvider) -> None:
     """audit.write_lines opens the trail O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW without O_NONBLOCK: a FIFO with no
     reader blocks that open in the writer's thread, and AuditLog.close (run at shutdown, after the sessions' final
