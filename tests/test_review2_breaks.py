@@ -227,8 +227,6 @@ def test_a_fifo_in_place_of_the_store_key_is_refused_not_waited_on(provider: Tes
         d.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review2: `brokerd audit` prints the provider's user claim raw: terminal "
-                                       "escape sequences from an ID token reach the terminal (status strips them)")
 def test_brokerd_audit_never_prints_control_characters_from_the_provider(provider: TestProvider) -> None:
     """audit.user_of takes preferred_username/email/name from the ID token as is and cli.cmd_audit prints
     format_entry's line without for_terminal; `brokerd status` passes the same claim through _shown.  An email (or
@@ -244,6 +242,10 @@ def test_brokerd_audit_never_prints_control_characters_from_the_provider(provide
         assert out.returncode == 0, out.stderr
         assert "carol@example.com" in out.stdout, out.stdout
         assert "\x1b" not in out.stdout, repr(out.stdout)
+        as_json = d.cli("audit", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert "\x1b" not in as_json.stdout, repr(as_json.stdout)
+        assert json.loads(as_json.stdout.splitlines()[-1])["user"] == "\x1b]0;owned\x07carol@example.com"
 
 
 @pytest.mark.xfail(strict=True, reason="review2: a daemon.lock removed as 'stale' lets a second daemon lock a new "
