@@ -354,8 +354,6 @@ def test_file_mode_with_the_key_in_a_locked_keyring_sets_nothing_aside(provider:
 
 
 @pytest.mark.skipif(bool(notifications_support.missing_tools()), reason="needs dbus-daemon, dunst, Xvfb")
-@pytest.mark.xfail(strict=True, reason="review2: any bus client can end every notification wait (login click, "
-                                       "confirm) with a forged NameOwnerChanged on the Notifications interface")
 async def test_a_forged_name_owner_changed_does_not_end_the_wait() -> None:
     """review2: Notifier._record treats any NameOwnerChanged it is handed as the bus daemon's.  The bus-side match
     rule names sender org.freedesktop.DBus, but the first filter (interface org.freedesktop.Notifications, any
