@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import struct
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +45,7 @@ AUDIT_FILE = "audit.jsonl"
 MAX_BYTES = 1 << 20
 KEEP = 4  # rotated files kept besides the current one
 MAX_PENDING = 10_000  # records waiting for the writer; past this the oldest are dropped (and the drop is logged)
+CLOSE_TIMEOUT = 5.0  # how long shutdown waits for the trail to take the last records
 USER_CLAIMS = ("preferred_username", "email", "name", "sub")
 
 
@@ -177,6 +181,10 @@ def _rotate(path: Path, keep: int) -> None:
             newer.replace(older)
 
 
+class NotRegularFile(OSError):
+    """The trail's path holds something else than a file (a FIFO, a device): the trail is skipped, not waited on."""
+
+
 def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
     """Append ``lines`` (each one JSON document) to the audit file, rotating first when it would pass
     ``max_bytes``.  Blocking: the writer task runs it in a thread."""
@@ -190,8 +198,17 @@ def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, k
             size = 0
         if size and size + len(data) > max_bytes:
             _rotate(path, keep)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        # O_NONBLOCK: a FIFO put in the trail's place would otherwise block this open until somebody reads it.
         try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o600)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a FIFO without a reader (or a socket) answers so
+                raise NotRegularFile(errno.ENXIO, "not a regular file") from exc
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotRegularFile(errno.EINVAL, "not a regular file")
             if os.fstat(fd).st_mode & 0o077:
                 os.fchmod(fd, 0o600)
             os.write(fd, data)
@@ -213,6 +230,7 @@ class AuditLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._problem: str | None = None  # the last write failure logged
 
     def start(self) -> None:
         if self._task is None:
@@ -234,10 +252,15 @@ class AuditLog:
                 log.warning("audit: %d record(s) dropped: the writer could not keep up", self._dropped)
                 self._dropped = 0
             try:
-                await asyncio.to_thread(write_lines, self.directory, batch, self._max_bytes, self._keep)
+                await _in_thread(write_lines, self.directory, batch, self._max_bytes, self._keep)
             except OSError as exc:
-                log.error("audit: cannot write %s: %s (%d record(s) lost)", self.directory / AUDIT_FILE,
-                          exc.strerror or exc, len(batch))
+                problem = str(exc.strerror or exc)
+                if problem != self._problem:  # one line per problem, not one per batch
+                    log.error("audit: cannot write %s: %s (records are not kept until this changes)",
+                              self.directory / AUDIT_FILE, problem)
+                self._problem = problem
+            else:
+                self._problem = None
 
     async def _writer(self) -> None:
         while not self._closing:
@@ -245,14 +268,50 @@ class AuditLog:
             self._wake.clear()
             await self.flush()
 
-    async def close(self) -> None:
-        """Write what is pending and stop the writer.  Not a cancel: a batch taken for writing is written."""
+    async def close(self, within: float = CLOSE_TIMEOUT) -> None:
+        """Write what is pending and stop the writer, waiting at most ``within`` s: a trail that does not take
+        writes (a hung file system) must not keep the daemon from stopping."""
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        await self.flush()
+        try:
+            async with asyncio.timeout(within):
+                if self._task is not None:
+                    await self._task
+                    self._task = None
+                await self.flush()
+        except TimeoutError:
+            log.error("audit: %s took no writes for %g s; stopping without the last %d record(s)",
+                      self.directory / AUDIT_FILE, within, len(self._pending))
+            if self._task is not None:
+                self._task.cancel()
+                self._task = None
+
+
+async def _in_thread(fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)`` in a daemon thread of its own, not the default executor's: a write stuck in the kernel would
+    otherwise hold the interpreter's exit (it joins executor threads) after ``close`` gave up on it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, which owns the outcome
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed while a stuck write waited
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="audit-write", daemon=True).start()
+    await done
 
 
 # -- reading (`brokerd audit`, no daemon needed) ----------------------------------------------------------------

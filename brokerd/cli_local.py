@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from brokerd import __version__, paths
+from client_shim.protocol import for_terminal
 
 log = logging.getLogger("brokerd")
 
@@ -107,7 +108,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     since = time.time() - parse_duration(args.since, "--since") if args.since else None
     for doc in read_entries(paths.state_dir(os.environ), since=since, session=args.session):
-        print(json.dumps(doc, separators=(",", ":")) if args.json else format_entry(doc))
+        # Claims come from the provider: the text form escapes control characters as status does; the JSON form
+        # is ASCII-only (json.dumps escapes them, and ensure_ascii every other non-printable one).
+        print(json.dumps(doc, separators=(",", ":")) if args.json else for_terminal(format_entry(doc)))
     return 0
 
 

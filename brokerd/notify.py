@@ -7,7 +7,8 @@ What a person sees and does goes through the notification server; what comes bac
 ``ActionInvoked(id, key)`` when they pick an action, ``NotificationClosed(id, reason)`` when it goes away.  Both
 are broadcast (or unicast) signals that any process on the bus could also send, so a signal counts only when its
 sender is the bus name that answered our ``Notify`` (the bus daemon stamps senders; they cannot be forged).  A
-confirmation must not be approvable by whoever can talk on the bus.
+confirmation must not be approvable by whoever can talk on the bus.  Likewise the server leaving (which ends
+the waits on what it showed) is taken only from the bus daemon's own ``NameOwnerChanged``.
 
 Signals are recorded as they arrive (in the router's receive task, through the filter's queue), so one that comes
 before anybody waits for it is not lost; the record is bounded.  Every call has a deadline.  Errors leave this
@@ -39,6 +40,7 @@ from brokerd.errors import NotificationError
 log = logging.getLogger("brokerd.notify")
 
 BUS_NAME = "org.freedesktop.Notifications"
+BUS_DAEMON = "org.freedesktop.DBus"  # the bus itself: its name and interface
 OBJECT = DBusAddress("/org/freedesktop/Notifications", bus_name=BUS_NAME, interface=BUS_NAME)
 APP_NAME = "brokerd"
 CALL_TIMEOUT = 5.0  # a notification server that takes longer than this to answer a call is as good as none
@@ -136,7 +138,8 @@ class Notifier:
         self._router = router
         self._records: OrderedDict[int, _Record] = OrderedDict()
         self._filters: list[Any] = []
-        self._gone: set[str] = set()  # unique names that served notifications and left the bus (or the name)
+        # Unique names that served notifications and left the bus (or the name), as the bus daemon said; bounded.
+        self._gone: OrderedDict[str, None] = OrderedDict()
         self._info: ServerInfo | None = None
 
     @classmethod
@@ -164,7 +167,7 @@ class Notifier:
 
     async def _subscribe(self) -> None:
         # The server leaving the bus ends every wait at once: nobody can answer any more.
-        owner = MatchRule(type="signal", sender="org.freedesktop.DBus", interface="org.freedesktop.DBus",
+        owner = MatchRule(type="signal", sender=BUS_DAEMON, interface=BUS_DAEMON,
                           member="NameOwnerChanged")
         owner.add_arg_condition(0, BUS_NAME)
         rules = (MatchRule(type="signal", interface=BUS_NAME, path=OBJECT.object_path), owner)
@@ -282,12 +285,22 @@ class Notifier:
         member = msg.header.fields.get(HeaderFields.member)
         sender = msg.header.fields.get(HeaderFields.sender)
         if member == "NameOwnerChanged":
-            _name, old, new = msg.body
-            if old and old != new:
-                # The server that showed our notifications gave up the name (exited, or was replaced): they are
-                # gone with it, and nobody will answer them.
-                self._gone.add(str(old))
-                for waiting in self._records.values():
+            # Only the bus daemon speaks as org.freedesktop.DBus (it stamps every sender); the other filter passes
+            # anything on the Notifications interface, so a client could send a signal of this name there too.
+            if (sender != BUS_DAEMON or msg.header.fields.get(HeaderFields.interface) != BUS_DAEMON
+                    or len(msg.body) != 3):
+                return
+            name, old, new = (str(part) for part in msg.body)
+            if name != BUS_NAME or not old or old == new:
+                return
+            # The server that showed our notifications gave up the name (exited, or was replaced): they are gone
+            # with it, and nobody will answer them.  Kept by name, not as a flag: a record whose Notify reply is
+            # still on its way to ``notify`` learns its sender after this signal was read.
+            self._gone[old] = None
+            while len(self._gone) > MAX_RECORDED:
+                self._gone.popitem(last=False)
+            for waiting in self._records.values():
+                if waiting.sender == old:
                     waiting.changed.set()
             return
         if member not in ("ActionInvoked", "NotificationClosed") or len(msg.body) < 2:

@@ -23,6 +23,7 @@ from brokerd.audit import (
     AUDIT_FILE,
     AuditLog,
     Counters,
+    NotRegularFile,
     PeerInfo,
     audit_files,
     cluster_server,
@@ -31,6 +32,7 @@ from brokerd.audit import (
     peer_info,
     read_entries,
     user_of,
+    write_lines,
 )
 from brokerd.clock import SystemClock
 from brokerd.models import ProviderSettings
@@ -298,3 +300,23 @@ async def test_the_pending_batch_is_bounded_and_a_drop_is_logged(tmp_path: Path,
     await audit.close()
     assert [d["n"] for d in read_entries(tmp_path / "state")] == [2, 3, 4]
     assert "audit: 2 record(s) dropped" in caplog.text
+
+
+def test_a_fifo_in_the_trails_place_is_refused_even_with_a_reader(tmp_path: Path) -> None:
+    """review2: O_NONBLOCK keeps a reader-less FIFO from blocking the open; with a reader the open succeeds, so the
+    writer must still refuse anything but a regular file rather than hand the records to whoever reads."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.mkfifo(state / AUDIT_FILE, 0o600)
+    reader = os.open(state / AUDIT_FILE, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(NotRegularFile):
+            write_lines(state, ['{"how":"cache"}'])
+        assert os.read(reader, 100) == b"", "a record reached the FIFO's reader"
+        os.close(reader)
+        reader = -1
+        with pytest.raises(NotRegularFile):  # no reader: ENXIO from the open, reported the same way
+            write_lines(state, ['{"how":"cache"}'])
+    finally:
+        if reader >= 0:
+            os.close(reader)
