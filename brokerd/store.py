@@ -31,7 +31,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -220,8 +220,11 @@ def _os_errors(action: str) -> Iterator[None]:
 class SessionStore:
     """Whole-store, encrypted, atomic persistence of sessions.  Synchronous and thread-safe (one lock)."""
 
-    def __init__(self, state_dir: pathlib.Path, key_source: KeySource | None = None) -> None:
+    def __init__(self, state_dir: pathlib.Path, key_source: KeySource | None = None,
+                 owned: Callable[[], bool] | None = None) -> None:
+        """``owned``: whether the state dir's lock still holds this store (``statelock.StateLock.holds``)."""
         self._dir = pathlib.Path(state_dir)
+        self._owned = owned
         self._path = self._dir / STORE_NAME
         self._key_path = self._dir / KEY_NAME
         self._keys: KeySource = key_source if key_source is not None else FileKeySource(self._key_path)
@@ -289,6 +292,11 @@ class SessionStore:
                           type(exc).__name__)
         plaintext = ('{"sessions":[' + ",".join(entries) + "]}").encode()
         with self._lock, _os_errors("save"):
+            if self._owned is not None and not self._owned():
+                # Removed or replaced under the daemon: another daemon may own the path now.  Never write (and so,
+                # by the write-ahead rule, never refresh) a store this process does not hold.
+                raise StoreError(f"the state directory {self._dir} is no longer the one this daemon locked; "
+                                 "sessions are not saved or refreshed until brokerd restarts")
             ensure_private_dir(self._dir)
             key = self._key()
             # Never replace a file we could not read: it may hold sessions a human wants back.

@@ -30,8 +30,6 @@ from tests.support.provider import ProviderFactory, TestProvider
 from tests.support.wait import poll
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a FIFO at <state>/daemon.lock crashes serve/clean with a traceback "
-                                       "(os.fdopen r+b on an unseekable fd) instead of one clear line")
 def test_a_fifo_lock_file_gets_one_clear_line_not_a_traceback() -> None:
     """statelock.hold opens the lock with O_NOFOLLOW (a symlink is refused cleanly) but not a FIFO: os.fdopen in
     'r+b' raises io.UnsupportedOperation, which no caller converts; `brokerd serve` and `brokerd clean` die with a
@@ -246,8 +244,6 @@ def test_brokerd_audit_never_prints_control_characters_from_the_provider(provide
         assert "\x1b" not in out.stdout, repr(out.stdout)
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a daemon.lock removed as 'stale' lets a second daemon lock a new "
-                                       "file on the same store; both refresh the same token and the grant is revoked")
 def test_a_removed_lock_file_does_not_let_a_second_daemon_share_the_store(provider_factory: ProviderFactory) -> None:
     """statelock locks an inode, not the path: once daemon.lock is unlinked (a person clearing what looks like a
     stale lock file, a cleanup of the state dir), the running daemon keeps its lock on the old inode and a second
