@@ -191,6 +191,8 @@ class SessionManager:
                              "--token-cache-storage=none")
         if self.store_notice:
             caller.tell(self.store_notice)
+        elif self.store_unread is not None:
+            caller.tell(f"note: brokerd {self.store_problem}; sessions are kept in memory meanwhile")
         session = self._sessions.get(settings.key)
         if session is None:
             self._prune()

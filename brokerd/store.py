@@ -181,10 +181,15 @@ class FileKeySource:
 
     def load(self) -> bytes | None:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(KEY_SIZE + 1)
+            # O_NONBLOCK and a regular file only (as the CA and client key files): a FIFO put here must not wedge
+            # the load, which holds the store's lock, and so every save and the daemon's stop.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"key file {self.path} is not a regular file; remove it or put the key there")
+            data = f.read(KEY_SIZE + 1)
         if len(data) != KEY_SIZE:
             move_aside(self.path, f"key file has {len(data)} bytes, expected {KEY_SIZE}")
             return None

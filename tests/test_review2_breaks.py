@@ -198,8 +198,6 @@ def test_sessions_loaded_after_the_unlock_keep_max_session_age_and_idle_logout(p
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a FIFO at the store's key file (sessions.key) wedges the daemon "
-                                       "(open() blocks in the load thread): no status, no token, SIGTERM ignored")
 def test_a_fifo_in_place_of_the_store_key_is_refused_not_waited_on(provider: TestProvider) -> None:
     """FileKeySource.load opens the key file with a plain open(): for a FIFO that waits for a writer for ever
     (client_auth and tls open key files O_NONBLOCK and check S_ISREG; the store's key file is not).  The load
