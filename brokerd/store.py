@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from brokerd.codec import BadEntry, session_from_dict, session_to_dict
-from brokerd.errors import StoreError
+from brokerd.errors import KeyringUnavailable, StoreError
 from brokerd.models import Session, SessionKey
 from brokerd.paths import ensure_private_dir
 
@@ -234,6 +234,7 @@ class SessionStore:
         self._key_path = self._dir / KEY_NAME
         self._keys: KeySource = key_source if key_source is not None else FileKeySource(self._key_path)
         self._lock = threading.Lock()
+        self._known_key: bytes | None = None  # the key last read or made: serves while the keyring is locked
 
     @property
     def state_dir(self) -> pathlib.Path:
@@ -325,13 +326,22 @@ class SessionStore:
     # -- internals, called with the lock held ---------------------------------------------------------------
 
     def _key(self) -> bytes:
-        key = self._keys.load()
-        if key is not None:
-            return key
-        # A store without its key can never be decrypted again; keep it aside rather than overwrite it.
-        if self._path.exists():
-            move_aside(self._path, f"no data key ({self._keys.describe()} missing or unusable)")
-        return self._keys.create()
+        try:
+            key = self._keys.load()
+        except KeyringUnavailable:
+            if self._known_key is None:
+                raise
+            # Locked mid-run (a screen lock): the keyring is the key's home at rest, not a per-save oracle.  The
+            # key read earlier is the one the store is under; without it every write-ahead save would fail and a
+            # refresh would become a login.  (The process holds every refresh token anyway.)
+            return self._known_key
+        if key is None:
+            # A store without its key can never be decrypted again; keep it aside rather than overwrite it.
+            if self._path.exists():
+                move_aside(self._path, f"no data key ({self._keys.describe()} missing or unusable)")
+            key = self._keys.create()
+        self._known_key = key
+        return key
 
     def _decrypt_file(self, key: bytes) -> bytes | None:
         """The store's plaintext, None if there is no store; raises _Unreadable if it cannot be decrypted."""

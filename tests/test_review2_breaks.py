@@ -268,8 +268,6 @@ def test_a_removed_lock_file_does_not_let_a_second_daemon_share_the_store(provid
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: a keyring locked mid-run makes every write-ahead save fail, so a "
-                                       "stored session logs in again (and orphans its grant) instead of refreshing")
 def test_a_keyring_locked_mid_run_costs_a_refresh_not_a_login(provider: TestProvider) -> None:
     """The store reads the key from the Secret Service on every save.  Locked after the start (KeePassXC locks on
     screen lock; seahorse), each save raises KeyringUnavailable; the refresh token of a stored session is in
@@ -286,6 +284,8 @@ def test_a_keyring_locked_mid_run_costs_a_refresh_not_a_login(provider: TestProv
                 assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
                 d.stop()
                 d.start()  # the session is a stored one now (its refresh token is on disk)
+                # The socket answers before the store is read: lock only once it was (mid-run, not at start).
+                assert poll(lambda: "loaded 1 session(s)" in d.log(), 15), d.log()[-2000:]
                 desk.lock()
                 grants = provider.counters()["token_grants"]
                 result = d.shim(_password_args(provider.issuer, "--force-refresh"))
