@@ -318,8 +318,6 @@ def test_a_fifo_audit_file_does_not_keep_the_daemon_from_stopping(provider: Test
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: [store] key = \"file\" with the key in a locked keyring sets the "
-                                       "store aside and makes a new key: the guard only works when the keyring answers")
 def test_file_mode_with_the_key_in_a_locked_keyring_sets_nothing_aside(provider: TestProvider) -> None:
     """GuardedFileKeySource.load refuses when the key is in the keyring, but it suppresses KeyringUnavailable: with
     the keyring locked (or not running: an SSH login), "no key file" reads as "no key", SessionStore._key moves the
