@@ -92,23 +92,32 @@ class SessionManager:
             log.error("sessions not loaded (%s); serving from memory, and the store will not be saved over until "
                       "it can be read", exc)
             return
-        self._adopt_stored(stored)
+        await self._take_stored(stored)
         log.info("loaded %d session(s) from the store", len(stored))
 
-    def _adopt_stored(self, stored: Mapping[SessionKey, Session]) -> None:
-        """Sessions read from the store; one already in memory (a login made meanwhile) wins."""
+    async def _take_stored(self, stored: Mapping[SessionKey, Session]) -> int:
+        """Sessions read from the store, at start or late (the store was unreadable, the keyring locked); the one
+        place they are taken in.  One in memory with tokens (a login made meanwhile) is newer and wins; one without
+        (a failed or pending login) takes the stored tokens.  Returns how many were taken."""
+        taken = 0
         for key, persisted in stored.items():
-            if key in self._sessions:
+            session = self._sessions.get(key)
+            if (session is not None and session.tokens is not None):
                 continue
-            session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
+            if session is None:
+                session = self._sessions[key] = LiveSession(self, persisted.settings)
+                session.policy = self.agent.policy_for(session.settings, ())
+            # A login may be pending for it in a browser; until it lands, the stored tokens serve (and are kept).
+            session.tokens = persisted.tokens
             if persisted.tokens.refresh_token:
                 session.on_disk.add(persisted.tokens.refresh_token)
-            # A store written before these were kept: max_session_age and idle_logout count from this start.
+            # A store written before these were kept: max_session_age and idle_logout count from now.
             now = self.clock.now()
             session.logged_in_at = persisted.logged_in_at or now
             session.last_served_at = persisted.last_served_at or now
-            session.policy = self.agent.policy_for(session.settings, ())
             session.schedule()
+            taken += 1
+        return taken
 
     async def _reload(self) -> bool:
         """Before the first save after a failed load: read the store now, so a save never replaces sessions it
@@ -120,7 +129,7 @@ class SessionManager:
             self.store_unread = str(exc)
             return False
         self.store_unread = None
-        self._adopt_stored(stored)
+        await self._take_stored(stored)
         log.info("the store can be read now: merged %d session(s) from it", len(stored))
         return True
     def watch(self) -> None:
@@ -335,20 +344,8 @@ class SessionManager:
         logged in meanwhile is newer than its stored copy and wins."""
         async with self._save_lock:
             pass  # a save in flight holds a snapshot from before the merge: let it end while the store is closed
-        open_store()  # from here to the snapshot below nothing awaits, so every later snapshot holds the merge
-        adopted = 0
-        for key, stored in sessions.items():
-            session = self._sessions.get(key)
-            if session is None:
-                session = self._sessions[key] = LiveSession(self, stored.settings)
-            elif session.tokens is not None:
-                continue
-            # A login may be pending for it in a browser; until it lands, the stored tokens serve (and are kept).
-            session.tokens = stored.tokens
-            if stored.tokens.refresh_token:
-                session.on_disk.add(stored.tokens.refresh_token)
-            session.schedule()
-            adopted += 1
+        open_store()  # _take_stored merges before its first await, so every later snapshot holds the merge
+        adopted = await self._take_stored(sessions)
         await self.save()
         return adopted
 

@@ -55,8 +55,6 @@ def _password_args(issuer: str, *extra: str, password: str = "alice-password") -
                       scopes=("offline_access",))
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a store unreadable at start, read later, loses a stored session "
-                                       "whose key has an entry in memory without tokens (a failed login)")
 def test_a_failed_login_while_the_store_was_unreadable_does_not_cost_the_stored_session(
         provider_factory: ProviderFactory) -> None:
     """SessionManager._adopt_stored (the re-read before the first save) skips every key already in memory, even an
@@ -162,9 +160,6 @@ def test_a_reread_that_meets_a_locked_keyring_still_loads_after_the_unlock(provi
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: sessions loaded after the keyring unlocks (SessionManager.adopt) "
-                                       "lose logged_in_at/last_served_at/policy: max_session_age and idle_logout "
-                                       "never end them")
 def test_sessions_loaded_after_the_unlock_keep_max_session_age_and_idle_logout(provider: TestProvider) -> None:
     """keywait's SessionManager.adopt sets only the tokens of a stored session; _adopt_stored (the start) also sets
     logged_in_at, last_served_at and the policy.  Adopted after an unlock, a session has logged_in_at None, so
