@@ -35,7 +35,7 @@ from brokerd.config import Settings, load_settings
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
 from brokerd.keyring import choose_key_source, in_keyring
-from brokerd.keywait import WaitingStore, watch
+from brokerd.keywait import WaitingStore, Watcher
 from brokerd.paths import ensure_socket_dir
 from brokerd.server import Limits, Server
 from brokerd.sessions import SessionManager
@@ -193,11 +193,12 @@ class Daemon:
             stack.push_async_callback(trail.close)
             await sessions.start()
             stack.push_async_callback(sessions.close)
-            if store is not None and store.waiting_reason is not None:
+            if store is not None:
                 # Pushed after sessions.close, so it is cancelled first: no adoption races the final save.
-                sessions.store_notice = store.notice
-                waiter = asyncio.create_task(watch(store, sessions))
-                stack.push_async_callback(_cancel, waiter)
+                watcher = Watcher(store, sessions)
+                stack.push_async_callback(watcher.close)
+                sessions.on_store_waiting = watcher.ensure
+                watcher.ensure()
             sessions.watch()
             api = Server(sessions, clients.client_for, self._current, self._limits, trail)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=self._limits.max_request)

@@ -75,6 +75,7 @@ class SessionManager:
         # The store could not be read at start: it must not be saved over until it has been read (see _reload).
         self.store_unread: str | None = None
         self._save_failing: str | None = None  # why the last save failed: logged once per streak
+        self.on_store_waiting: Callable[[], None] | None = None  # the daemon starts keywait's watcher
 
     @property
     def policy(self) -> Policy:
@@ -129,6 +130,12 @@ class SessionManager:
             self.store_unread = str(exc)
             return False
         self.store_unread = None
+        if getattr(self._store, "waiting_reason", None) is not None:
+            # The re-read met a locked keyring: nothing was read, and the store waits now (no write until it is
+            # read); keywait's watcher reads it, and takes the sessions in, when the keyring answers.
+            if self.on_store_waiting is not None:
+                self.on_store_waiting()
+            return True
         await self._take_stored(stored)
         log.info("the store can be read now: merged %d session(s) from it", len(stored))
         return True

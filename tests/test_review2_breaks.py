@@ -122,8 +122,6 @@ def test_logout_while_the_keyring_is_locked_is_not_undone_by_the_unlock(provider
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: a store unread at start whose re-read meets a locked keyring waits "
-                                       "for ever: no watcher runs, the unlock is never noticed, nothing is saved")
 def test_a_reread_that_meets_a_locked_keyring_still_loads_after_the_unlock(provider: TestProvider) -> None:
     """SessionManager._reload (the re-read of a store unreadable at start) goes through WaitingStore.load, which
     swallows KeyringUnavailable, returns {} and starts waiting; _reload takes {} as "read".  But keywait.watch runs
