@@ -75,6 +75,9 @@ class SessionManager:
         # The store could not be read at start: it must not be saved over until it has been read (see _reload).
         self.store_unread: str | None = None
         self._save_failing: str | None = None  # why the last save failed: logged once per streak
+        # Logouts made while the stored sessions were not in memory (unread, or waiting for the keyring): applied
+        # to them when they load (_take_stored).
+        self._logouts: list[Callable[[ProviderSettings, SessionKey], bool]] = []
         self.on_store_waiting: Callable[[], None] | None = None  # the daemon starts keywait's watcher
 
     @property
@@ -99,11 +102,14 @@ class SessionManager:
     async def _take_stored(self, stored: Mapping[SessionKey, Session]) -> int:
         """Sessions read from the store, at start or late (the store was unreadable, the keyring locked); the one
         place they are taken in.  One in memory with tokens (a login made meanwhile) is newer and wins; one without
-        (a failed or pending login) takes the stored tokens.  Returns how many were taken."""
+        (a failed or pending login) takes the stored tokens.  One a logout ended while it was not loaded is revoked
+        and dropped instead, so the unlock never undoes a logout.  Returns how many were taken."""
+        ended = {k: p for k, p in stored.items() if any(match(p.settings, k) for match in self._logouts)}
+        self._logouts.clear()
         taken = 0
         for key, persisted in stored.items():
             session = self._sessions.get(key)
-            if (session is not None and session.tokens is not None):
+            if key in ended or (session is not None and session.tokens is not None):
                 continue
             if session is None:
                 session = self._sessions[key] = LiveSession(self, persisted.settings)
@@ -118,6 +124,9 @@ class SessionManager:
             session.last_served_at = persisted.last_served_at or now
             session.schedule()
             taken += 1
+        for persisted in ended.values():
+            result = await self._revoke(persisted.settings, persisted.tokens)
+            log.info("stored session %s was logged out before it loaded: %s", persisted.key.short(), result)
         return taken
 
     async def _reload(self) -> bool:
@@ -389,10 +398,14 @@ class SessionManager:
     async def logout(self, issuer: str | None = None, client_id: str | None = None,
                      keys: set[SessionKey] | None = None) -> list[dict[str, Any]]:
         """End the matching sessions: revoke the refresh token (RFC 7009), forget them in memory and on disk."""
-        ended = [(key, s) for key, s in self._sessions.items()
-                 if (issuer is None or s.settings.issuer == issuer)
-                 and (client_id is None or s.settings.client_id == client_id)
-                 and (keys is None or key in keys)]
+        def match(settings: ProviderSettings, key: SessionKey) -> bool:
+            return ((issuer is None or settings.issuer == issuer) and (client_id is None or settings.client_id ==
+                    client_id) and (keys is None or key in keys))
+
+        if self.store_unread is not None or getattr(self._store, "waiting_reason", None) is not None:
+            self._logouts.append(match)
+            log.info("the stored sessions have not loaded yet: those this logout matches are revoked when they do")
+        ended = [(key, s) for key, s in self._sessions.items() if match(s.settings, key)]
         for key, session in ended:
             # Out of the table first: a caller arriving now starts a fresh session instead of reviving this one.
             del self._sessions[key]
@@ -408,18 +421,18 @@ class SessionManager:
                     await asyncio.wait({renewal.running}, timeout=LOGOUT_REFRESH_WAIT)
                 renewal.running.cancel()
             results.append({"session": key.short(), "issuer": session.settings.issuer,
-                            "client_id": session.settings.client_id, "result": await self._revoke(session)})
+                            "client_id": session.settings.client_id,
+                            "result": await self._revoke(session.settings, session.tokens)})
         await self.save()
         return results
 
-    async def _revoke(self, session: LiveSession) -> str:
-        tokens = session.tokens
+    async def _revoke(self, settings: ProviderSettings, tokens: TokenSet | None) -> str:
         if tokens is None or not tokens.refresh_token:
             return "no refresh token to revoke; session forgotten"
         try:
-            ok = await (await self.client_for(session.settings)).revoke(session.settings, tokens.refresh_token)
+            ok = await (await self.client_for(settings)).revoke(settings, tokens.refresh_token)
         except BrokerError as exc:
-            log.warning("session %s: revocation failed: %s", session.short, exc)
+            log.warning("session %s: revocation failed: %s", settings.key.short(), exc)
             return f"revocation failed ({exc}); session forgotten"
         if ok:
             return "refresh token revoked; session forgotten"

@@ -88,8 +88,6 @@ def test_a_failed_login_while_the_store_was_unreadable_does_not_cost_the_stored_
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: `brokerd logout --all` while the store waits for a locked keyring "
-                                       "ends nothing; the stored sessions come back, unrevoked, once it unlocks")
 def test_logout_while_the_keyring_is_locked_is_not_undone_by_the_unlock(provider: TestProvider) -> None:
     """SessionManager.logout only looks at sessions in memory; while the WaitingStore waits, the stored ones are not
     there, so `logout --all` (and `brokerd clean` with the daemon running) says "no matching sessions", revokes
