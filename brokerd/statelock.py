@@ -13,7 +13,10 @@ the one on the directory, which cannot be removed while it holds the store (the 
 an older brokerd).  A directory removed and made anew is a new store, and a daemon whose store moved under it must
 not write (and so never refresh: the write-ahead save fails first): ``StateLock.holds`` says whether the path still
 names the directory locked, and the store checks it before every save.  The lock file must be a regular file (a
-FIFO or a device there is refused with one line, never waited on).
+FIFO or a device there is refused with one line, never waited on), and after locking it the path must still name it
+(else it was replaced meanwhile: take the new one, a bounded number of times).  Where a directory cannot be locked
+(NFS emulates flock with write locks, which a directory fd cannot take) the lock file alone decides, and ``holds``
+then also checks that daemon.lock still names the locked file.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from types import TracebackType
 from brokerd.errors import ConfigError, StateDirBusy
 from client_shim.protocol import STATE_DIR_BUSY, STATE_LOCK_NAME, for_terminal
 
+_ATTEMPTS = 5
 _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # never follow, never wait for a FIFO's writer
 
 
@@ -47,21 +51,22 @@ def holder(path: Path) -> str:
 class StateLock:
     """The held lock: the state directory's fd and the lock file's; ``close`` releases both."""
 
-    def __init__(self, state_dir: Path, dir_fd: int, file_fd: int) -> None:
+    def __init__(self, state_dir: Path, dir_fd: int, file_fd: int, dir_locked: bool) -> None:
         self.state_dir = state_dir
         self._dir_fd = dir_fd
         self._file_fd = file_fd
+        self._dir_locked = dir_locked
 
     def holds(self) -> bool:
         """Whether the state directory's path still names the directory this lock holds."""
         if self._dir_fd < 0:
             return False
         try:
-            now = os.stat(self.state_dir)
+            if not _same(os.stat(self.state_dir), os.fstat(self._dir_fd)):
+                return False
+            return self._dir_locked or _same(os.lstat(self.state_dir / STATE_LOCK_NAME), os.fstat(self._file_fd))
         except OSError:
             return False
-        held = os.fstat(self._dir_fd)
-        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def close(self) -> None:
         for fd in (self._file_fd, self._dir_fd):
@@ -74,6 +79,10 @@ class StateLock:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _refused(state_dir: Path, exc: OSError | str) -> ConfigError:
@@ -93,20 +102,33 @@ def hold(state_dir: Path, who: str) -> StateLock:
     except OSError as exc:
         raise _refused(state_dir, exc) from None
     file_fd = -1
+
+    def busy() -> StateDirBusy:
+        return StateDirBusy(STATE_DIR_BUSY.format(holder=holder(path), path=for_terminal(str(state_dir))))
+
     try:
+        dir_locked = True
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StateDirBusy(STATE_DIR_BUSY.format(holder=holder(path),
-                                                     path=for_terminal(str(state_dir)))) from None
-        file_fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN, 0o600)
-        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
-            raise _refused(state_dir, f"{STATE_LOCK_NAME} there is not a regular file; remove it")
-        try:
-            fcntl.flock(file_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # an older brokerd, which locks the file only
-            raise StateDirBusy(STATE_DIR_BUSY.format(holder=holder(path),
-                                                     path=for_terminal(str(state_dir)))) from None
+            raise busy() from None
+        except OSError:
+            dir_locked = False  # NFS and the like: the lock file alone decides (see the module's docstring)
+        for _ in range(_ATTEMPTS):
+            file_fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN, 0o600)
+            if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+                raise _refused(state_dir, f"{STATE_LOCK_NAME} there is not a regular file; remove it")
+            try:
+                fcntl.flock(file_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another brokerd (an older one locks the file only)
+                raise busy() from None
+            with contextlib.suppress(FileNotFoundError):
+                if _same(os.lstat(path), os.fstat(file_fd)):
+                    break
+            os.close(file_fd)  # replaced between the open and the lock: the path's file is the one that counts
+            file_fd = -1
+        else:
+            raise _refused(state_dir, f"{STATE_LOCK_NAME} there keeps being replaced")
         os.ftruncate(file_fd, 0)
         os.pwrite(file_fd, f"pid {os.getpid()}, {who}\n".encode("utf-8", "replace"), 0)
     except BaseException as exc:
@@ -116,4 +138,4 @@ def hold(state_dir: Path, who: str) -> StateLock:
         if isinstance(exc, OSError):
             raise _refused(state_dir, exc) from None
         raise
-    return StateLock(state_dir, dir_fd, file_fd)
+    return StateLock(state_dir, dir_fd, file_fd, dir_locked)
