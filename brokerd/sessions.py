@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
-from brokerd.agent import Agent, caller_bus, caller_peer, login_needed
+from brokerd.agent import Agent, DesktopCaller, caller_bus, caller_peer, login_needed
 from brokerd.audit import How
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, StoreError
@@ -438,19 +438,3 @@ class SessionManager:
             return "refresh token revoked; session forgotten"
         return "the provider has no revocation endpoint; session forgotten"
 
-
-class DesktopCaller:
-    """The Caller of a login the person started from a notification: no terminal, no stderr (the log instead)."""
-
-    interactive = False
-    asked_to_log_in = True  # a click is a person's request: the browser opens at once
-
-    def __init__(self, bus: str) -> None:
-        self.env: Mapping[str, str] = {"DBUS_SESSION_BUS_ADDRESS": bus}
-
-    def tell(self, text: str) -> None:
-        log.info("%s", text)
-
-    async def ask(self, prompt: str, *, secret: bool) -> str:
-        raise BrokerError("a login started from a notification cannot ask questions; run `brokerd login` in a "
-                          "terminal")
