@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -319,3 +319,19 @@ class Agent:
         except BrokerError as exc:
             log.warning("the login started from the warning failed: %s", exc)
 
+
+class DesktopCaller:
+    """The Caller of a login the person started from a notification: no terminal, no stderr (the log instead)."""
+
+    interactive = False
+    asked_to_log_in = True  # a click is a person's request: the browser opens at once
+
+    def __init__(self, bus: str) -> None:
+        self.env: Mapping[str, str] = {"DBUS_SESSION_BUS_ADDRESS": bus}
+
+    def tell(self, text: str) -> None:
+        log.info("%s", text)
+
+    async def ask(self, prompt: str, *, secret: bool) -> str:
+        raise BrokerError("a login started from a notification cannot ask questions; run `brokerd login` in a "
+                          "terminal")

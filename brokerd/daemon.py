@@ -35,7 +35,7 @@ from brokerd.config import Settings, load_settings
 from brokerd.errors import BrokerError, ConfigError
 from brokerd.flows import LoginFlows
 from brokerd.keyring import choose_key_source, in_keyring
-from brokerd.keywait import WaitingStore, watch
+from brokerd.keywait import WaitingStore, Watcher
 from brokerd.paths import ensure_socket_dir
 from brokerd.server import Limits, Server
 from brokerd.sessions import SessionManager
@@ -128,7 +128,7 @@ class Daemon:
         # The socket's lock first (a daemon on the same socket is AlreadyRunning: an autostart race, quiet), then
         # the state directory's, before binding: a second daemon on the same store (another socket path) must not
         # bind, or shims would talk to it.
-        state_lock: IO[bytes] | None = None
+        state_lock: statelock.StateLock | None = None
         try:
             if activated:
                 sock = activated[0]
@@ -143,9 +143,10 @@ class Daemon:
                 sock = bind_socket(config.socket_path)
                 self._owned_socket = config.socket_path
         except BaseException:
-            for held in (lock, state_lock):
-                if held is not None:
-                    held.close()
+            if state_lock is not None:
+                state_lock.close()
+            if lock is not None:
+                lock.close()
             raise
         async with contextlib.AsyncExitStack() as stack:
             if state_lock is not None:
@@ -173,7 +174,8 @@ class Daemon:
             store: WaitingStore | None = None
             if config.persist:
                 keys = await asyncio.to_thread(choose_key_source, config.store_key, config.state_dir)
-                store = WaitingStore(SessionStore(config.state_dir, keys))
+                owned = state_lock.holds if state_lock is not None else None
+                store = WaitingStore(SessionStore(config.state_dir, keys, owned))
             # The watchdog pings until the sessions are closed (its cancel is pushed first, so it runs last):
             # closing may wait for a refresh in flight for as long as a provider request takes.
             watchdog = systemd.watchdog_interval(unset_environment=True)
@@ -191,11 +193,12 @@ class Daemon:
             stack.push_async_callback(trail.close)
             await sessions.start()
             stack.push_async_callback(sessions.close)
-            if store is not None and store.waiting_reason is not None:
+            if store is not None:
                 # Pushed after sessions.close, so it is cancelled first: no adoption races the final save.
-                sessions.store_notice = store.notice
-                waiter = asyncio.create_task(watch(store, sessions))
-                stack.push_async_callback(_cancel, waiter)
+                watcher = Watcher(store, sessions)
+                stack.push_async_callback(watcher.close)
+                sessions.on_store_waiting = watcher.ensure
+                watcher.ensure()
             sessions.watch()
             api = Server(sessions, clients.client_for, self._current, self._limits, trail)
             server = await asyncio.start_unix_server(api.handle, sock=sock, limit=self._limits.max_request)

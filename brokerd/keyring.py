@@ -216,10 +216,16 @@ class GuardedFileKeySource(FileKeySource):
     def load(self) -> bytes | None:
         key = super().load()
         if key is None and self.guard and (self.path.parent / STORE_NAME).exists():
-            with contextlib.suppress(KeyringUnavailable):
-                if SecretServiceKeySource(self.path.parent).load() is not None:
-                    raise StoreError("the store's key is in the keyring but [store] key = \"file\"; set it to "
-                                     "\"auto\" or \"keyring\", or run: brokerd store migrate --to file")
+            try:
+                in_ring = SecretServiceKeySource(self.path.parent).load() is not None
+            except KeyringUnavailable as exc:
+                # "Cannot ask" is not "no key": the store's key may be there (moved by migrate).  Wait for the
+                # keyring (as auto mode does) rather than set the store aside and make a new key.
+                raise KeyringUnavailable(f"no key file, and the keyring that may hold the store's key cannot be "
+                                         f"asked: {exc}") from None
+            if in_ring:
+                raise StoreError("the store's key is in the keyring but [store] key = \"file\"; set it to "
+                                 "\"auto\" or \"keyring\", or run: brokerd store migrate --to file")
         return key
 
     def store(self, key: bytes) -> None:

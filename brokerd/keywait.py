@@ -11,6 +11,7 @@ newer and win) and the merged set is written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -59,6 +60,31 @@ class WaitingStore:
             log.debug("sessions kept in memory until the keyring unlocks")
             return
         self.inner.save(sessions)
+
+
+class Watcher:
+    """Owns the one ``watch`` task: started when the store waits, at start or later (a re-read of a store that was
+    unreadable at start may meet a locked keyring); cancelled by the daemon before the final save."""
+
+    def __init__(self, store: WaitingStore, sessions: SessionManager) -> None:
+        self._store = store
+        self._sessions = sessions
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def ensure(self) -> None:
+        if self._closed:
+            return  # the final save may re-read the store: no adoption may start after the watcher closed
+        if self._store.waiting_reason is not None and (self._task is None or self._task.done()):
+            self._sessions.store_notice = self._store.notice
+            self._task = asyncio.create_task(watch(self._store, self._sessions))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 async def watch(store: WaitingStore, sessions: SessionManager, initial: float = RETRY_INITIAL,

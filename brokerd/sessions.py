@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
-from brokerd.agent import Agent, caller_bus, caller_peer, login_needed
+from brokerd.agent import Agent, DesktopCaller, caller_bus, caller_peer, login_needed
 from brokerd.audit import How
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, StoreError
@@ -75,6 +75,10 @@ class SessionManager:
         # The store could not be read at start: it must not be saved over until it has been read (see _reload).
         self.store_unread: str | None = None
         self._save_failing: str | None = None  # why the last save failed: logged once per streak
+        # Logouts made while the stored sessions were not in memory (unread, or waiting for the keyring): applied
+        # to them when they load (_take_stored).
+        self._logouts: list[Callable[[ProviderSettings, SessionKey], bool]] = []
+        self.on_store_waiting: Callable[[], None] | None = None  # the daemon starts keywait's watcher
 
     @property
     def policy(self) -> Policy:
@@ -92,23 +96,38 @@ class SessionManager:
             log.error("sessions not loaded (%s); serving from memory, and the store will not be saved over until "
                       "it can be read", exc)
             return
-        self._adopt_stored(stored)
+        await self._take_stored(stored)
         log.info("loaded %d session(s) from the store", len(stored))
 
-    def _adopt_stored(self, stored: Mapping[SessionKey, Session]) -> None:
-        """Sessions read from the store; one already in memory (a login made meanwhile) wins."""
+    async def _take_stored(self, stored: Mapping[SessionKey, Session]) -> int:
+        """Sessions read from the store, at start or late (the store was unreadable, the keyring locked); the one
+        place they are taken in.  One in memory with tokens (a login made meanwhile) is newer and wins; one without
+        (a failed or pending login) takes the stored tokens.  One a logout ended while it was not loaded is revoked
+        and dropped instead, so the unlock never undoes a logout.  Returns how many were taken."""
+        ended = {k: p for k, p in stored.items() if any(match(p.settings, k) for match in self._logouts)}
+        self._logouts.clear()
+        taken = 0
         for key, persisted in stored.items():
-            if key in self._sessions:
+            session = self._sessions.get(key)
+            if key in ended or (session is not None and session.tokens is not None):
                 continue
-            session = self._sessions[key] = LiveSession(self, persisted.settings, persisted.tokens)
+            if session is None:
+                session = self._sessions[key] = LiveSession(self, persisted.settings)
+                session.policy = self.agent.policy_for(session.settings, ())
+            # A login may be pending for it in a browser; until it lands, the stored tokens serve (and are kept).
+            session.tokens = persisted.tokens
             if persisted.tokens.refresh_token:
                 session.on_disk.add(persisted.tokens.refresh_token)
-            # A store written before these were kept: max_session_age and idle_logout count from this start.
+            # A store written before these were kept: max_session_age and idle_logout count from now.
             now = self.clock.now()
             session.logged_in_at = persisted.logged_in_at or now
             session.last_served_at = persisted.last_served_at or now
-            session.policy = self.agent.policy_for(session.settings, ())
             session.schedule()
+            taken += 1
+        for persisted in ended.values():
+            result = await self._revoke(persisted.settings, persisted.tokens)
+            log.info("stored session %s was logged out before it loaded: %s", persisted.key.short(), result)
+        return taken
 
     async def _reload(self) -> bool:
         """Before the first save after a failed load: read the store now, so a save never replaces sessions it
@@ -120,7 +139,13 @@ class SessionManager:
             self.store_unread = str(exc)
             return False
         self.store_unread = None
-        self._adopt_stored(stored)
+        if getattr(self._store, "waiting_reason", None) is not None:
+            # The re-read met a locked keyring: nothing was read, and the store waits now (no write until it is
+            # read); keywait's watcher reads it, and takes the sessions in, when the keyring answers.
+            if self.on_store_waiting is not None:
+                self.on_store_waiting()
+            return True
+        await self._take_stored(stored)
         log.info("the store can be read now: merged %d session(s) from it", len(stored))
         return True
     def watch(self) -> None:
@@ -191,6 +216,8 @@ class SessionManager:
                              "--token-cache-storage=none")
         if self.store_notice:
             caller.tell(self.store_notice)
+        elif self.store_unread is not None:
+            caller.tell(f"note: brokerd {self.store_problem}; sessions are kept in memory meanwhile")
         session = self._sessions.get(settings.key)
         if session is None:
             self._prune()
@@ -333,20 +360,8 @@ class SessionManager:
         logged in meanwhile is newer than its stored copy and wins."""
         async with self._save_lock:
             pass  # a save in flight holds a snapshot from before the merge: let it end while the store is closed
-        open_store()  # from here to the snapshot below nothing awaits, so every later snapshot holds the merge
-        adopted = 0
-        for key, stored in sessions.items():
-            session = self._sessions.get(key)
-            if session is None:
-                session = self._sessions[key] = LiveSession(self, stored.settings)
-            elif session.tokens is not None:
-                continue
-            # A login may be pending for it in a browser; until it lands, the stored tokens serve (and are kept).
-            session.tokens = stored.tokens
-            if stored.tokens.refresh_token:
-                session.on_disk.add(stored.tokens.refresh_token)
-            session.schedule()
-            adopted += 1
+        open_store()  # _take_stored merges before its first await, so every later snapshot holds the merge
+        adopted = await self._take_stored(sessions)
         await self.save()
         return adopted
 
@@ -383,10 +398,14 @@ class SessionManager:
     async def logout(self, issuer: str | None = None, client_id: str | None = None,
                      keys: set[SessionKey] | None = None) -> list[dict[str, Any]]:
         """End the matching sessions: revoke the refresh token (RFC 7009), forget them in memory and on disk."""
-        ended = [(key, s) for key, s in self._sessions.items()
-                 if (issuer is None or s.settings.issuer == issuer)
-                 and (client_id is None or s.settings.client_id == client_id)
-                 and (keys is None or key in keys)]
+        def match(settings: ProviderSettings, key: SessionKey) -> bool:
+            return ((issuer is None or settings.issuer == issuer) and (client_id is None or settings.client_id ==
+                    client_id) and (keys is None or key in keys))
+
+        if self.store_unread is not None or getattr(self._store, "waiting_reason", None) is not None:
+            self._logouts.append(match)
+            log.info("the stored sessions have not loaded yet: those this logout matches are revoked when they do")
+        ended = [(key, s) for key, s in self._sessions.items() if match(s.settings, key)]
         for key, session in ended:
             # Out of the table first: a caller arriving now starts a fresh session instead of reviving this one.
             del self._sessions[key]
@@ -402,36 +421,20 @@ class SessionManager:
                     await asyncio.wait({renewal.running}, timeout=LOGOUT_REFRESH_WAIT)
                 renewal.running.cancel()
             results.append({"session": key.short(), "issuer": session.settings.issuer,
-                            "client_id": session.settings.client_id, "result": await self._revoke(session)})
+                            "client_id": session.settings.client_id,
+                            "result": await self._revoke(session.settings, session.tokens)})
         await self.save()
         return results
 
-    async def _revoke(self, session: LiveSession) -> str:
-        tokens = session.tokens
+    async def _revoke(self, settings: ProviderSettings, tokens: TokenSet | None) -> str:
         if tokens is None or not tokens.refresh_token:
             return "no refresh token to revoke; session forgotten"
         try:
-            ok = await (await self.client_for(session.settings)).revoke(session.settings, tokens.refresh_token)
+            ok = await (await self.client_for(settings)).revoke(settings, tokens.refresh_token)
         except BrokerError as exc:
-            log.warning("session %s: revocation failed: %s", session.short, exc)
+            log.warning("session %s: revocation failed: %s", settings.key.short(), exc)
             return f"revocation failed ({exc}); session forgotten"
         if ok:
             return "refresh token revoked; session forgotten"
         return "the provider has no revocation endpoint; session forgotten"
 
-
-class DesktopCaller:
-    """The Caller of a login the person started from a notification: no terminal, no stderr (the log instead)."""
-
-    interactive = False
-    asked_to_log_in = True  # a click is a person's request: the browser opens at once
-
-    def __init__(self, bus: str) -> None:
-        self.env: Mapping[str, str] = {"DBUS_SESSION_BUS_ADDRESS": bus}
-
-    def tell(self, text: str) -> None:
-        log.info("%s", text)
-
-    async def ask(self, prompt: str, *, secret: bool) -> str:
-        raise BrokerError("a login started from a notification cannot ask questions; run `brokerd login` in a "
-                          "terminal")

@@ -31,14 +31,14 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from brokerd.codec import BadEntry, session_from_dict, session_to_dict
-from brokerd.errors import StoreError
+from brokerd.errors import KeyringUnavailable, StoreError
 from brokerd.models import Session, SessionKey
 from brokerd.paths import ensure_private_dir
 
@@ -181,10 +181,15 @@ class FileKeySource:
 
     def load(self) -> bytes | None:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(KEY_SIZE + 1)
+            # O_NONBLOCK and a regular file only (as the CA and client key files): a FIFO put here must not wedge
+            # the load, which holds the store's lock, and so every save and the daemon's stop.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"key file {self.path} is not a regular file; remove it or put the key there")
+            data = f.read(KEY_SIZE + 1)
         if len(data) != KEY_SIZE:
             move_aside(self.path, f"key file has {len(data)} bytes, expected {KEY_SIZE}")
             return None
@@ -220,12 +225,16 @@ def _os_errors(action: str) -> Iterator[None]:
 class SessionStore:
     """Whole-store, encrypted, atomic persistence of sessions.  Synchronous and thread-safe (one lock)."""
 
-    def __init__(self, state_dir: pathlib.Path, key_source: KeySource | None = None) -> None:
+    def __init__(self, state_dir: pathlib.Path, key_source: KeySource | None = None,
+                 owned: Callable[[], bool] | None = None) -> None:
+        """``owned``: whether the state dir's lock still holds this store (``statelock.StateLock.holds``)."""
         self._dir = pathlib.Path(state_dir)
+        self._owned = owned
         self._path = self._dir / STORE_NAME
         self._key_path = self._dir / KEY_NAME
         self._keys: KeySource = key_source if key_source is not None else FileKeySource(self._key_path)
         self._lock = threading.Lock()
+        self._known_key: bytes | None = None  # the key last read or made: serves while the keyring is locked
 
     @property
     def state_dir(self) -> pathlib.Path:
@@ -289,6 +298,11 @@ class SessionStore:
                           type(exc).__name__)
         plaintext = ('{"sessions":[' + ",".join(entries) + "]}").encode()
         with self._lock, _os_errors("save"):
+            if self._owned is not None and not self._owned():
+                # Removed or replaced under the daemon: another daemon may own the path now.  Never write (and so,
+                # by the write-ahead rule, never refresh) a store this process does not hold.
+                raise StoreError(f"the state directory {self._dir} is no longer the one this daemon locked; "
+                                 "sessions are not saved or refreshed until brokerd restarts")
             ensure_private_dir(self._dir)
             key = self._key()
             # Never replace a file we could not read: it may hold sessions a human wants back.
@@ -312,13 +326,22 @@ class SessionStore:
     # -- internals, called with the lock held ---------------------------------------------------------------
 
     def _key(self) -> bytes:
-        key = self._keys.load()
-        if key is not None:
-            return key
-        # A store without its key can never be decrypted again; keep it aside rather than overwrite it.
-        if self._path.exists():
-            move_aside(self._path, f"no data key ({self._keys.describe()} missing or unusable)")
-        return self._keys.create()
+        try:
+            key = self._keys.load()
+        except KeyringUnavailable:
+            if self._known_key is None:
+                raise
+            # Locked mid-run (a screen lock): the keyring is the key's home at rest, not a per-save oracle.  The
+            # key read earlier is the one the store is under; without it every write-ahead save would fail and a
+            # refresh would become a login.  (The process holds every refresh token anyway.)
+            return self._known_key
+        if key is None:
+            # A store without its key can never be decrypted again; keep it aside rather than overwrite it.
+            if self._path.exists():
+                move_aside(self._path, f"no data key ({self._keys.describe()} missing or unusable)")
+            key = self._keys.create()
+        self._known_key = key
+        return key
 
     def _decrypt_file(self, key: bytes) -> bytes | None:
         """The store's plaintext, None if there is no store; raises _Unreadable if it cannot be decrypted."""

@@ -30,8 +30,6 @@ from tests.support.provider import ProviderFactory, TestProvider
 from tests.support.wait import poll
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a FIFO at <state>/daemon.lock crashes serve/clean with a traceback "
-                                       "(os.fdopen r+b on an unseekable fd) instead of one clear line")
 def test_a_fifo_lock_file_gets_one_clear_line_not_a_traceback() -> None:
     """statelock.hold opens the lock with O_NOFOLLOW (a symlink is refused cleanly) but not a FIFO: os.fdopen in
     'r+b' raises io.UnsupportedOperation, which no caller converts; `brokerd serve` and `brokerd clean` die with a
@@ -57,8 +55,6 @@ def _password_args(issuer: str, *extra: str, password: str = "alice-password") -
                       scopes=("offline_access",))
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a store unreadable at start, read later, loses a stored session "
-                                       "whose key has an entry in memory without tokens (a failed login)")
 def test_a_failed_login_while_the_store_was_unreadable_does_not_cost_the_stored_session(
         provider_factory: ProviderFactory) -> None:
     """SessionManager._adopt_stored (the re-read before the first save) skips every key already in memory, even an
@@ -92,8 +88,6 @@ def test_a_failed_login_while_the_store_was_unreadable_does_not_cost_the_stored_
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: `brokerd logout --all` while the store waits for a locked keyring "
-                                       "ends nothing; the stored sessions come back, unrevoked, once it unlocks")
 def test_logout_while_the_keyring_is_locked_is_not_undone_by_the_unlock(provider: TestProvider) -> None:
     """SessionManager.logout only looks at sessions in memory; while the WaitingStore waits, the stored ones are not
     there, so `logout --all` (and `brokerd clean` with the daemon running) says "no matching sessions", revokes
@@ -126,8 +120,6 @@ def test_logout_while_the_keyring_is_locked_is_not_undone_by_the_unlock(provider
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: a store unread at start whose re-read meets a locked keyring waits "
-                                       "for ever: no watcher runs, the unlock is never noticed, nothing is saved")
 def test_a_reread_that_meets_a_locked_keyring_still_loads_after_the_unlock(provider: TestProvider) -> None:
     """SessionManager._reload (the re-read of a store unreadable at start) goes through WaitingStore.load, which
     swallows KeyringUnavailable, returns {} and starts waiting; _reload takes {} as "read".  But keywait.watch runs
@@ -164,9 +156,6 @@ def test_a_reread_that_meets_a_locked_keyring_still_loads_after_the_unlock(provi
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: sessions loaded after the keyring unlocks (SessionManager.adopt) "
-                                       "lose logged_in_at/last_served_at/policy: max_session_age and idle_logout "
-                                       "never end them")
 def test_sessions_loaded_after_the_unlock_keep_max_session_age_and_idle_logout(provider: TestProvider) -> None:
     """keywait's SessionManager.adopt sets only the tokens of a stored session; _adopt_stored (the start) also sets
     logged_in_at, last_served_at and the policy.  Adopted after an unlock, a session has logged_in_at None, so
@@ -200,8 +189,6 @@ def test_sessions_loaded_after_the_unlock_keep_max_session_age_and_idle_logout(p
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a FIFO at the store's key file (sessions.key) wedges the daemon "
-                                       "(open() blocks in the load thread): no status, no token, SIGTERM ignored")
 def test_a_fifo_in_place_of_the_store_key_is_refused_not_waited_on(provider: TestProvider) -> None:
     """FileKeySource.load opens the key file with a plain open(): for a FIFO that waits for a writer for ever
     (client_auth and tls open key files O_NONBLOCK and check S_ISREG; the store's key file is not).  The load
@@ -248,8 +235,6 @@ def test_brokerd_audit_never_prints_control_characters_from_the_provider(provide
         assert json.loads(as_json.stdout.splitlines()[-1])["user"] == "\x1b]0;owned\x07carol@example.com"
 
 
-@pytest.mark.xfail(strict=True, reason="review2: a daemon.lock removed as 'stale' lets a second daemon lock a new "
-                                       "file on the same store; both refresh the same token and the grant is revoked")
 def test_a_removed_lock_file_does_not_let_a_second_daemon_share_the_store(provider_factory: ProviderFactory) -> None:
     """statelock locks an inode, not the path: once daemon.lock is unlinked (a person clearing what looks like a
     stale lock file, a cleanup of the state dir), the running daemon keeps its lock on the old inode and a second
@@ -276,8 +261,6 @@ def test_a_removed_lock_file_does_not_let_a_second_daemon_share_the_store(provid
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: a keyring locked mid-run makes every write-ahead save fail, so a "
-                                       "stored session logs in again (and orphans its grant) instead of refreshing")
 def test_a_keyring_locked_mid_run_costs_a_refresh_not_a_login(provider: TestProvider) -> None:
     """The store reads the key from the Secret Service on every save.  Locked after the start (KeePassXC locks on
     screen lock; seahorse), each save raises KeyringUnavailable; the refresh token of a stored session is in
@@ -294,6 +277,8 @@ def test_a_keyring_locked_mid_run_costs_a_refresh_not_a_login(provider: TestProv
                 assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
                 d.stop()
                 d.start()  # the session is a stored one now (its refresh token is on disk)
+                # The socket answers before the store is read: lock only once it was (mid-run, not at start).
+                assert poll(lambda: "loaded 1 session(s)" in d.log(), 15), d.log()[-2000:]
                 desk.lock()
                 grants = provider.counters()["token_grants"]
                 result = d.shim(_password_args(provider.issuer, "--force-refresh"))
@@ -324,8 +309,6 @@ def test_a_fifo_audit_file_does_not_keep_the_daemon_from_stopping(provider: Test
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
-@pytest.mark.xfail(strict=True, reason="review2: [store] key = \"file\" with the key in a locked keyring sets the "
-                                       "store aside and makes a new key: the guard only works when the keyring answers")
 def test_file_mode_with_the_key_in_a_locked_keyring_sets_nothing_aside(provider: TestProvider) -> None:
     """GuardedFileKeySource.load refuses when the key is in the keyring, but it suppresses KeyringUnavailable: with
     the keyring locked (or not running: an SSH login), "no key file" reads as "no key", SessionStore._key moves the
