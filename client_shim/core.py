@@ -243,8 +243,14 @@ def _state_dir_busy(env: "dict[bytes, bytes]") -> str:
     state = _clean(state)
     holder = ""
     try:
-        with open(os.path.join(state, protocol.STATE_LOCK_NAME.encode()), "rb") as lock:
-            holder = lock.read(512).decode("utf-8", "replace").strip()
+        # Non-blocking and regular files only: a FIFO planted there must not hang the message that explains it.
+        fd = os.open(os.path.join(state, protocol.STATE_LOCK_NAME.encode()),
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_mode & S_IFMT == 0o100000:
+                holder = os.read(fd, 512).decode("utf-8", "replace").strip()
+        finally:
+            os.close(fd)
     except OSError:
         pass
     return protocol.STATE_DIR_BUSY.format(holder=protocol.for_terminal(holder) or "unknown", path=_show(state))

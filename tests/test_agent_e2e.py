@@ -21,6 +21,7 @@ from tests.support.daemon import Daemon, exec_token, jwt_claims, login_args
 from tests.support.kube import ApiServer, needs_kubectl, run_kubectl, start_apiserver, write_kubeconfig
 from tests.support.notifications import NotificationDesktop, missing_tools, start_notification_desktop
 from tests.support.provider import TestProvider
+from tests.support.wait import wait_until
 from tests.test_grants import PtyRun
 
 desktop_only = pytest.mark.skipif(bool(missing_tools()), reason=f"needs the Debian packages "
@@ -34,14 +35,6 @@ def clear() -> Iterator[NotificationDesktop]:
         pytest.skip(f"needs the Debian packages {', '.join(missing_tools())}")
     with start_notification_desktop() as d:
         yield d
-
-
-def _poll(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 class Background:
@@ -62,7 +55,7 @@ class Background:
 
 
 def _audit(daemon: Daemon) -> list[dict[str, Any]]:
-    _poll(lambda: (daemon.state_dir / "audit.jsonl").exists(), "the audit file is written")
+    wait_until(lambda: (daemon.state_dir / "audit.jsonl").exists(), "the audit file is written")
     done = daemon.cli("audit", "--json")
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
@@ -348,7 +341,7 @@ def test_confirm_allowed_on_the_desktop_holds_for_confirm_ttl(provider: TestProv
         desktop.wait_displayed(1)
         desktop.choose("Allow")
         # Then the login: a background caller with a desktop gets the login notice once the question is gone.
-        _poll(lambda: any(str(n.get("summary")).startswith("Allow") for n in desktop.history()),
+        wait_until(lambda: any(str(n.get("summary")).startswith("Allow") for n in desktop.history()),
               "the question withdrawn")
         desktop.wait_displayed(1)
         desktop.invoke_default()
@@ -375,7 +368,10 @@ def test_max_session_age_ends_the_session_and_caps_the_served_expiry(provider: T
         assert _status(daemon)[0]["policy"]["max_session_age"] == 6
         assert "policy:        max age 6s" in daemon.cli("status").stdout
         # The watch ends it at its age: revoked, forgotten, and no refresh was made.
-        _poll(lambda: _status(daemon) == [], "the session ended by age")
+        wait_until(lambda: _status(daemon) == [], "the session ended by age")
+        # The session leaves the table before its revocation is sent (a caller arriving now starts afresh): wait
+        # for the revocation itself, then check it was the only one.
+        wait_until(lambda: provider.counters()["revocations"] > before["revocations"], "the revocation")
         after = provider.counters()
         assert after["revocations"] - before["revocations"] == 1
         assert after["token_grants"]["refresh_token"] == before["token_grants"]["refresh_token"]
@@ -404,7 +400,7 @@ def test_sighup_applies_a_new_policy_to_a_live_session(provider: TestProvider) -
         daemon.config_path.write_text(f'[policy."{provider.issuer}"]\nidle_logout = "2h"\nconfirm = true\n')
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
-        _poll(lambda: _status(daemon)[0]["policy"].get("idle_logout") == 7200, "the reloaded policy")
+        wait_until(lambda: _status(daemon)[0]["policy"].get("idle_logout") == 7200, "the reloaded policy")
         assert _status(daemon)[0]["policy"]["confirm"] is True
 
 
@@ -414,7 +410,7 @@ def test_idle_logout_revokes_an_unused_session(provider: TestProvider) -> None:
         before = provider.counters()
         done = daemon.shim(_offline(provider))
         assert done.returncode == 0, done.stderr + daemon.log()
-        _poll(lambda: _status(daemon) == [], "the idle session logged out")
+        wait_until(lambda: _status(daemon) == [], "the idle session logged out")
         assert provider.counters()["revocations"] - before["revocations"] == 1, daemon.log()
         assert "without use (idle_logout)" in daemon.log()
 
@@ -435,8 +431,8 @@ def test_warn_before_shows_one_warning_ahead_of_the_needed_login(provider: TestP
         assert desktop.displayed() == 1
         before = provider.counters()
         desktop.invoke_default()  # "log in now": the browser opens, a new session begins
-        _poll(lambda: daemon.browser_openings() == 2, "the login started from the warning")
-        _poll(lambda: bool(_status(daemon)) and (_status(daemon)[0]["counters"] or {}).get("logins") == 1,
+        wait_until(lambda: daemon.browser_openings() == 2, "the login started from the warning")
+        wait_until(lambda: bool(_status(daemon)) and (_status(daemon)[0]["counters"] or {}).get("logins") == 1,
               "the new login")
         summaries = [str(n.get("summary")) for n in desktop.history() if n.get("appname") == "brokerd"]
         assert len(summaries) == 1 and summaries[0].startswith(f"Login to {provider.issuer} needed in")
@@ -485,7 +481,7 @@ def test_a_sliding_refresh_token_expiry_warns_once_not_at_every_refresh(
         assert done.returncode == 0, done.stderr + daemon.log()
         desktop.wait_displayed(1, timeout=30)
         first = sliding.counters()["token_requests"]
-        _poll(lambda: sliding.counters()["token_requests"] - first >= 3, "three background refreshes")
+        wait_until(lambda: sliding.counters()["token_requests"] - first >= 3, "three background refreshes")
         assert _status(daemon)[0]["counters"]["refreshes"] >= 3
         # dunst stacks identical notifications into one, so the daemon's own record is what counts the warnings.
         assert daemon.log().count("; notifying") == 1, daemon.log()
@@ -505,7 +501,7 @@ def test_audit_of_a_kubectl_call_names_its_cluster_and_holds_no_token(
         assert done.returncode == 0, done.stderr + daemon.log()
         served = daemon.shim(login_args(provider.issuer, scopes=("groups", "offline_access")))
         assert served.returncode == 0, served.stderr
-        _poll(lambda: len(_audit(daemon)) == 2, "both records written")
+        wait_until(lambda: len(_audit(daemon)) == 2, "both records written")
         first, second = _audit(daemon)
         assert first["cluster"] == apiserver.url and first["how"] == "login"
         assert Path(first["caller"]["parent_exe"]).name.startswith("kubectl")

@@ -307,3 +307,24 @@ def test_the_users_netrc_credentials_never_reach_a_provider(provider: TestProvid
         assert not any(NETRC_PASSWORD in s for s in sent), ("the user's netrc password was sent to the provider",
                                                              [ex.url for ex in proxy.recorder.exchanges])
         assert result.returncode == 0, (result.stderr, d.log()[-1500:])
+
+
+def test_a_fifo_at_the_lock_file_does_not_hang_the_shims_busy_message(provider_factory: ProviderFactory) -> None:
+    """When an autostarted daemon finds the state directory held by another daemon, the shim reads the lock file to
+    say who holds it.  A FIFO planted there (the directory lock decides, the file only names the holder) must not
+    hang that read: the shim still answers in one line."""
+    idp = provider_factory({"rotate_refresh_tokens": True, "id_token_ttl": 3600, "access_token_ttl": 3600})
+    first = Daemon()
+    second = Daemon(env={"BROKERD_STATE_DIR": str(first.state_dir)})
+    first.start()
+    try:
+        _ok(first.shim(_password_args(idp.issuer)), first)
+        lock = first.state_dir / "daemon.lock"
+        lock.unlink()
+        os.mkfifo(lock, 0o600)
+        result = second.shim(_password_args(idp.issuer), env={"BROKERD_NO_AUTOSTART": ""}, timeout=30)
+        assert result.returncode != 0 and "already uses the state directory" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        second.close()
+        first.close()
