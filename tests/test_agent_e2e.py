@@ -371,7 +371,8 @@ def test_max_session_age_ends_the_session_and_caps_the_served_expiry(provider: T
         wait_until(lambda: _status(daemon) == [], "the session ended by age")
         # The session leaves the table before its revocation is sent (a caller arriving now starts afresh): wait
         # for the revocation itself, then check it was the only one.
-        wait_until(lambda: provider.counters()["revocations"] > before["revocations"], "the revocation")
+        wait_until(lambda: provider.counters()["revocations"] > before["revocations"],
+                   lambda: f"the revocation; daemon log:\n{daemon.log()[-3000:]}")
         after = provider.counters()
         assert after["revocations"] - before["revocations"] == 1
         assert after["token_grants"]["refresh_token"] == before["token_grants"]["refresh_token"]

@@ -162,7 +162,9 @@ async def test_refresh_ahead_with_nobody_waiting(idp: TestProvider, tmp_path: Pa
         second = await mgr.get_token(s, OPTIONS, Caller())
         assert idp.counters()["token_requests"] == before  # served from cache: this caller waited for nobody
         assert second.id_token != first.id_token and second.refresh_token != first.refresh_token
-        assert SessionStore(tmp_path).load()[s.key].tokens.refresh_token == second.refresh_token
+        # The session adopts the answer first and saves after (session.py, rule 2): the store follows shortly.
+        await wait_for(lambda: SessionStore(tmp_path).load()[s.key].tokens.refresh_token == second.refresh_token, 5,
+                       "the refreshed session on disk")
 
 
 async def test_fifty_callers_at_expiry_share_one_refresh(idp: TestProvider, tmp_path: Path) -> None:
