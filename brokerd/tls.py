@@ -180,7 +180,11 @@ class ProviderClients:
         if http is None:
             if len(self._http) >= self._max:
                 self._evict()
-            connector = aiohttp.TCPConnector(ssl=context)
+            # force_close: a fresh connection per request.  A pooled keep-alive connection the provider has just
+            # closed (node's default idle limit is 5 s) fails a POST half way ("cannot write request body"): a
+            # revocation then never arrives, and a refresh would count as maybe delivered and cost a login.
+            # brokerd sends a few requests an hour; the extra handshakes cost nothing that matters.
+            connector = aiohttp.TCPConnector(ssl=context, force_close=True)
             # trust_env=False: it would also read ~/.netrc; proxies come from oidc_wire.proxy_for per request.
             http = aiohttp.ClientSession(connector=connector, trust_env=False)
             self._http[trust.digest] = http
