@@ -9,6 +9,6 @@ if __name__ == "__main__":
     import sys
 
     sys.path.append(__file__.rpartition("/")[0].rpartition("/")[0] or ".")
-    from client_shim.core import main
+    from client_shim.core import run
 
-    sys.exit(main())
+    run()
