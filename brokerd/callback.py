@@ -23,12 +23,18 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from aiohttp import web
+# aiohttp's low-level server, not aiohttp.web: one handler needs no application, router or runner, and
+# aiohttp.web's imports cost the daemon about 1.4 MB of memory (issue 14.5; bench/run section 5).
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import Response, StreamResponse
+from aiohttp.web_server import Server
 
 from brokerd import jarm
 from brokerd.errors import CallbackUnavailable, LoginDenied, UsageError
 
 log = logging.getLogger("brokerd.callback")
+
+SHUTDOWN_TIMEOUT = 5.0  # seconds a closing listener gives a request being answered
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>brokerd</title>
 <style>body{{font:16px system-ui,sans-serif;margin:4em auto;max-width:36em;color:#222}}</style></head>
@@ -57,13 +63,26 @@ class _Listener:
         self.scheme = scheme
         self.pending: dict[str, _Pending] = {}
         self.leases = 0
-        self.runner: web.ServerRunner | None = None
+        self.http: Server | None = None
+        self.servers: list[asyncio.AbstractServer] = []
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def stop(self) -> None:
+        """What aiohttp's runner cleanup does: stop accepting, then close the connections (a browser's keep-alive
+        one too) once their requests are answered."""
+        for server in self.servers:
+            server.close()
+        self.servers = []
+        if self.http is not None:
+            http, self.http = self.http, None
+            await asyncio.sleep(0)  # requests that arrived before the close start being handled first
+            http.pre_shutdown()
+            await http.shutdown(SHUTDOWN_TIMEOUT)
+
+    async def handle(self, request: BaseRequest) -> StreamResponse:
         posted = request.method == "POST"
         if ((request.method != "GET" and not (posted and any(p.form_post for p in self.pending.values())))
                 or request.path == "/favicon.ico"):
-            return web.Response(status=404)
+            return Response(status=404)
         # POST: response_mode form_post (the provider's page submits the answer as a form).
         form = (await request.post()) if posted else request.query
         query = {k: v for k, v in form.items() if isinstance(v, str)}
@@ -86,13 +105,13 @@ class _Listener:
             return _page(400, "Login failed", "The provider sent no authorization code.")
         pending.future.set_result(CallbackResult(code=code, iss=query.get("iss"), response=response))
         if pending.open_url_after:
-            return web.Response(status=302, headers={"Location": pending.open_url_after})
+            return Response(status=302, headers={"Location": pending.open_url_after})
         return _page(200, "Logged in", "You are logged in. You can close this tab and go back to your terminal.")
 
 
-def _page(status: int, title: str, text: str) -> web.Response:
+def _page(status: int, title: str, text: str) -> Response:
     body = PAGE.format(title=html.escape(title), text=text)
-    return web.Response(status=status, text=body, content_type="text/html",
+    return Response(status=status, text=body, content_type="text/html",
                         headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
 
@@ -277,21 +296,20 @@ class CallbackServer:
                     continue
                 bound.append(extra)
             listener = _Listener(tuple(bound), chosen, scheme)
-            runner = web.ServerRunner(web.Server(listener.handle), handle_signals=False, access_log=None)
-            await runner.setup()
         except BaseException:
             for sock in socks:
                 sock.close()
             raise
         try:
+            listener.http = Server(listener.handle, access_log=None)
+            loop = asyncio.get_running_loop()
             for sock in socks:
-                await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+                listener.servers.append(await loop.create_server(listener.http, sock=sock, ssl=ssl_context))
         except BaseException:
-            await runner.cleanup()
+            await listener.stop()
             for sock in socks:
                 sock.close()
             raise
-        listener.runner = runner
         log.info("listening for the login redirect on port %d (%s)", chosen, ", ".join(bound))
         return listener
 
@@ -301,8 +319,7 @@ class CallbackServer:
             if listener.leases > 0:
                 return
             self._listeners.pop(listener.port, None)
-            if listener.runner is not None:
-                await listener.runner.cleanup()
+            await listener.stop()
             log.info("closed the login redirect listener on port %d", listener.port)
 
     async def close(self) -> None:
@@ -313,6 +330,5 @@ class CallbackServer:
             for pending in listener.pending.values():
                 if not pending.future.done():
                     pending.future.cancel()
-            if listener.runner is not None:
-                with contextlib.suppress(Exception):
-                    await listener.runner.cleanup()
+            with contextlib.suppress(Exception):
+                await listener.stop()
