@@ -17,7 +17,6 @@ import warnings
 from typing import Any, Literal
 from urllib.parse import quote_plus
 
-from authlib.common.security import generate_token
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -29,6 +28,7 @@ from .clock import Clock
 from .errors import ProviderError, TokenValidationError, UsageError
 from .models import ProviderSettings
 from .oidc_wire import ProviderMetadata, origin, safe_text
+from .pkce import random_token
 
 log = logging.getLogger("brokerd.client_auth")
 
@@ -124,7 +124,7 @@ def make_assertion(client_id: str, audience: str, key: Key, alg: str, kid: str |
     header: dict[str, Any] = {"alg": alg, "typ": "JWT"}
     if kid:
         header["kid"] = kid
-    claims = {"iss": client_id, "sub": client_id, "aud": audience, "jti": generate_token(32),
+    claims = {"iss": client_id, "sub": client_id, "aud": audience, "jti": random_token(32),
               "iat": int(now), "exp": int(now) + ASSERTION_LIFETIME}
     try:
         with warnings.catch_warnings():

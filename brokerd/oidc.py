@@ -20,8 +20,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
-from authlib.common.security import generate_token
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.jwk import KeySet
 
 from . import id_token_jwe, idtoken, jarm, provider_http
@@ -49,6 +47,7 @@ from .oidc_wire import (
     refresh_lifetime,
     safe_text,
 )
+from .pkce import random_token, s256_challenge
 
 __all__ = ["AuthRequest", "ClientFactory", "DeviceAuthorization", "OIDCClient", "ProviderMetadata",
            "RefreshAnswer"]
@@ -244,8 +243,8 @@ class OIDCClient:
         if pkce_method.lower() not in ("auto", "s256", "no"):
             raise UsageError(f"unknown PKCE method {pkce_method!r} (use auto, S256 or no)")
         meta = await self.metadata(settings.issuer)
-        state, nonce = generate_token(43), generate_token(43)
-        verifier = generate_token(64) if pkce_method.lower() != "no" else None
+        state, nonce = random_token(43), random_token(43)
+        verifier = random_token(64) if pkce_method.lower() != "no" else None
         extras = dict(settings.extra_params)
         extras.update(extra_params or {})
         clash = sorted(PROTECTED_PARAMS & extras.keys())
@@ -254,7 +253,7 @@ class OIDCClient:
         params = {"response_type": "code", "client_id": settings.client_id, "redirect_uri": redirect_uri,
                   "scope": " ".join(settings.scopes), "state": state, "nonce": nonce}
         if verifier is not None:
-            params["code_challenge"] = create_s256_code_challenge(verifier)
+            params["code_challenge"] = s256_challenge(verifier)
             params["code_challenge_method"] = "S256"
         if login_hint:
             params["login_hint"] = login_hint
@@ -342,7 +341,7 @@ class OIDCClient:
         meta = await self.metadata(settings.issuer)
         if meta.device_authorization_endpoint is None:
             raise ProviderError(f"{meta.issuer} offers no device authorization endpoint")
-        verifier = generate_token(64) if pkce else None
+        verifier = random_token(64) if pkce else None
         form = {"client_id": settings.client_id, "scope": " ".join(settings.scopes)}
         # The same groups rule and extra parameters as the code flow: a device login must see the same claims.
         extras = {k: v for k, v in settings.extra_params if k not in PROTECTED_PARAMS}
@@ -350,7 +349,7 @@ class OIDCClient:
             form["claims"] = GROUPS_CLAIMS_REQUEST
         form.update(extras)
         if verifier is not None:
-            form["code_challenge"] = create_s256_code_challenge(verifier)
+            form["code_challenge"] = s256_challenge(verifier)
             form["code_challenge_method"] = "S256"
         doc = await self._post_form(settings, meta, meta.device_authorization_endpoint, form,
                                     "device authorization endpoint", "device_authorization")
