@@ -23,7 +23,6 @@ from brokerd.audit import Counters, PeerInfo
 from brokerd.clock import Clock
 from brokerd.errors import BrokerError, NotificationError, PolicyRefused, UsageError
 from brokerd.models import Caller, LoginOptions, ProviderSettings, SessionKey, TokenSet
-from brokerd.notify import ProbeCache
 from brokerd.policy import (
     Approvals,
     BackgroundLogin,
@@ -36,6 +35,7 @@ from brokerd.policy import (
     session_end,
     warn_at,
 )
+from brokerd.probecache import ProbeCache
 
 log = logging.getLogger("brokerd.agent")
 

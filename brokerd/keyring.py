@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from brokerd.busaddr import plainly_absent
 from brokerd.errors import KeyringUnavailable, StoreError
 from brokerd.store import KEY_NAME, KEY_SIZE, STORE_NAME, FileKeySource, KeySource
 
@@ -64,14 +65,16 @@ def session_bus_address() -> str | None:
 @contextlib.contextmanager
 def _bus() -> Iterator[DBusConnection]:
     """A connection to the session bus with a Secret Service on it, else KeyringUnavailable."""
-    try:
+    address = session_bus_address()
+    if address is None:
+        raise KeyringUnavailable("no session bus (DBUS_SESSION_BUS_ADDRESS is unset)")
+    if plainly_absent(address):  # e.g. an address left over from a session that ended
+        raise KeyringUnavailable("the session bus is unreachable")
+    try:  # only now: a daemon without a session bus never loads them (issue 14.5: memory)
         import secretstorage
         from jeepney.io.blocking import open_dbus_connection
     except ImportError:  # pragma: no cover - a dependency on Linux
         raise KeyringUnavailable("the secretstorage library is not installed") from None
-    address = session_bus_address()
-    if address is None:
-        raise KeyringUnavailable("no session bus (DBUS_SESSION_BUS_ADDRESS is unset)")
     try:
         conn = open_dbus_connection(bus=address)
     except _errors():  # e.g. FileNotFoundError: an address left over from a session that ended

@@ -13,9 +13,15 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from brokerd.errors import NotificationError
-from brokerd.notify import DISMISSED, Notifier, Outcome
+
+if TYPE_CHECKING:
+    from brokerd.notify import Notifier, Outcome
+
+# brokerd.notify (and jeepney, the D-Bus library under it) is imported where a notification is first shown, not
+# here: flows.py imports this module at the daemon's start, and most daemons never show one (issue 14.5).
 
 log = logging.getLogger("brokerd.notices")
 
@@ -61,6 +67,8 @@ class LoginNotice:
     async def show(cls, address: str, issuer: str, client_id: str, program: str,
                    on_open: Callable[[], Awaitable[object]], *, waiting: int = 1,
                    user_code: str | None = None) -> LoginNotice:
+        from brokerd.notify import Notifier
+
         notifier = await Notifier.open(address)
         try:
             summary, body = login_text(issuer, client_id, program, waiting, user_code)
@@ -103,6 +111,8 @@ class LoginNotice:
 
     async def _watch_clicks(self) -> None:
         # Bounded by the notice's owner: close() cancels this when the login ends.
+        from brokerd.notify import DISMISSED  # loaded already: this notice was shown through it
+
         outcome = await self._notifier.wait(self._nid, None)
         if outcome.action is not None and not self.opened.is_set():
             self.opened.set()
@@ -144,6 +154,8 @@ def terminal_answer(text: str) -> bool:
 async def confirm_on_desktop(address: str, who: str, issuer: str, client_id: str, *, within: float) -> Outcome:
     """Ask with Allow/Deny; the notification is withdrawn when the answer (or ``within`` s) comes.  Allowed only
     when ``outcome.action == ALLOW``: deny, dismissal, no answer and a notification server that left all refuse."""
+    from brokerd.notify import Notifier
+
     async with await Notifier.open(address) as notifier:
         summary, body = confirm_text(who, issuer, client_id)
         nid = await notifier.notify(summary, body, actions=[(ALLOW, "Allow"), (DENY, "Deny")], expire_ms=0,
@@ -163,6 +175,8 @@ def expiry_text(issuer: str, client_id: str, minutes: int) -> tuple[str, str]:
 async def warn_on_desktop(address: str, issuer: str, client_id: str, minutes: int, *, within: float) -> bool:
     """Show the warning (once; the caller remembers that it did); True when the person clicked it to log in now.
     It stays for ``within`` s at most and is withdrawn after."""
+    from brokerd.notify import Notifier
+
     async with await Notifier.open(address) as notifier:
         summary, body = expiry_text(issuer, client_id, minutes)
         nid = await notifier.notify(summary, body, actions=[(OPEN, "Log in now")], expire_ms=0)

@@ -34,7 +34,6 @@ from jeepney.io.asyncio import DBusConnection, DBusRouter, Proxy
 from jeepney.io.common import RouterClosed
 from jeepney.wrappers import DBusErrorResponse
 
-from brokerd.clock import Clock
 from brokerd.errors import NotificationError
 
 log = logging.getLogger("brokerd.notify")
@@ -342,33 +341,3 @@ async def probe(address: str | None, within: float = PROBE_TIMEOUT) -> ServerInf
     except (NotificationError, TimeoutError) as exc:
         log.debug("no notification server on %s: %s", address, exc)
         return None
-
-
-class ProbeCache:
-    """``probe`` per bus address, remembered for ``ttl`` s, so a burst of background callers costs one look.  A
-    bounded number of addresses is kept (the oldest forgotten first); owned by whoever serves the callers."""
-
-    def __init__(self, clock: Clock, ttl: float = 60.0, within: float = PROBE_TIMEOUT, limit: int = 64) -> None:
-        self._clock = clock
-        self._ttl = ttl
-        self._within = within
-        self._limit = limit
-        self._seen: OrderedDict[str, tuple[float, ServerInfo | None]] = OrderedDict()
-
-    async def __call__(self, address: str | None) -> ServerInfo | None:
-        if not address:
-            return None
-        now = self._clock.now()
-        cached = self._seen.get(address)
-        if cached is not None and now - cached[0] < self._ttl:
-            return cached[1]
-        info = await probe(address, self._within)
-        self._seen[address] = (self._clock.now(), info)
-        self._seen.move_to_end(address)
-        while len(self._seen) > self._limit:
-            self._seen.popitem(last=False)
-        return info
-
-    def forget(self, address: str) -> None:
-        """A notification that failed after a good probe: look again next time."""
-        self._seen.pop(address, None)

@@ -17,7 +17,8 @@ from jeepney import DBusAddress, new_method_call, new_signal
 from jeepney.io.asyncio import open_dbus_router
 
 from brokerd.errors import NotificationError
-from brokerd.notify import BUS_NAME, CLOSED_BY_CALL, Notifier, ProbeCache, probe
+from brokerd.notify import BUS_NAME, CLOSED_BY_CALL, Notifier, probe
+from brokerd.probecache import ProbeCache
 from tests.support.notifications import NotificationDesktop, missing_tools, start_notification_desktop
 
 ROOT = Path(__file__).resolve().parents[1]
