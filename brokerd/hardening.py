@@ -10,7 +10,6 @@ by the browser the daemon starts (the key is never in its environment; see docs/
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import resource
 import sys
@@ -22,11 +21,10 @@ PR_GET_DUMPABLE = 3
 
 
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library already loaded into this process (prctl is libc's): no ``find_library``, which runs
+    ``ldconfig -p`` in a subprocess."""
     try:
-        return ctypes.CDLL(name, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
