@@ -50,13 +50,16 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
-def _run_loop(main: Callable[[], Any]) -> Any:
-    try:
-        import uvloop
+def _run_loop(main: Callable[[], Any], event_loop: str = "asyncio") -> Any:
+    """Run the daemon on asyncio's own event loop, or on uvloop when ``[daemon] event_loop = "uvloop"``."""
+    loop_factory = None
+    if event_loop == "uvloop":
+        try:
+            import uvloop
 
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the daemon usable without it
-        loop_factory = None
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            log.warning("[daemon] event_loop = \"uvloop\" but uvloop is not installed: using asyncio's event loop")
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(main())
 
@@ -75,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(Settings(socket_path=paths.socket_path(environ), state_dir=state,
                                       config_file=paths.config_file(environ)))
     try:
-        _run_loop(Daemon(settings).run)
+        _run_loop(Daemon(settings).run, settings.event_loop)
     except AlreadyRunning as exc:
         if args.autostarted:
             return 0  # lost the start race to another shim's daemon: that one serves

@@ -12,6 +12,8 @@ behaves comes from the config file (TOML):
     listen_non_loopback = false   # true: a login may listen for its redirect on a non-loopback address
     background_login = "notify"   # a login for a caller without a terminal: notify | browser | refuse
     warn_before = "10m"           # notify once this long before a session will need a login
+    event_loop = "asyncio"        # or "uvloop": more requests per second under heavy load, about 2.4 MB more
+                                  # memory and four more threads (read at start only)
 
     [policy."https://auth.example.com"]   # per issuer: confirm, confirm_ttl, max_session_age, idle_logout
     confirm = true                # (docs/agent.md; the same keys may go in a profile)
@@ -44,6 +46,7 @@ from brokerd.policy import DAEMON_KEYS, PolicyBook, flag_keys, load_policy_book
 from brokerd.refresh import Policy
 
 _SWITCHES = {"caller_browser": True, "listen_non_loopback": False}  # [daemon] booleans and their defaults
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class Settings:
     # [store]: where the data key lives (brokerd.keyring.choose_key_source).  It and ``persist`` are read at start
     # only: a reload keeps the running daemon's values (Daemon._reload), since the store is opened once.
     store_key: str = "auto"
+    # [daemon] event_loop, read at start only.  asyncio by default: a kubectl call sees the same latency on either
+    # (the daemon is idle between calls), and uvloop costs about 2.4 MB and four threads (issue 14.5; README).
+    event_loop: str = "asyncio"
 
     # The agent's per-session policy tables (policy.py: [daemon] agent keys, [policy."<issuer>"], profile keys).
     policies: PolicyBook = field(default_factory=PolicyBook)
@@ -111,12 +117,18 @@ def _daemon_table(path: Path, daemon: object, base: Settings) -> Settings:
     if not isinstance(daemon, dict):
         raise ConfigError(f"{path}: [daemon] must be a table")
     numbers = {f.name for f in fields(Policy)}
-    known = numbers | set(_SWITCHES) | DAEMON_KEYS
+    known = numbers | set(_SWITCHES) | DAEMON_KEYS | {"event_loop"}
     policy = Policy()
     switches = dict(_SWITCHES)
+    event_loop = "asyncio"
     for key, value in daemon.items():
         if key in DAEMON_KEYS:
             continue  # not numbers: load_policy_book checks them
+        if key == "event_loop":
+            if value not in EVENT_LOOPS:
+                raise ConfigError(f"{path}: [daemon] event_loop must be \"asyncio\" or \"uvloop\"")
+            event_loop = value
+            continue
         if key in _SWITCHES:
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: [daemon] {key} must be true or false")
@@ -128,7 +140,7 @@ def _daemon_table(path: Path, daemon: object, base: Settings) -> Settings:
             raise ConfigError(f"{path}: [daemon] {key} must be a non-negative number")
         policy = replace(policy, **{key: float(value)})
     return replace(base, policy=policy, caller_browser=switches["caller_browser"],
-                   listen_non_loopback=switches["listen_non_loopback"])
+                   listen_non_loopback=switches["listen_non_loopback"], event_loop=event_loop)
 
 
 def load_settings(base: Settings) -> Settings:

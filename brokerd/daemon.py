@@ -208,8 +208,8 @@ class Daemon:
             if notifier.enabled:
                 status = asyncio.create_task(_report_status(notifier, sessions))
                 stack.push_async_callback(_cancel, status)
-            log.info("serving on %s (%d session(s))", config.socket_path if not activated else "the systemd socket",
-                     len(sessions))
+            log.info("serving on %s (%d session(s); event loop: %s)",
+                     config.socket_path if not activated else "the systemd socket", len(sessions), _loop_name())
             _notify(notifier.ready, f"serving {len(sessions)} session(s)")
             if on_ready is not None:
                 on_ready()
@@ -234,8 +234,13 @@ class Daemon:
             running = (self.settings.store_key, self.settings.persist)
             if (settings.store_key, settings.persist) != running:
                 log.warning("[store] is read at start only: the change takes effect when brokerd restarts")
-            # The store was opened once with these: keep them, so Settings always says what the daemon does.
-            self.settings = replace(settings, store_key=running[0], persist=running[1])
+            if settings.event_loop != self.settings.event_loop:
+                log.warning("[daemon] event_loop is read at start only: the change takes effect when brokerd "
+                            "restarts")
+            # The store was opened once with these, and the loop runs: keep them, so Settings says what the daemon
+            # does.
+            self.settings = replace(settings, store_key=running[0], persist=running[1],
+                                    event_loop=self.settings.event_loop)
             sessions.reload()  # each session's policy from the new tables
             log.info("config reloaded from %s (%d profile(s))", settings.config_file, len(settings.profiles))
         _notify(notifier.ready, f"serving {len(sessions)} session(s)")
@@ -245,6 +250,11 @@ class Daemon:
         if self._owned_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._owned_socket.unlink()
+
+
+def _loop_name() -> str:
+    """The event loop this daemon runs on, as [daemon] event_loop names it (uvloop may be missing: then asyncio)."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def _notify(fn: Callable[..., bool], *args: str) -> None:
