@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import queue
 import socket
 import stat
 import struct
@@ -73,18 +74,26 @@ def _base(exe: str | None) -> str:
     return exe.rsplit("/", 1)[-1] if exe else "?"
 
 
+# Read for every token served, so plain os calls on str paths: pathlib and buffered files cost the daemon more
+# here than the rest of a cached-token request.
 def _exe(pid: int, proc: Path) -> str | None:
     try:
-        return os.readlink(proc / str(pid) / "exe")
+        return os.readlink(f"{proc}/{pid}/exe")
     except OSError:  # gone, another user's, or a kernel thread
         return None
 
 
 def _ppid(pid: int, proc: Path) -> int | None:
     try:
-        stat = (proc / str(pid) / "stat").read_bytes()
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)  # one line, about 300 bytes; comm is at most 64
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
     rest = stat.rpartition(b")")[2].split()
     try:
@@ -186,34 +195,54 @@ class NotRegularFile(OSError):
 
 
 def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
-    """Append ``lines`` (each one JSON document) to the audit file, rotating first when it would pass
-    ``max_bytes``.  Blocking: the writer task runs it in a thread."""
+    """Append ``lines`` (each one JSON document) to the audit file, rotating first when a line would take it past
+    ``max_bytes``.  Blocking: the writer thread runs it.  One open and one write for a batch that fits."""
     ensure_private_dir(directory)
     path = directory / AUDIT_FILE
-    for line in lines:
-        data = (line + "\n").encode()
+    data = [(line + "\n").encode() for line in lines]
+    while data:
+        fd = _open_trail(path)
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size and size + len(data) > max_bytes:
-            _rotate(path, keep)
-        # O_NONBLOCK: a FIFO put in the trail's place would otherwise block this open until somebody reads it.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                         0o600)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a FIFO without a reader (or a socket) answers so
-                raise NotRegularFile(errno.ENXIO, "not a regular file") from exc
-            raise
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise NotRegularFile(errno.EINVAL, "not a regular file")
-            if os.fstat(fd).st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-            os.write(fd, data)
+            size = os.fstat(fd).st_size
+            fits = 0  # how many of the lines go into this file before it must rotate
+            for chunk in data:
+                if size and size + len(chunk) > max_bytes:
+                    break
+                size += len(chunk)
+                fits += 1
+            if fits:
+                _write_all(fd, b"".join(data[:fits]))
         finally:
             os.close(fd)
+        data = data[fits:]
+        if data:
+            _rotate(path, keep)
+
+
+def _open_trail(path: Path) -> int:
+    # O_NONBLOCK: a FIFO put in the trail's place would otherwise block this open until somebody reads it.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # only a FIFO without a reader (or a socket) answers so
+            raise NotRegularFile(errno.ENXIO, "not a regular file") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class AuditLog:
@@ -231,6 +260,7 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._problem: str | None = None  # the last write failure logged
+        self._thread = _WriterThread()
 
     def start(self) -> None:
         if self._task is None:
@@ -252,7 +282,7 @@ class AuditLog:
                 log.warning("audit: %d record(s) dropped: the writer could not keep up", self._dropped)
                 self._dropped = 0
             try:
-                await _in_thread(write_lines, self.directory, batch, self._max_bytes, self._keep)
+                await self._thread.run(write_lines, self.directory, batch, self._max_bytes, self._keep)
             except OSError as exc:
                 problem = str(exc.strerror or exc)
                 if problem != self._problem:  # one line per problem, not one per batch
@@ -285,33 +315,54 @@ class AuditLog:
             if self._task is not None:
                 self._task.cancel()
                 self._task = None
+        finally:
+            self._thread.stop()
 
 
-async def _in_thread(fn: Callable[..., None], *args: Any) -> None:
-    """``fn(*args)`` in a daemon thread of its own, not the default executor's: a write stuck in the kernel would
-    otherwise hold the interpreter's exit (it joins executor threads) after ``close`` gave up on it."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+class _WriterThread:
+    """One daemon thread that runs the trail's blocking writes in order.  Not the default executor (a write stuck
+    in the kernel would hold the interpreter's exit, which joins executor threads, after ``close`` gave up on
+    it), and not a thread per batch (starting one cost more than the rest of serving a cached token)."""
 
-    def settle(error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...], asyncio.AbstractEventLoop,
+                                            asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
-    def run() -> None:
-        error: BaseException | None = None
-        try:
-            fn(*args)
-        except BaseException as exc:  # handed to the awaiting task, which owns the outcome
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed while a stuck write waited
-            loop.call_soon_threadsafe(settle, error)
+    async def run(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="audit-write", daemon=True)
+            self._thread.start()
+        self._jobs.put((fn, args, loop, done))
+        await done
 
-    threading.Thread(target=run, name="audit-write", daemon=True).start()
-    await done
+    def stop(self) -> None:
+        """Let the thread end once the writes queued before this are done (at once when it is idle)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _main(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, loop, done = job
+            error: BaseException | None = None
+            try:
+                fn(*args)
+            except BaseException as exc:  # handed to the awaiting task, which owns the outcome
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed while a stuck write waited
+                loop.call_soon_threadsafe(_settle, done, error)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # its awaiter was cancelled (close gave up waiting)
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 # -- reading (`brokerd audit`, no daemon needed) ----------------------------------------------------------------
