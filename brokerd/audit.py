@@ -47,6 +47,7 @@ MAX_BYTES = 1 << 20
 KEEP = 4  # rotated files kept besides the current one
 MAX_PENDING = 10_000  # records waiting for the writer; past this the oldest are dropped (and the drop is logged)
 CLOSE_TIMEOUT = 5.0  # how long shutdown waits for the trail to take the last records
+COALESCE = 0.1  # s the writer lets records gather before it writes them (a burst: one write, not one per token)
 USER_CLAIMS = ("preferred_username", "email", "name", "sub")
 
 
@@ -249,7 +250,7 @@ class AuditLog:
     """Buffered audit writer.  ``record`` never blocks; ``start`` and ``close`` belong to the daemon's lifecycle."""
 
     def __init__(self, directory: Path, max_bytes: int = MAX_BYTES, keep: int = KEEP,
-                 max_pending: int = MAX_PENDING) -> None:
+                 max_pending: int = MAX_PENDING, coalesce: float = COALESCE) -> None:
         self.directory = directory
         self._max_bytes = max_bytes
         self._keep = keep
@@ -261,6 +262,8 @@ class AuditLog:
         self._closing = False
         self._problem: str | None = None  # the last write failure logged
         self._thread = _WriterThread()
+        self._coalesce = coalesce
+        self._closed = asyncio.Event()  # close() cuts the gathering short
 
     def start(self) -> None:
         if self._task is None:
@@ -295,6 +298,10 @@ class AuditLog:
     async def _writer(self) -> None:
         while not self._closing:
             await self._wake.wait()
+            if not self._closing:
+                # Let a burst gather: under load one write per COALESCE s instead of one per token served.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), self._coalesce)
             self._wake.clear()
             await self.flush()
 
@@ -302,6 +309,7 @@ class AuditLog:
         """Write what is pending and stop the writer, waiting at most ``within`` s: a trail that does not take
         writes (a hung file system) must not keep the daemon from stopping."""
         self._closing = True
+        self._closed.set()
         self._wake.set()
         try:
             async with asyncio.timeout(within):
