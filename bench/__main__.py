@@ -51,15 +51,18 @@ def run(sections: set[int], quick: bool, workdir: Path) -> None:
                     _show(step())
             if 3 in sections:
                 _say("section 3: socket throughput")
-                table, served = throughput.socket_throughput(main, provider.issuer, helpers["loadgen"], workdir,
-                                                             rounds=rounds3)
+                with Daemon(config=memory.UVLOOP_CONFIG) as on_uvloop:
+                    login_with_browser(on_uvloop, login_args(provider.issuer))
+                    table, served = throughput.socket_throughput([("asyncio", main), ("uvloop", on_uvloop)],
+                                                                 provider.issuer, helpers["loadgen"], workdir,
+                                                                 rounds=rounds3)
                 _show(table)
             if 4 in sections:
                 _say("section 4: single flight at scale")
                 _show(scale.single_flight())
             if 5 in sections or 6 in sections:
                 _say("section 5: memory")
-                table, extra = memory.memory(provider, (main, served) if served else None)
+                table, extra = memory.memory(provider, (main, served) if served else None, workdir)
                 if 5 in sections:
                     _show(table)
             if 6 in sections:

@@ -1,6 +1,6 @@
-"""The ceiling for the daemon's socket throughput: the least an asyncio-streams + uvloop server can do per request.
+"""The ceiling for the daemon's socket throughput: the least an asyncio-streams server can do per request.
 
-    python bench/echo_server.py SOCKET_PATH REPLY_BYTES
+    python bench/echo_server.py SOCKET_PATH REPLY_BYTES [asyncio|uvloop]
 
 Reads a request up to the protocol's terminator (``\\0\\0``), answers one ``O`` line of exactly REPLY_BYTES
 (the size of the daemon's real reply), closes.  Same loop, same stream API, same backlog as the daemon, none of its
@@ -44,8 +44,12 @@ async def serve(path: str, reply: bytes) -> None:
 
 def main() -> None:
     path, size = sys.argv[1], int(sys.argv[2])
+    loop = sys.argv[3] if len(sys.argv) > 3 else "asyncio"  # the daemon's event loop ([daemon] event_loop)
     reply = b"O" + b"x" * (size - 2) + b"\n"
-    uvloop.run(serve(path, reply))
+    if loop == "uvloop":
+        uvloop.run(serve(path, reply))
+    else:
+        asyncio.run(serve(path, reply))
 
 
 if __name__ == "__main__":

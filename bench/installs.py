@@ -74,17 +74,28 @@ def _pipx(interpreter: str, workdir: Path, pip_env: Mapping[str, str]) -> str:
     return str(tool / "bin" / "pipx")
 
 
-def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: bool) -> list[Install]:
-    """pip and pip -e venvs (and pipx, pipx --editable when ``pipx``), each with the launcher it installed."""
+def _pip_env() -> dict[str, str]:
     pip_env = dict(os.environ)
     pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     pip_env.setdefault("PIP_RETRIES", "0")  # offline (unshare -n): fail over to the local index at once
+    return pip_env
+
+
+def pip_venv(interpreter: str, venv: Path, *, editable: bool = False) -> str:
+    """A new venv of ``interpreter`` with brokerd installed as a user would (``pip install [-e] .``): its python."""
+    _run([interpreter, "-m", "venv", str(venv)])
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *(["-e"] if editable else []),
+          str(ROOT)], _pip_env())
+    return str(venv / "bin" / "python")
+
+
+def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: bool) -> list[Install]:
+    """pip and pip -e venvs (and pipx, pipx --editable when ``pipx``), each with the launcher it installed."""
+    pip_env = _pip_env()
     out: list[Install] = []
     for editable in (False, True):
         venv = workdir / ("pip-e" if editable else "pip")
-        _run([interpreter, "-m", "venv", str(venv)])
-        _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *(["-e"] if editable else []),
-              str(ROOT)], pip_env)
+        pip_venv(interpreter, venv, editable=editable)
         out.append(Install(f"`pip install {'-e ' if editable else ''}.`", str(venv / "bin" / "python"),
                            str(venv / "bin" / "kubectl-oidc_login"), env))
     wrapper = workdir / "pip" / "bin" / "kubectl-oidc_login-pip-wrapper"

@@ -7,7 +7,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from bench import installs
 from bench.harness import BenchError, Table, median, ms, quantile, spawn_timed, verdict
 from bench.rig import (
     EXEC_INFO_V1BETA1,
@@ -34,28 +36,26 @@ def _mb(kb: int) -> str:
     return f"{kb / 1024:.1f} MB"
 
 
-def memory(provider: TestProvider, loaded: tuple[Daemon, int] | None, sessions: int = 100) -> tuple[Table, Daemon]:
-    """A fresh daemon: idle, after one browser login, after ``sessions`` sessions.  Returns it (left running, with
-    its sessions persisted) for the restart test.  ``loaded``: the section 1-3 daemon and how many requests it
-    served, to show the RSS after load."""
+UVLOOP_CONFIG = '[daemon]\nevent_loop = "uvloop"\n'
+
+
+def memory(provider: TestProvider, loaded: tuple[Daemon, int] | None, workdir: Path,
+           sessions: int = 100) -> tuple[Table, Daemon]:
+    """A fresh daemon: idle, after one browser login, after ``sessions`` sessions; then one login each on uvloop
+    (``[daemon] event_loop``) and from a user's install (``pip install .`` into a new venv of Debian's python3
+    when there is one).  Returns the first daemon (left running, with its sessions persisted) for the restart
+    test.  ``loaded``: the section 1-3 daemon and how many requests it served, to show the RSS after load."""
     table = Table("5. Daemon memory (from /proc/PID/status)",
-                  ["state", "VmRSS", "VmHWM (peak)", "RssAnon", "Pss", "target", ""])
+                  ["state", "VmRSS", "VmHWM (peak)", "RssAnon", "Pss", "threads", "target", ""])
     daemon = Daemon().start()
     assert daemon.proc is not None
     pid = daemon.proc.pid
 
-    def row(state: str, target: bool = False) -> None:
-        kb = status_kb(pid)
-        ok = verdict(kb["VmRSS"] <= RSS_TARGET_MB * 1024) if target else ""
-        table.add(state, _mb(kb["VmRSS"]), _mb(kb["VmHWM"]), _mb(kb["RssAnon"]), _mb(pss_kb(pid)),
-                  f"<= {RSS_TARGET_MB:g} MB" if target else "", ok)
-
     time.sleep(1.0)
-    row("idle after start, no sessions")
-    table.notes.append(f"Import floor: `python -c 'import brokerd.daemon'` alone has VmRSS {_import_floor()}.")
+    _row(table, pid, "idle after start, no sessions (bench venv)")
     login_with_browser(daemon, login_args(provider.issuer))  # the real path: loopback listener + browser + code grant
     time.sleep(0.5)
-    row("after one login (authorization code, browser stand-in)", target=True)
+    _row(table, pid, "after one login (authorization code, browser stand-in; bench venv)", target=True)
     password = "bench-password"
     for i in range(1, sessions):
         name = f"bench{i:03d}"
@@ -65,17 +65,42 @@ def memory(provider: TestProvider, loaded: tuple[Daemon, int] | None, sessions: 
         if kind != "O":
             raise BenchError(f"password login {i} failed: {body}")
     time.sleep(0.5)
-    row(f"after {sessions} sessions (1 + {sessions - 1} password-grant logins, distinct users)")
+    _row(table, pid, f"after {sessions} sessions (1 + {sessions - 1} password-grant logins, distinct users)")
     if loaded is not None and loaded[0].proc is not None:
-        kb = status_kb(loaded[0].proc.pid)
-        table.add(f"1 session, after sections 1-3 ({loaded[1]:,} requests served)", _mb(kb["VmRSS"]),
-                  _mb(kb["VmHWM"]), _mb(kb["RssAnon"]), _mb(pss_kb(loaded[0].proc.pid)), "", "")
+        _row(table, loaded[0].proc.pid, f"1 session, after sections 1-3 ({loaded[1]:,} requests served)")
+    _one_login(table, provider, Daemon(config=UVLOOP_CONFIG), 'after one login, `event_loop = "uvloop"` (bench venv)')
+    label, interpreter = installs.interpreters()[0]
+    python = installs.pip_venv(interpreter, workdir / "user-venv")
+    _one_login(table, provider, Daemon(python=python), f"after one login, `pip install .` into a venv of {label}",
+               target=True)
+    table.notes.append(f"Bench venv: {PY} (`pip install -e .[test]`, as scripts/test makes it).  Import floor "
+                       f"(`python -c 'import brokerd.daemon'`): {_import_floor(PY)} in the bench venv, "
+                       f"{_import_floor(python)} in the user's venv.")
     return table, daemon
 
 
-def _import_floor() -> str:
+def _row(table: Table, pid: int, state: str, target: bool = False) -> None:
+    kb = status_kb(pid)
+    ok = verdict(kb["VmRSS"] <= RSS_TARGET_MB * 1024) if target else ""
+    table.add(state, _mb(kb["VmRSS"]), _mb(kb["VmHWM"]), _mb(kb["RssAnon"]), _mb(pss_kb(pid)),
+              str(len(os.listdir(f"/proc/{pid}/task"))), f"<= {RSS_TARGET_MB:g} MB" if target else "", ok)
+
+
+def _one_login(table: Table, provider: TestProvider, daemon: Daemon, state: str, target: bool = False) -> None:
+    daemon.start()
+    try:
+        assert daemon.proc is not None
+        time.sleep(1.0)
+        login_with_browser(daemon, login_args(provider.issuer))
+        time.sleep(0.5)
+        _row(table, daemon.proc.pid, state, target)
+    finally:
+        daemon.close()
+
+
+def _import_floor(python: str) -> str:
     code = "import brokerd.daemon\nprint(open('/proc/self/status').read())"
-    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, cwd="/").stdout
     for text in out.splitlines():
         if text.startswith("VmRSS:"):
             return _mb(int(text.split()[1]))

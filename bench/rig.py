@@ -151,9 +151,9 @@ def _gone(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def echo_server(path: Path, reply_bytes: int) -> Iterator[subprocess.Popen[bytes]]:
-    """bench/echo_server.py as its own process; stopped by PID on exit."""
-    proc = subprocess.Popen([PY, str(ROOT / "bench" / "echo_server.py"), str(path), str(reply_bytes)],
+def echo_server(path: Path, reply_bytes: int, loop: str = "asyncio") -> Iterator[subprocess.Popen[bytes]]:
+    """bench/echo_server.py on ``loop`` as its own process; stopped by PID on exit."""
+    proc = subprocess.Popen([PY, str(ROOT / "bench" / "echo_server.py"), str(path), str(reply_bytes), loop],
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None

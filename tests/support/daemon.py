@@ -75,7 +75,9 @@ class Daemon:
     """One daemon process.  Its directory is short (socket paths must stay under 108 bytes) and private."""
 
     def __init__(self, base: Path | None = None, env: Mapping[str, str] | None = None,
-                 config: str | None = None) -> None:
+                 config: str | None = None, python: str = sys.executable) -> None:
+        """``python``: the interpreter that runs ``-m brokerd serve`` (bench/memory.py: a user's install)."""
+        self.python = python
         self.base = base or Path(tempfile.mkdtemp(prefix="bk", dir="/tmp"))
         self._own_base = base is None
         self.socket = self.base / "run" / "brokerd.sock"
@@ -105,7 +107,7 @@ class Daemon:
 
     def start(self, timeout: float = 15.0) -> Daemon:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "brokerd", "serve", "-v"], env=self.env,
+            self.proc = subprocess.Popen([self.python, "-m", "brokerd", "serve", "-v"], env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.base)
         proc = self.proc
         poll(lambda: proc.poll() is not None or self.alive(), timeout)
