@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -47,7 +48,7 @@ MAX_BYTES = 1 << 20
 KEEP = 4  # rotated files kept besides the current one
 MAX_PENDING = 10_000  # records waiting for the writer; past this the oldest are dropped (and the drop is logged)
 CLOSE_TIMEOUT = 5.0  # how long shutdown waits for the trail to take the last records
-COALESCE = 0.1  # s the writer lets records gather before it writes them (a burst: one write, not one per token)
+COALESCE = 0.1  # s between the starts of two writes: a burst of records gathers into one write
 USER_CLAIMS = ("preferred_username", "email", "name", "sub")
 
 
@@ -197,22 +198,29 @@ class NotRegularFile(OSError):
 
 def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
     """Append ``lines`` (each one JSON document) to the audit file, rotating first when a line would take it past
-    ``max_bytes``.  Blocking: the writer thread runs it.  One open and one write for a batch that fits."""
+    ``max_bytes`` (with ``keep`` 0 nothing is rotated: the file grows).  Blocking: the writer thread runs it.  One
+    open and one write for a batch that fits; a write that fails part way is cut back, so the next batch does not
+    start on a torn line."""
     ensure_private_dir(directory)
     path = directory / AUDIT_FILE
     data = [(line + "\n").encode() for line in lines]
     while data:
         fd = _open_trail(path)
         try:
-            size = os.fstat(fd).st_size
-            fits = 0  # how many of the lines go into this file before it must rotate
-            for chunk in data:
+            before = size = os.fstat(fd).st_size
+            fits = len(data) if keep < 1 else 0  # how many lines go into this file before it must rotate
+            for chunk in data[fits:]:
                 if size and size + len(chunk) > max_bytes:
                     break
                 size += len(chunk)
                 fits += 1
             if fits:
-                _write_all(fd, b"".join(data[:fits]))
+                try:
+                    _write_all(fd, b"".join(data[:fits]))
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, before)
+                    raise
         finally:
             os.close(fd)
         data = data[fits:]
@@ -273,12 +281,23 @@ class AuditLog:
         if len(self._pending) >= self._max_pending:
             self._pending.popleft()
             self._dropped += 1
-        self._pending.append(json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
+        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode()
+            except UnicodeEncodeError:  # lone surrogates: an exe path that is not UTF-8, a provider's broken claim
+                line = json.dumps(doc, separators=(",", ":"))  # \u escapes: the same JSON, in ASCII
+        self._pending.append(line)
         self._wake.set()
 
     async def flush(self) -> None:
         """Write everything recorded so far (tests; close)."""
         while self._pending:
+            await self._write_batch()
+
+    async def _write_batch(self) -> None:
+        """Write what is pending now, in one batch (records that come meanwhile wait for the next)."""
+        if self._pending:
             batch = list(self._pending)
             self._pending.clear()
             if self._dropped:
@@ -286,8 +305,8 @@ class AuditLog:
                 self._dropped = 0
             try:
                 await self._thread.run(write_lines, self.directory, batch, self._max_bytes, self._keep)
-            except OSError as exc:
-                problem = str(exc.strerror or exc)
+            except Exception as exc:  # OSError mostly; nothing may end the writer, or every later record is lost
+                problem = str(getattr(exc, "strerror", None) or exc)
                 if problem != self._problem:  # one line per problem, not one per batch
                     log.error("audit: cannot write %s: %s (records are not kept until this changes)",
                               self.directory / AUDIT_FILE, problem)
@@ -296,14 +315,20 @@ class AuditLog:
                 self._problem = None
 
     async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = -math.inf  # when the last write started
         while not self._closing:
             await self._wake.wait()
-            if not self._closing:
-                # Let a burst gather: under load one write per COALESCE s instead of one per token served.
+            # A token served after a quiet spell is written at once (a SIGKILL right after it keeps the record);
+            # in a burst, writes start at most every COALESCE s, each taking what gathered meanwhile, rather than
+            # one write per token served.
+            wait = last + self._coalesce - loop.time()
+            if wait > 0 and not self._closing:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closed.wait(), self._coalesce)
+                    await asyncio.wait_for(self._closed.wait(), wait)
             self._wake.clear()
-            await self.flush()
+            last = loop.time()
+            await self._write_batch()  # records that come during it set _wake: the next write, COALESCE later
 
     async def close(self, within: float = CLOSE_TIMEOUT) -> None:
         """Write what is pending and stop the writer, waiting at most ``within`` s: a trail that does not take

@@ -8,30 +8,43 @@ for a bus that cannot answer (issue 14.5: the daemon's memory); every other case
 from __future__ import annotations
 
 import os
+import re
 import stat
-from urllib.parse import unquote
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _unescape(value: str) -> str:
+    """%XX as jeepney (the library that would connect) reads it: one character per escape."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
 def plainly_absent(address: str) -> bool:
-    """True when no entry of ``address`` can be connected to: each is ``unix:path=...`` naming no socket.
+    """True when no entry of ``address`` can be connected to: each is ``unix:path=...`` (with a ``guid`` at most)
+    naming no socket, or a path no socket can have (a NUL in it).
 
     Entries are ``;``-separated ``transport:key=value,...`` with %-escaped values (D-Bus specification,
-    "Server Addresses").  Abstract sockets, other transports and anything unparsable count as maybe present.
+    "Server Addresses").  Abstract sockets, other transports, other keys and anything unparsable count as maybe
+    present: the library decides those.
     """
     entries = [entry for entry in address.split(";") if entry]
     if not entries:
         return True
     for entry in entries:
-        transport, _, params = entry.partition(":")
-        if transport != "unix":
+        transport, colon, params = entry.partition(":")
+        if transport != "unix" or not colon:
             return False
-        keys = dict(param.partition("=")[::2] for param in params.split(","))
-        path = keys.get("path")
-        if not path:
-            return False
+        keys: dict[str, str] = {}
+        for param in params.split(","):
+            key, equals, value = param.partition("=")
+            if not equals:
+                return False
+            keys[key] = value
+        if "path" not in keys or set(keys) - {"path", "guid"}:
+            return False  # jeepney prefers "abstract" in an entry, and knows keys we do not
         try:
-            st = os.stat(unquote(path))
-        except OSError:
+            st = os.stat(_unescape(keys["path"]))
+        except (OSError, ValueError):  # gone, or a NUL in the path: nothing can listen there
             continue
         if stat.S_ISSOCK(st.st_mode):
             return False

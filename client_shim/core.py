@@ -370,8 +370,12 @@ def main(argv: "list[str] | None" = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
-    while data:
-        data = data[posix.write(1, data):]
+    try:
+        while data:
+            data = data[posix.write(1, data):]
+    except OSError as exc:  # kubectl closed our stdout (it gave up waiting), or stdout is not writable
+        _err(f"brokerd: cannot write the credential to stdout: {exc.strerror or exc}")
+        return 3
     return 0
 
 

@@ -320,3 +320,39 @@ def test_a_fifo_in_the_trails_place_is_refused_even_with_a_reader(tmp_path: Path
     finally:
         if reader >= 0:
             os.close(reader)
+
+
+async def test_a_burst_is_written_in_a_few_batches_and_a_lone_record_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One write per token served cost more CPU than serving it (bench/run section 3): a burst gathers into a write
+    per COALESCE s; a record after a quiet spell is written at once (a SIGKILL right after it keeps it)."""
+    from brokerd import audit
+
+    batches: list[int] = []
+    real = audit.write_lines
+
+    def counting(directory: Path, lines: list[str], *args: int) -> None:
+        batches.append(len(lines))
+        real(directory, lines, *args)
+
+    monkeypatch.setattr(audit, "write_lines", counting)
+    trail = AuditLog(tmp_path)
+    trail.start()
+    try:
+        began = time.monotonic()
+        for i in range(100):  # 100 tokens in about 0.25 s (longer on a busy machine: the bound below follows)
+            trail.record({"n": i})
+            await asyncio.sleep(0.0025)
+        took = time.monotonic() - began
+        await trail.flush()
+        assert sum(batches) == 100 and len(batches) <= took / audit.COALESCE + 3, (batches, took)
+        await asyncio.sleep(audit.COALESCE * 2)  # quiet
+        written = len(batches)
+        trail.record({"n": 100})
+        deadline = time.monotonic() + audit.COALESCE * 0.8
+        while len(batches) == written and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert batches[written:] == [1], batches
+    finally:
+        await trail.close()
+    assert [doc["n"] for doc in read_entries(tmp_path)] == list(range(101))
