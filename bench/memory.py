@@ -164,6 +164,11 @@ def restart(provider: TestProvider, daemons: Sequence[tuple[str, Daemon]], round
             times[label].append(_restart(daemon, request))
         auto.append(_autostart(first_daemon, provider.issuer))
     after = provider.counters()
+    # Serving again, as it was found: section 7 asks this daemon next (the last autostart left it stopped).
+    with open(first_daemon.log_path, "ab") as log:
+        first_daemon.proc = subprocess.Popen(SERVE, env=first_daemon.env, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=log, cwd=first_daemon.base)
+    _wait_listening(first_daemon, first_daemon.proc)
     traffic = sum(after[k] - before[k] for k in ("discovery", "jwks", "token_requests", "auth_requests"))
     ok = verdict(traffic == 0)
     for label, _ in daemons:
