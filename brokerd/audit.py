@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -161,6 +162,8 @@ def user_of(claims: Mapping[str, Any]) -> str | None:
 def entry(*, now: float, session: str, issuer: str, client_id: str, user: str | None, how: How,
           peer: PeerInfo | None, server: str | None) -> dict[str, Any]:
     """One audit record, from named values only."""
+    if not _finite_number(now):  # never from the system clock; a record must not fail the token it records
+        now = time.time()
     doc: dict[str, Any] = {
         "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "ts": round(now, 3),
@@ -198,41 +201,76 @@ class NotRegularFile(OSError):
 
 def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
     """Append ``lines`` (each one JSON document) to the audit file, rotating first when a line would take it past
-    ``max_bytes`` (with ``keep`` 0 nothing is rotated: the file grows).  Blocking: the writer thread runs it.  One
-    open and one write for a batch that fits; a write that fails part way is cut back, so the next batch does not
-    start on a torn line."""
+    ``max_bytes`` (with ``keep`` 0 nothing is rotated: the file grows).  Blocking: the writer thread runs it.
+
+    One open and one write for a batch that fits, under an exclusive flock of the trail: memory-only daemons
+    (``[store] persist = false``) take no state lock, so two of them may share a state dir and its trail.  Nothing
+    written is ever cut back: a batch that failed part way (a full disk) leaves a torn last line, and the next
+    batch starts on a new line, so the reader skips only the torn one.
+    """
     ensure_private_dir(directory)
     path = directory / AUDIT_FILE
     data = [(line + "\n").encode() for line in lines]
     while data:
-        fd = _open_trail(path)
+        fd = _open_locked(path)
         try:
-            before = size = os.fstat(fd).st_size
+            size = os.fstat(fd).st_size
+            head = b"" if not size or _last_byte(fd, size) == b"\n" else b"\n"  # after a torn line
+            size += len(head)
             fits = len(data) if keep < 1 else 0  # how many lines go into this file before it must rotate
             for chunk in data[fits:]:
-                if size and size + len(chunk) > max_bytes:
+                if size > len(head) and size + len(chunk) > max_bytes:
                     break
                 size += len(chunk)
                 fits += 1
             if fits:
-                try:
-                    _write_all(fd, b"".join(data[:fits]))
-                except OSError:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, before)
-                    raise
+                _write_all(fd, head + b"".join(data[:fits]))
+            data = data[fits:]
+            if data:
+                _rotate(path, keep)  # still under the lock: no other writer rotates or appends meanwhile
         finally:
-            os.close(fd)
-        data = data[fits:]
-        if data:
-            _rotate(path, keep)
+            os.close(fd)  # and with it the lock
+
+
+LOCK_WAIT = 2.0  # s a writer waits for another daemon's write before it appends without the lock
+
+
+def _open_locked(path: Path) -> int:
+    """The trail, opened and flocked; reopened when another writer rotated it while we waited for the lock."""
+    for _attempt in range(5):
+        fd = _open_trail(path)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("audit: %s stayed locked by another writer for %g s; appending anyway", path,
+                                LOCK_WAIT)
+                    return fd
+                time.sleep(0.005)
+            except OSError:
+                return fd  # a file system without flock: one daemon per trail is then the state lock's job
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # rotated away while we waited: append to the new file
+    return _open_trail(path)
 
 
 def _open_trail(path: Path) -> int:
     # O_NONBLOCK: a FIFO put in the trail's place would otherwise block this open until somebody reads it.
+    # O_RDWR: the last byte is read back (pread) to see whether a torn line must be ended first.
+    flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                     0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | flags, 0o600)
+        except PermissionError:  # a trail left write-only: append all the same (its mode is fixed below)
+            fd = os.open(path, os.O_WRONLY | flags, 0o600)
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # only a FIFO without a reader (or a socket) answers so
             raise NotRegularFile(errno.ENXIO, "not a regular file") from exc
@@ -247,6 +285,13 @@ def _open_trail(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _last_byte(fd: int, size: int) -> bytes:
+    try:
+        return os.pread(fd, 1, size - 1)
+    except OSError:  # opened write-only: take the file as ending its last line
+        return b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -278,15 +323,21 @@ class AuditLog:
             self._task = asyncio.create_task(self._writer(), name="audit-writer")
 
     def record(self, doc: Mapping[str, Any]) -> None:
-        if len(self._pending) >= self._max_pending:
-            self._pending.popleft()
-            self._dropped += 1
-        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+        try:  # strict JSON (no NaN or Infinity tokens: jq and other readers refuse them)
+            line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            line = json.dumps(_finite(doc), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except TypeError as exc:  # records are built from named str/number values: not expected
+            log.error("audit: a record could not be written as JSON (%s); dropped", exc)
+            return
         if not line.isascii():
             try:
                 line.encode()
             except UnicodeEncodeError:  # lone surrogates: an exe path that is not UTF-8, a provider's broken claim
-                line = json.dumps(doc, separators=(",", ":"))  # \u escapes: the same JSON, in ASCII
+                line = json.dumps(doc, separators=(",", ":"), allow_nan=False)  # \u escapes: the same JSON
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft()
+            self._dropped += 1
         self._pending.append(line)
         self._wake.set()
 
@@ -420,9 +471,9 @@ def read_entries(directory: Path, *, since: float | None = None, session: str | 
                         doc = json.loads(raw)
                     except ValueError:
                         continue
-                    if not isinstance(doc, dict):
-                        continue
-                    if since is not None and float(doc.get("ts", 0)) < since:
+                    if not isinstance(doc, dict) or not _finite_number(doc.get("ts", 0)):
+                        continue  # not one of our records (an edited trail, a NaN or a string for a time)
+                    if since is not None and doc.get("ts", 0) < since:
                         continue
                     if session and not str(doc.get("session", "")).startswith(session[:12]):
                         continue
@@ -431,8 +482,25 @@ def read_entries(directory: Path, *, since: float | None = None, session: str | 
             continue
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite as None (null): JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        abs(value) < 1e11  # about the year 5138: past it, localtime() overflows on some platforms
+
+
 def format_entry(doc: Mapping[str, Any]) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(doc.get("ts", 0))))
+    ts = doc.get("ts")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if _finite_number(ts) else "????-??-?? ??:??:??"
     caller = doc.get("caller") or {}
     who = "?"
     if caller:

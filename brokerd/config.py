@@ -20,7 +20,7 @@ behaves comes from the config file (TOML):
 
     [store]                       # read at start only (not on SIGHUP)
     key = "auto"                  # where the store's data key lives: "keyring" (Secret Service), "file", or "auto"
-    persist = true                # false: sessions live in memory only, nothing is written to the state dir
+    persist = true                # false: sessions live in memory only (the audit trail is still written)
 
     [profiles.work]               # `--profile work` on the shim, or BROKERD_PROFILE=work
     oidc-issuer-url = "https://auth.example.com"

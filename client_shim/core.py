@@ -17,6 +17,7 @@ from client_shim import protocol
 
 CONNECT_WAIT = 10.0  # seconds to wait for an autostarted daemon's socket
 REPLY_TIMEOUT = 3600.0  # the daemon bounds every login itself; this only guards against a wedged daemon
+WRITE_WAIT = 30.0  # seconds a full, non-blocking stdout may take nothing before the shim gives up
 
 
 class ShimError(Exception):
@@ -372,7 +373,13 @@ def main(argv: "list[str] | None" = None) -> int:
         return 130
     try:
         while data:
-            data = data[posix.write(1, data):]
+            try:
+                data = data[posix.write(1, data):]
+            except BlockingIOError:  # stdout was handed to us non-blocking: wait until it takes more
+                import select
+
+                if not select.select([], [1], [], WRITE_WAIT)[1]:
+                    raise TimeoutError(0, f"stdout took nothing for {WRITE_WAIT:g} s") from None
     except OSError as exc:  # kubectl closed our stdout (it gave up waiting), or stdout is not writable
         _err(f"brokerd: cannot write the credential to stdout: {exc.strerror or exc}")
         return 3

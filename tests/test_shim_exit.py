@@ -3,11 +3,15 @@ and loses nothing by it: what help and version print through sys.stdout is flush
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import subprocess
 import sys
+import time
 
-from tests.support.daemon import ROOT
+from tests.support.daemon import ROOT, Daemon, login_args
+from tests.support.provider import TestProvider
 
 # An atexit handler stands in for the teardown: it runs only if the interpreter finalizes.
 CHILD = r"""
@@ -45,3 +49,41 @@ def test_every_entry_point_kubectl_runs_ends_through_run() -> None:
     for path in (ROOT / "client_shim" / "shim.py", *sorted((ROOT / "launchers").iterdir())):
         code = path.read_text()
         assert "run()" in code and "sys.exit(main())" not in code, path
+
+
+def test_a_full_non_blocking_stdout_gets_the_whole_credential(provider: TestProvider) -> None:
+    """kubectl's end of the pipe may hand us a non-blocking stdout: a full pipe then raises EAGAIN, and the shim
+    must wait for room rather than give kubectl half a credential."""
+    with Daemon() as d:
+        args = login_args(provider.issuer, "--username=alice", "--password=alice-password")
+        whole = d.shim(args)
+        assert whole.returncode == 0, whole.stderr
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        try:
+            while True:  # fill the pipe (bounded by its size, 64 KiB on Linux)
+                try:
+                    os.write(write, b"x" * 4096)
+                except BlockingIOError:
+                    break
+            proc = subprocess.Popen(d.shim_argv(args), env=d.env, stdout=write, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL)
+            time.sleep(0.5)  # the shim meets the full pipe
+            got = b""
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (proc.poll() is None or got.count(b"}") == 0):
+                chunk = os.read(read, 65536) if select.select([read], [], [], 0.2)[0] else b""
+                got += chunk
+                if proc.poll() is not None and not chunk:
+                    break
+            code = proc.wait(timeout=20)
+            assert proc.stderr is not None
+            errors = proc.stderr.read().decode()
+            proc.stderr.close()
+            assert code == 0, errors
+        finally:
+            os.close(write)
+        got += os.read(read, 1 << 20) if select.select([read], [], [], 0.5)[0] else b""
+        os.close(read)
+    credential = got.lstrip(b"x")
+    assert json.loads(credential)["status"]["token"] == json.loads(whole.stdout)["status"]["token"]
