@@ -279,7 +279,7 @@ def _open_trail(path: Path) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(errno.EINVAL, "not a regular file")
-        if st.st_mode & 0o077:
+        if st.st_mode & 0o777 != 0o600:  # looser, or left write-only (then it could not be read back)
             os.fchmod(fd, 0o600)
     except BaseException:
         os.close(fd)
@@ -290,8 +290,8 @@ def _open_trail(path: Path) -> int:
 def _last_byte(fd: int, size: int) -> bytes:
     try:
         return os.pread(fd, 1, size - 1)
-    except OSError:  # opened write-only: take the file as ending its last line
-        return b"\n"
+    except OSError:  # opened write-only: not known, so start on a new line (an empty line is skipped when read)
+        return b""
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -323,18 +323,11 @@ class AuditLog:
             self._task = asyncio.create_task(self._writer(), name="audit-writer")
 
     def record(self, doc: Mapping[str, Any]) -> None:
-        try:  # strict JSON (no NaN or Infinity tokens: jq and other readers refuse them)
-            line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            line = json.dumps(_finite(doc), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except TypeError as exc:  # records are built from named str/number values: not expected
+        try:
+            line = _json_line(doc)
+        except (TypeError, ValueError, RecursionError) as exc:  # not from entry(): named str and number values
             log.error("audit: a record could not be written as JSON (%s); dropped", exc)
             return
-        if not line.isascii():
-            try:
-                line.encode()
-            except UnicodeEncodeError:  # lone surrogates: an exe path that is not UTF-8, a provider's broken claim
-                line = json.dumps(doc, separators=(",", ":"), allow_nan=False)  # \u escapes: the same JSON
         if len(self._pending) >= self._max_pending:
             self._pending.popleft()
             self._dropped += 1
@@ -482,6 +475,23 @@ def read_entries(directory: Path, *, since: float | None = None, session: str | 
             continue
 
 
+def _json_line(doc: Mapping[str, Any]) -> str:
+    """One line of strict JSON (no NaN or Infinity tokens: jq and other readers refuse them; a float that is not
+    finite becomes null), UTF-8 where it can be and \\u escapes where it cannot (lone surrogates: an exe path that is
+    not UTF-8, a provider's broken claim)."""
+    try:
+        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        doc = _finite(doc)
+        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if not line.isascii():
+        try:
+            line.encode()
+        except UnicodeEncodeError:
+            line = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+    return line
+
+
 def _finite(value: Any) -> Any:
     """``value`` with every float that is not finite as None (null): JSON has no NaN or Infinity."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -494,21 +504,36 @@ def _finite(value: Any) -> Any:
 
 
 def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-        abs(value) < 1e11  # about the year 5138: past it, localtime() overflows on some platforms
+    """A time a record may carry: a number within what datetime and localtime take (years 1 to 9999).  NaN and
+    the infinities compare False; an int of any size compares exactly (no OverflowError)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -6.2e10 < value < 2.5e11
 
 
 def format_entry(doc: Mapping[str, Any]) -> str:
+    """One line for a person, whatever the record holds (an edited trail: a field of the wrong type shows as text)."""
     ts = doc.get("ts")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if _finite_number(ts) else "????-??-?? ??:??:??"
-    caller = doc.get("caller") or {}
+    caller = doc.get("caller")
     who = "?"
-    if caller:
-        who = PeerInfo(pid=caller.get("pid") or 0, uid=caller.get("uid") or 0, gid=0, exe=caller.get("exe"),
-                       ppid=caller.get("ppid"), parent_exe=caller.get("parent_exe")).describe()
-    cluster = f" -> {doc['cluster']}" if doc.get("cluster") else ""
-    return (f"{when}  {doc.get('how', '?'):7} {doc.get('session', '?')}  {doc.get('user') or '-'} @ "
-            f"{doc.get('issuer', '?')} ({doc.get('client_id', '?')})  {who}{cluster}")
+    if isinstance(caller, dict) and caller:
+        def number(name: str) -> int:
+            value = caller.get(name)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        def path(name: str) -> str | None:
+            value = caller.get(name)
+            return value if isinstance(value, str) else None
+
+        who = PeerInfo(pid=number("pid"), uid=number("uid"), gid=0, exe=path("exe"), ppid=number("ppid") or None,
+                       parent_exe=path("parent_exe")).describe()
+    cluster = f" -> {_field(doc, 'cluster')}" if doc.get("cluster") else ""
+    return (f"{when}  {_field(doc, 'how'):7} {_field(doc, 'session')}  {_field(doc, 'user', '-')} @ "
+            f"{_field(doc, 'issuer')} ({_field(doc, 'client_id')})  {who}{cluster}")
+
+
+def _field(doc: Mapping[str, Any], name: str, missing: str = "?") -> str:
+    value = doc.get(name)
+    return missing if value is None or value == "" else str(value)
 
 
 # -- per-session tallies for `brokerd status` --------------------------------------------------------------------

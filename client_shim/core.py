@@ -17,7 +17,7 @@ from client_shim import protocol
 
 CONNECT_WAIT = 10.0  # seconds to wait for an autostarted daemon's socket
 REPLY_TIMEOUT = 3600.0  # the daemon bounds every login itself; this only guards against a wedged daemon
-WRITE_WAIT = 30.0  # seconds a full, non-blocking stdout may take nothing before the shim gives up
+WRITE_WAIT = 30.0  # seconds a full, non-blocking stdout or stderr may take nothing before the shim gives up
 
 
 class ShimError(Exception):
@@ -31,10 +31,25 @@ class ShimError(Exception):
         self.answered = answered
 
 
-def _err(text: str) -> None:
-    data = (text + "\n").encode("utf-8", "replace")
+def _write(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``; a descriptor left non-blocking (a terminal another program set so, a pipe) is
+    waited on, up to WRITE_WAIT s of taking nothing.  OSError when it cannot be written."""
     while data:
-        data = data[posix.write(2, data):]
+        try:
+            data = data[posix.write(fd, data):]
+        except BlockingIOError:
+            import select  # only for a non-blocking descriptor: not on kubectl's usual path
+
+            if not select.select([], [fd], [], WRITE_WAIT)[1]:
+                raise TimeoutError(0, f"nothing could be written for {WRITE_WAIT:g} s") from None
+
+
+def _err(text: str) -> None:
+    """A line for the person on stderr.  Never raises: with stderr gone there is nobody left to tell."""
+    try:  # noqa: SIM105 - contextlib would cost an import on kubectl's hot path
+        _write(2, (text + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 S_IFMT = 0o170000
@@ -372,14 +387,7 @@ def main(argv: "list[str] | None" = None) -> int:
     except KeyboardInterrupt:
         return 130
     try:
-        while data:
-            try:
-                data = data[posix.write(1, data):]
-            except BlockingIOError:  # stdout was handed to us non-blocking: wait until it takes more
-                import select
-
-                if not select.select([], [1], [], WRITE_WAIT)[1]:
-                    raise TimeoutError(0, f"stdout took nothing for {WRITE_WAIT:g} s") from None
+        _write(1, data)
     except OSError as exc:  # kubectl closed our stdout (it gave up waiting), or stdout is not writable
         _err(f"brokerd: cannot write the credential to stdout: {exc.strerror or exc}")
         return 3
