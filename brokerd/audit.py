@@ -324,7 +324,7 @@ class AuditLog:
 
     def record(self, doc: Mapping[str, Any]) -> None:
         try:
-            line = _json_line(doc)
+            line = json_line(doc)
         except (TypeError, ValueError, RecursionError) as exc:  # not from entry(): named str and number values
             log.error("audit: a record could not be written as JSON (%s); dropped", exc)
             return
@@ -462,7 +462,7 @@ def read_entries(directory: Path, *, since: float | None = None, session: str | 
                 for raw in handle:
                     try:
                         doc = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # a torn or edited line (one nested past the limit)
                         continue
                     if not isinstance(doc, dict) or not _finite_number(doc.get("ts", 0)):
                         continue  # not one of our records (an edited trail, a NaN or a string for a time)
@@ -475,15 +475,15 @@ def read_entries(directory: Path, *, since: float | None = None, session: str | 
             continue
 
 
-def _json_line(doc: Mapping[str, Any]) -> str:
+def json_line(doc: Mapping[str, Any], *, ascii_only: bool = False) -> str:
     """One line of strict JSON (no NaN or Infinity tokens: jq and other readers refuse them; a float that is not
     finite becomes null), UTF-8 where it can be and \\u escapes where it cannot (lone surrogates: an exe path that is
-    not UTF-8, a provider's broken claim)."""
+    not UTF-8, a provider's broken claim), or everywhere with ``ascii_only``."""
     try:
-        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=ascii_only, allow_nan=False)
     except ValueError:
         doc = _finite(doc)
-        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=ascii_only, allow_nan=False)
     if not line.isascii():
         try:
             line.encode()

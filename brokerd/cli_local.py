@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import io
 import logging
 import os
 import sys
@@ -106,14 +106,22 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Print the audit trail from the files in the state dir (no daemon needed)."""
-    from brokerd.audit import format_entry, read_entries
+    from brokerd.audit import format_entry, json_line, read_entries
     from brokerd.policy import parse_duration
 
     since = time.time() - parse_duration(args.since, "--since") if args.since else None
-    for doc in read_entries(paths.state_dir(os.environ), since=since, session=args.session):
-        # Claims come from the provider: the text form escapes control characters as status does; the JSON form
-        # is ASCII-only (json.dumps escapes them, and ensure_ascii every other non-printable one).
-        print(json.dumps(doc, separators=(",", ":")) if args.json else for_terminal(format_entry(doc)))
+    # Claims come from the provider: the text form escapes control characters as status does, and what the
+    # terminal's encoding cannot show; the JSON form is strict (no NaN or Infinity, which an edited trail may hold)
+    # and ASCII-only (control characters and every other non-printable one escaped).
+    out = sys.stdout
+    if isinstance(out, io.TextIOWrapper):
+        out.reconfigure(errors="backslashreplace")
+    try:
+        for doc in read_entries(paths.state_dir(os.environ), since=since, session=args.session):
+            out.write((json_line(doc, ascii_only=True) if args.json else for_terminal(format_entry(doc))) + "\n")
+        out.flush()
+    except BrokenPipeError:  # `brokerd audit | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # so the interpreter's own flush at exit is quiet
     return 0
 
 

@@ -31,16 +31,21 @@ class ShimError(Exception):
         self.answered = answered
 
 
+_stuck: "list[int]" = []  # descriptors that took nothing for WRITE_WAIT s: not waited on again
+
+
 def _write(fd: int, data: bytes) -> None:
     """All of ``data`` to ``fd``; a descriptor left non-blocking (a terminal another program set so, a pipe) is
-    waited on, up to WRITE_WAIT s of taking nothing.  OSError when it cannot be written."""
+    waited on, up to WRITE_WAIT s of taking nothing, once per run: after one such wait (on stdout or stderr, which
+    may be the same pipe) nothing is waited on again.  OSError when it cannot be written."""
     while data:
         try:
             data = data[posix.write(fd, data):]
         except BlockingIOError:
             import select  # only for a non-blocking descriptor: not on kubectl's usual path
 
-            if not select.select([], [fd], [], WRITE_WAIT)[1]:
+            if _stuck or not select.select([], [fd], [], WRITE_WAIT)[1]:
+                _stuck.append(fd)
                 raise TimeoutError(0, f"nothing could be written for {WRITE_WAIT:g} s") from None
 
 
