@@ -232,14 +232,15 @@ def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, k
             os.close(fd)  # and with it the lock
 
 
-LOCK_WAIT = 2.0  # s a writer waits for another daemon's write before it appends without the lock
+LOCK_WAIT = 5.0  # s a writer waits for other daemons' writes (rotations included) before it appends without the lock
 
 
 def _open_locked(path: Path) -> int:
-    """The trail, opened and flocked; reopened when another writer rotated it while we waited for the lock."""
-    for _attempt in range(5):
+    """The trail, opened and flocked; reopened when another writer rotated it while we waited for the lock.  After
+    LOCK_WAIT s in all (a writer that holds the lock and never lets go) the trail is appended to without it."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
         fd = _open_trail(path)
-        deadline = time.monotonic() + LOCK_WAIT
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -256,10 +257,9 @@ def _open_locked(path: Path) -> int:
             same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
         except OSError:
             same = False
-        if same:
+        if same or time.monotonic() > deadline:
             return fd
         os.close(fd)  # rotated away while we waited: append to the new file
-    return _open_trail(path)
 
 
 def _open_trail(path: Path) -> int:
@@ -482,7 +482,10 @@ def json_line(doc: Mapping[str, Any], *, ascii_only: bool = False) -> str:
     try:
         line = json.dumps(doc, separators=(",", ":"), ensure_ascii=ascii_only, allow_nan=False)
     except ValueError:
-        doc = _finite(doc)
+        try:
+            doc = _finite(doc)
+        except RecursionError:  # nested past what the cleaning can follow: not a record entry() makes
+            raise ValueError("a record nested too deeply to clean") from None
         line = json.dumps(doc, separators=(",", ":"), ensure_ascii=ascii_only, allow_nan=False)
     if not line.isascii():
         try:

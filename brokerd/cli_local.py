@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -114,15 +115,32 @@ def cmd_audit(args: argparse.Namespace) -> int:
     # terminal's encoding cannot show; the JSON form is strict (no NaN or Infinity, which an edited trail may hold)
     # and ASCII-only (control characters and every other non-printable one escaped).
     out = sys.stdout
+    if out is None:  # started with stdout closed
+        print("brokerd: audit has no stdout to write to", file=sys.stderr)
+        return 1
     if isinstance(out, io.TextIOWrapper):
         out.reconfigure(errors="backslashreplace")
     try:
         for doc in read_entries(paths.state_dir(os.environ), since=since, session=args.session):
-            out.write((json_line(doc, ascii_only=True) if args.json else for_terminal(format_entry(doc))) + "\n")
+            try:
+                text = json_line(doc, ascii_only=True) if args.json else for_terminal(format_entry(doc))
+            except (ValueError, TypeError, RecursionError):
+                continue  # an edited line we cannot show as a record: skipped, like a torn one
+            out.write(text + "\n")
         out.flush()
     except BrokenPipeError:  # `brokerd audit | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # so the interpreter's own flush at exit is quiet
+        _quiet_stdout(out)
+    except OSError as exc:  # a full disk, a descriptor not open for writing
+        _quiet_stdout(out)
+        print(f"brokerd: cannot write the audit trail to stdout: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _quiet_stdout(out: Any) -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
 
 
 def cmd_version(args: argparse.Namespace) -> int:

@@ -31,21 +31,22 @@ class ShimError(Exception):
         self.answered = answered
 
 
-_stuck: "list[int]" = []  # descriptors that took nothing for WRITE_WAIT s: not waited on again
+_stuck: "list[tuple[int, int]]" = []  # (st_dev, st_ino) of what took nothing for WRITE_WAIT s: not waited on again
 
 
 def _write(fd: int, data: bytes) -> None:
     """All of ``data`` to ``fd``; a descriptor left non-blocking (a terminal another program set so, a pipe) is
-    waited on, up to WRITE_WAIT s of taking nothing, once per run: after one such wait (on stdout or stderr, which
-    may be the same pipe) nothing is waited on again.  OSError when it cannot be written."""
+    waited on, up to WRITE_WAIT s of taking nothing, once per file: stdout and stderr may be one pipe (2>&1), and
+    what did not drain for WRITE_WAIT s is not waited on again.  OSError when it cannot be written."""
     while data:
         try:
             data = data[posix.write(fd, data):]
         except BlockingIOError:
             import select  # only for a non-blocking descriptor: not on kubectl's usual path
 
-            if _stuck or not select.select([], [fd], [], WRITE_WAIT)[1]:
-                _stuck.append(fd)
+            st = posix.fstat(fd)
+            if (st.st_dev, st.st_ino) in _stuck or not select.select([], [fd], [], WRITE_WAIT)[1]:
+                _stuck.append((st.st_dev, st.st_ino))
                 raise TimeoutError(0, f"nothing could be written for {WRITE_WAIT:g} s") from None
 
 
