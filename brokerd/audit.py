@@ -232,12 +232,13 @@ def write_lines(directory: Path, lines: list[str], max_bytes: int = MAX_BYTES, k
             os.close(fd)  # and with it the lock
 
 
-LOCK_WAIT = 5.0  # s a writer waits for other daemons' writes (rotations included) before it appends without the lock
+LOCK_WAIT = 2.0  # s a writer waits for other daemons' writes (rotations included) before it appends without the
+# lock: well under CLOSE_TIMEOUT, so that a shutdown still writes its last batches past a stuck lock holder
 
 
 def _open_locked(path: Path) -> int:
     """The trail, opened and flocked; reopened when another writer rotated it while we waited for the lock.  After
-    LOCK_WAIT s in all (a writer that holds the lock and never lets go) the trail is appended to without it."""
+    LOCK_WAIT s in all (a writer that holds the lock and never lets go) the current trail is appended to without it."""
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         fd = _open_trail(path)
@@ -249,17 +250,27 @@ def _open_locked(path: Path) -> int:
                 if time.monotonic() > deadline:
                     log.warning("audit: %s stayed locked by another writer for %g s; appending anyway", path,
                                 LOCK_WAIT)
-                    return fd
+                    return fd if _is_current(path, fd) else _reopen(path, fd)
                 time.sleep(0.005)
             except OSError:
                 return fd  # a file system without flock: one daemon per trail is then the state lock's job
-        try:
-            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-        except OSError:
-            same = False
-        if same or time.monotonic() > deadline:
+        if _is_current(path, fd):
             return fd
-        os.close(fd)  # rotated away while we waited: append to the new file
+        if time.monotonic() > deadline:
+            return _reopen(path, fd)  # the file we got the lock on was rotated away: append to the current one
+        os.close(fd)  # rotated away while we waited: try the new file
+
+
+def _is_current(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
+def _reopen(path: Path, fd: int) -> int:
+    os.close(fd)
+    return _open_trail(path)
 
 
 def _open_trail(path: Path) -> int:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -115,26 +115,46 @@ def cmd_audit(args: argparse.Namespace) -> int:
     # terminal's encoding cannot show; the JSON form is strict (no NaN or Infinity, which an edited trail may hold)
     # and ASCII-only (control characters and every other non-printable one escaped).
     out = sys.stdout
-    if out is None:  # started with stdout closed
+    try:
+        fd = out.fileno()
+    except (AttributeError, ValueError, OSError):  # started with stdout closed
         print("brokerd: audit has no stdout to write to", file=sys.stderr)
         return 1
-    if isinstance(out, io.TextIOWrapper):
-        out.reconfigure(errors="backslashreplace")
+    encoding = getattr(out, "encoding", None) or "utf-8"
     try:
+        out.flush()
+        chunk: list[bytes] = []
         for doc in read_entries(paths.state_dir(os.environ), since=since, session=args.session):
             try:
                 text = json_line(doc, ascii_only=True) if args.json else for_terminal(format_entry(doc))
             except (ValueError, TypeError, RecursionError):
                 continue  # an edited line we cannot show as a record: skipped, like a torn one
-            out.write(text + "\n")
-        out.flush()
+            chunk.append((text + "\n").encode(encoding, "backslashreplace"))
+            if len(chunk) >= 256:
+                _write_fd(fd, b"".join(chunk))
+                chunk = []
+        _write_fd(fd, b"".join(chunk))
     except BrokenPipeError:  # `brokerd audit | head`: the reader has what it wanted
         _quiet_stdout(out)
-    except OSError as exc:  # a full disk, a descriptor not open for writing
+    except OSError as exc:  # a full disk, a descriptor not open for writing, a reader that stopped reading
         _quiet_stdout(out)
         print(f"brokerd: cannot write the audit trail to stdout: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+WRITE_WAIT = 30.0  # s a non-blocking stdout may take nothing before `brokerd audit` gives up
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``, waiting on one that was left non-blocking (Python's text layer would drop what a
+    full non-blocking pipe does not take)."""
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            if not select.select([], [fd], [], WRITE_WAIT)[1]:
+                raise TimeoutError(0, f"stdout took nothing for {WRITE_WAIT:g} s") from None
 
 
 def _quiet_stdout(out: Any) -> None:
