@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import logging
 import os
@@ -120,7 +121,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     except (AttributeError, ValueError, OSError):  # started with stdout closed
         print("brokerd: audit has no stdout to write to", file=sys.stderr)
         return 1
-    encoding = getattr(out, "encoding", None) or "utf-8"
+    # One incremental encoder for the whole output: an encoding with a byte-order mark writes it once, at the start.
+    encode = codecs.getincrementalencoder(getattr(out, "encoding", None) or "utf-8")("backslashreplace").encode
     try:
         out.flush()
         chunk: list[bytes] = []
@@ -129,7 +131,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 text = json_line(doc, ascii_only=True) if args.json else for_terminal(format_entry(doc))
             except (ValueError, TypeError, RecursionError):
                 continue  # an edited line we cannot show as a record: skipped, like a torn one
-            chunk.append((text + "\n").encode(encoding, "backslashreplace"))
+            chunk.append(encode(text + "\n"))
             if len(chunk) >= 256:
                 _write_fd(fd, b"".join(chunk))
                 chunk = []
