@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import select
 import shutil
@@ -23,21 +22,10 @@ import pytest
 from brokerd import audit
 from brokerd.audit import AuditLog, read_entries
 from tests.support.daemon import ROOT
+from tests.support.pipes import full_nonblocking_pipe
+from tests.support.trail import brokerd_audit, good_record
 
 SHIM = ROOT / "client_shim" / "shim.py"
-
-
-def _good(n: int = 0) -> str:
-    doc = audit.entry(now=time.time(), session="s" * 12, issuer="https://i", client_id="c", user="u", how="cache",
-                      peer=None, server=None)
-    doc["n"] = n
-    return json.dumps(doc)
-
-
-def _brokerd_audit(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, BROKERD_STATE_DIR=str(state))
-    return subprocess.run([sys.executable, "-m", "brokerd", "audit", *extra], env=env, capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 # -- the reader: `brokerd audit` guards only ts ------------------------------------------------------------------
@@ -48,10 +36,10 @@ def test_brokerd_audit_survives_a_huge_integer_ts(tmp_path: Path) -> None:
     which converts to float: OverflowError, out of read_entries and a traceback in `brokerd audit`."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    (state / audit.AUDIT_FILE).write_text(_good(0) + "\n" + '{"ts":' + "1" * 400 + ',"how":"cache"}\n'
-                                          + _good(1) + "\n")
+    (state / audit.AUDIT_FILE).write_text(good_record(0) + "\n" + '{"ts":' + "1" * 400 + ',"how":"cache"}\n'
+                                          + good_record(1) + "\n")
     for extra in ([], ["--json"], ["--since", "1h"]):
-        done = _brokerd_audit(state, *extra)
+        done = brokerd_audit(state, *extra)
         assert "Traceback" not in done.stderr, (extra, done.stderr[-800:])
         assert len(done.stdout.splitlines()) == 2, (extra, done.stdout)
 
@@ -65,8 +53,9 @@ def test_brokerd_audit_survives_a_record_with_an_odd_field(tmp_path: Path, odd: 
     traceback, and every record after it is not shown."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    (state / audit.AUDIT_FILE).write_text(_good(0) + "\n" + '{"ts":1700000000,' + odd + '}\n' + _good(1) + "\n")
-    done = _brokerd_audit(state)
+    (state / audit.AUDIT_FILE).write_text(
+        good_record(0) + "\n" + '{"ts":1700000000,' + odd + '}\n' + good_record(1) + "\n")
+    done = brokerd_audit(state)
     assert "Traceback" not in done.stderr, done.stderr[-800:]
     assert len(done.stdout.splitlines()) >= 2, done.stdout
 
@@ -141,11 +130,11 @@ def test_a_write_only_trail_is_fixed_not_kept_write_only(tmp_path: Path) -> None
     state.mkdir(mode=0o700)
     os.chown(state, 65534, 65534)
     trail = state / audit.AUDIT_FILE
-    trail.write_text(_good(0) + "\n" + _good(1)[:40])  # a torn last line (a full disk)
+    trail.write_text(good_record(0) + "\n" + good_record(1)[:40])  # a torn last line (a full disk)
     os.chown(trail, 65534, 65534)
     trail.chmod(0o200)
-    done = subprocess.run([sys.executable, "-c", CHILD_WRITE_ONLY, str(ROOT), str(state), _good(2), _good(3)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", CHILD_WRITE_ONLY, str(ROOT), str(state), good_record(2),
+                           good_record(3)], capture_output=True, text=True, timeout=60)
     try:
         assert done.returncode == 0, done.stderr
         assert trail.stat().st_mode & 0o777 == 0o600, oct(trail.stat().st_mode)
@@ -162,15 +151,8 @@ def test_a_full_non_blocking_stderr_gives_a_one_line_error_not_a_traceback(tmp_p
     posix.write(2, ...) loop: a non-blocking stderr (a terminal some other program left O_NONBLOCK, one shared
     open file description) that is full raises BlockingIOError out of main() -- a traceback and exit 1, not the
     one-line error and exit 3 (and a MESSAGE during a login is reported as a lost connection)."""
-    read, write = os.pipe()
-    os.set_blocking(write, False)
+    read, write = full_nonblocking_pipe()
     try:
-        filled = 0
-        while filled < 1 << 22:  # bounded: a pipe holds 64 KiB by default
-            try:
-                filled += os.write(write, b"x" * 4096)
-            except BlockingIOError:
-                break
         env = dict(os.environ, BROKERD_SOCKET=str(tmp_path / "none.sock"), BROKERD_NO_AUTOSTART="1")
         proc = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), "get-token", "--issuer-url=https://i",
                                  "--client-id=c"], env=env, stdout=subprocess.PIPE, stderr=write,
@@ -225,7 +207,7 @@ def test_held_a_lock_held_forever_delays_but_does_not_hang(tmp_path: Path) -> No
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         began = time.monotonic()
-        audit.write_lines(tmp_path, [_good(0)])
+        audit.write_lines(tmp_path, [good_record(0)])
         assert time.monotonic() - began < audit.LOCK_WAIT + 1
     finally:
         os.close(fd)
@@ -234,8 +216,8 @@ def test_held_a_lock_held_forever_delays_but_does_not_hang(tmp_path: Path) -> No
 
 def test_held_a_torn_line_is_ended_before_the_next_batch(tmp_path: Path) -> None:
     tmp_path.chmod(0o700)
-    (tmp_path / audit.AUDIT_FILE).write_text(_good(0) + "\n" + _good(1)[:30])
-    audit.write_lines(tmp_path, [_good(2)])
+    (tmp_path / audit.AUDIT_FILE).write_text(good_record(0) + "\n" + good_record(1)[:30])
+    audit.write_lines(tmp_path, [good_record(2)])
     assert [e["n"] for e in read_entries(tmp_path)] == [0, 2]
 
 

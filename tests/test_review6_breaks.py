@@ -22,25 +22,14 @@ from brokerd import audit
 from brokerd.audit import AuditLog, read_entries
 from client_shim import protocol
 from tests.support.daemon import ROOT
-
-
-def _good(n: int = 0) -> str:
-    doc = audit.entry(now=time.time(), session="s" * 12, issuer="https://i", client_id="c", user="u", how="cache",
-                      peer=None, server=None)
-    doc["n"] = n
-    return json.dumps(doc)
-
-
-def _brokerd_audit(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, BROKERD_STATE_DIR=str(state))
-    return subprocess.run([sys.executable, "-m", "brokerd", "audit", *extra], env=env, capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=ROOT)
+from tests.support.pipes import full_nonblocking_pipe
+from tests.support.trail import brokerd_audit, good_record
 
 
 def _trail(tmp_path: Path, odd: str) -> Path:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    (state / audit.AUDIT_FILE).write_text(_good(0) + "\n" + odd + "\n" + _good(1) + "\n")
+    (state / audit.AUDIT_FILE).write_text(good_record(0) + "\n" + odd + "\n" + good_record(1) + "\n")
     return state
 
 
@@ -54,7 +43,7 @@ def test_brokerd_audit_survives_a_deeply_nested_line(tmp_path: Path, odd: str, e
     """read_entries catches only ValueError around json.loads (audit.py:464-465), but json.loads of a line nested
     deeper than the recursion limit raises RecursionError (not a ValueError): a traceback, exit 1, and every
     record after the line is not shown.  A torn or edited trail is what round 5 set out to survive."""
-    done = _brokerd_audit(_trail(tmp_path, odd), *extra)
+    done = brokerd_audit(_trail(tmp_path, odd), *extra)
     assert "Traceback" not in done.stderr, done.stderr[-400:]
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2, (done.returncode, done.stdout[-400:])
 
@@ -66,7 +55,7 @@ def test_brokerd_audit_json_is_strict_json(tmp_path: Path, odd: str) -> None:
     (audit.py:479), but `brokerd audit --json` re-dumps what json.loads accepted with allow_nan left True
     (cli_local.py:116): an edited line with NaN, 1e999 or -Infinity in any field but ts comes out as a NaN /
     Infinity token, and `brokerd audit --json | jq` stops there."""
-    done = _brokerd_audit(_trail(tmp_path, odd), "--json")
+    done = brokerd_audit(_trail(tmp_path, odd), "--json")
     assert done.returncode == 0, done.stderr[-400:]
     for line in done.stdout.splitlines():
         def refuse(name: str, line: str = line) -> None:
@@ -115,21 +104,9 @@ def _fake_daemon(directory: Path, messages: int) -> tuple[socket.socket, threadi
     return server, thread
 
 
-def _full_nonblocking_pipe() -> tuple[int, int]:
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    filled = 0
-    while filled < 1 << 22:  # bounded: a pipe holds 64 KiB by default
-        try:
-            filled += os.write(write, b"x" * 4096)
-        except BlockingIOError:
-            break
-    return read, write
-
-
 def _run_shim(tmp_path: Path, messages: int, wait: float, *, same_pipe: bool) -> tuple[int, float]:
     server, thread = _fake_daemon(tmp_path / "run", messages)
-    read, write = _full_nonblocking_pipe()
+    read, write = full_nonblocking_pipe()
     report_r, report_w = os.pipe()
     try:
         env = dict(os.environ, BROKERD_SOCKET=str(tmp_path / "run" / "brokerd.sock"), BROKERD_NO_AUTOSTART="1")
@@ -178,11 +155,11 @@ def test_shim_with_stdout_and_stderr_on_one_stuck_pipe_gives_up_within_write_wai
 def test_held_brokerd_audit_text_escapes_control_characters(tmp_path: Path, user: str) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    doc = json.loads(_good(0))
+    doc = json.loads(good_record(0))
     doc.update(user=user, issuer=[user], client_id={"k": user}, how=user, caller={"exe": "/x/" + user, "pid": 3})
     (state / audit.AUDIT_FILE).write_text(json.dumps(doc) + "\n")
     for extra in ([], ["--json"]):
-        done = _brokerd_audit(state, *extra)
+        done = brokerd_audit(state, *extra)
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-400:]
         out = done.stdout.rstrip("\n")
         assert out.isprintable() and "\n" not in out, repr(out)
@@ -190,7 +167,7 @@ def test_held_brokerd_audit_text_escapes_control_characters(tmp_path: Path, user
 
 @pytest.mark.parametrize("ts", ["-6.19e10", "2.49e11", "1e400", "-1e400", "1" + "0" * 300, "true", '"1"', "null"])
 def test_held_brokerd_audit_with_an_edge_ts(tmp_path: Path, ts: str) -> None:
-    done = _brokerd_audit(_trail(tmp_path, '{"ts":' + ts + ',"how":"cache"}'))
+    done = brokerd_audit(_trail(tmp_path, '{"ts":' + ts + ',"how":"cache"}'))
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-400:]
 
 
@@ -214,9 +191,9 @@ def test_held_write_only_trail_without_root_reads_back(tmp_path: Path) -> None:
     tmp_path.chmod(0o700)
     trail = tmp_path / audit.AUDIT_FILE
     for mode in (0o200, 0o700, 0o644, 0o4600):
-        trail.write_text(_good(0) + "\n" + _good(1)[:20])
+        trail.write_text(good_record(0) + "\n" + good_record(1)[:20])
         trail.chmod(mode)
-        audit.write_lines(tmp_path, [_good(2)])
+        audit.write_lines(tmp_path, [good_record(2)])
         assert trail.stat().st_mode & 0o777 == 0o600, oct(trail.stat().st_mode)
         assert [e["n"] for e in read_entries(tmp_path)] == [0, 2]
 
@@ -238,7 +215,7 @@ def test_brokerd_audit_into_head_ends_without_a_traceback(tmp_path: Path) -> Non
     catch BrokenPipeError: a traceback on stderr and exit 1."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    (state / audit.AUDIT_FILE).write_text("".join(_good(n) + "\n" for n in range(20_000)))
+    (state / audit.AUDIT_FILE).write_text("".join(good_record(n) + "\n" for n in range(20_000)))
     env = dict(os.environ, BROKERD_STATE_DIR=str(state))
     proc = subprocess.Popen([sys.executable, "-m", "brokerd", "audit"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from brokerd import audit
 from tests.support.daemon import ROOT
-from tests.test_review6_breaks import _fake_daemon, _full_nonblocking_pipe, _good
+from tests.support.pipes import full_nonblocking_pipe
+from tests.support.trail import good_record
+from tests.test_review6_breaks import _fake_daemon
 
 
 def _state(tmp_path: Path, odd: str) -> Path:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    (state / audit.AUDIT_FILE).write_text(_good(0) + "\n" + odd + "\n" + _good(1) + "\n")
+    (state / audit.AUDIT_FILE).write_text(good_record(0) + "\n" + odd + "\n" + good_record(1) + "\n")
     return state
 
 
@@ -44,7 +46,7 @@ def test_brokerd_audit_json_survives_a_nan_beside_a_moderately_deep_nest(tmp_pat
 def test_brokerd_audit_with_stdout_closed_has_no_traceback(tmp_path: Path) -> None:
     """`brokerd audit >&-`: sys.stdout is None.  Before 5c57078, print() to a None stdout did nothing (exit 0); now
     out.write / out.flush (cli_local.py:121-122) raise AttributeError: a traceback and exit 1."""
-    done = _audit(_state(tmp_path, _good(2)), shell_redirect=">&-")
+    done = _audit(_state(tmp_path, good_record(2)), shell_redirect=">&-")
     assert "Traceback" not in done.stderr, done.stderr[-300:]
 
 
@@ -52,7 +54,7 @@ def test_brokerd_audit_to_a_full_disk_gives_one_line_not_a_traceback(tmp_path: P
     """`brokerd audit > /dev/full` (a full disk, or stdout opened read-only): out.write/flush raise OSError
     (ENOSPC/EBADF), cmd_audit handles only EPIPE (cli_local.py:123): a traceback.  The promise: bad input/an odd
     environment gives a one-line error."""
-    done = _audit(_state(tmp_path, _good(2)), shell_redirect=">/dev/full")
+    done = _audit(_state(tmp_path, good_record(2)), shell_redirect=">/dev/full")
     assert "Traceback" not in done.stderr, done.stderr[-300:]
     assert done.returncode != 0
 
@@ -76,8 +78,8 @@ def test_shim_credential_to_a_briefly_full_stdout_after_a_stuck_stderr(tmp_path:
     pipe (fstat st_dev/st_ino of the fd that timed out), not global."""
     wait = 1.0
     server, thread = _fake_daemon(tmp_path / "run", messages=1)
-    err_r, err_w = _full_nonblocking_pipe()  # stderr: never read
-    out_r, out_w = _full_nonblocking_pipe()  # stdout: full now, drained 0.3 s after the stderr wait ends
+    err_r, err_w = full_nonblocking_pipe()  # stderr: never read
+    out_r, out_w = full_nonblocking_pipe()  # stdout: full now, drained 0.3 s after the stderr wait ends
     report_r, report_w = os.pipe()
     got = bytearray()
 

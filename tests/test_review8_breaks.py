@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from brokerd import audit
 from tests.support.daemon import ROOT
+from tests.support.trail import write_trail
 
 N = 3000
 
@@ -26,12 +26,7 @@ def test_brokerd_audit_to_a_nonblocking_stdout_loses_records_silently(tmp_path: 
     core.py:37-50) and a reader that is a moment late.  cmd_audit (cli_local.py:121-130) writes through sys.stdout's
     TextIOWrapper, which on EAGAIN drops what the pipe could not take WITHOUT raising: the new `except OSError`
     branch never runs, so no line on stderr and exit 0 with most records missing."""
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    with (state / audit.AUDIT_FILE).open("w") as f:
-        for i in range(N):
-            f.write(json.dumps({"ts": 1_700_000_000 + i, "session": "s" * 12, "how": "cache", "user": f"u{i}",
-                                "issuer": "https://issuer.example", "client_id": "c"}) + "\n")
+    state = write_trail(tmp_path, N)
     read, write = os.pipe()
     os.set_blocking(write, False)
     env = dict(os.environ, BROKERD_STATE_DIR=str(state))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from brokerd import audit
 from tests.support.daemon import ROOT
+from tests.support.trail import write_trail
 
 N = 5
 
@@ -24,12 +24,7 @@ def test_brokerd_audit_json_repeats_the_bom_before_every_line(tmp_path: Path, en
     one BEFORE EVERY LINE.  The text layer it replaced (fab39ff) kept the encoder's state and wrote one BOM for the
     stream.  Decoded, lines 2..N start with U+FEFF: `--json` lines no longer parse (json.loads: "Unexpected UTF-8
     BOM"), and the text form carries invisible characters.  Records are corrupted with exit 0."""
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    with (state / audit.AUDIT_FILE).open("w") as f:
-        for i in range(N):
-            f.write(json.dumps({"ts": 1_700_000_000 + i, "session": "s" * 12, "how": "cache", "user": f"u{i}",
-                                "issuer": "https://issuer.example", "client_id": "c"}) + "\n")
+    state = write_trail(tmp_path, N)
     env = dict(os.environ, BROKERD_STATE_DIR=str(state), PYTHONIOENCODING=encoding)
     proc = subprocess.run([sys.executable, "-m", "brokerd", "audit", "--json"], capture_output=True,
                           stdin=subprocess.DEVNULL, env=env, cwd=ROOT, timeout=30, check=False)

@@ -11,6 +11,7 @@ import sys
 import time
 
 from tests.support.daemon import ROOT, Daemon, login_args
+from tests.support.pipes import full_nonblocking_pipe
 from tests.support.provider import TestProvider
 
 # An atexit handler stands in for the teardown: it runs only if the interpreter finalizes.
@@ -58,14 +59,8 @@ def test_a_full_non_blocking_stdout_gets_the_whole_credential(provider: TestProv
         args = login_args(provider.issuer, "--username=alice", "--password=alice-password")
         whole = d.shim(args)
         assert whole.returncode == 0, whole.stderr
-        read, write = os.pipe()
-        os.set_blocking(write, False)
+        read, write = full_nonblocking_pipe()
         try:
-            while True:  # fill the pipe (bounded by its size, 64 KiB on Linux)
-                try:
-                    os.write(write, b"x" * 4096)
-                except BlockingIOError:
-                    break
             proc = subprocess.Popen(d.shim_argv(args), env=d.env, stdout=write, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL)
             time.sleep(0.5)  # the shim meets the full pipe
