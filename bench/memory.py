@@ -115,15 +115,20 @@ def _wait_listening(daemon: Daemon, proc: subprocess.Popen[bytes], timeout: floa
         raise BenchError(f"brokerd did not listen within {timeout} s")
 
 
-def _restart(daemon: Daemon, request: bytes) -> tuple[float, float]:
-    """Stop (SIGTERM, sessions persisted), start again, and time (listening, first token served)."""
-    daemon.stop()
+def _serve(daemon: Daemon) -> None:
+    """Start `brokerd serve` for ``daemon`` (stopped) and wait until it listens."""
     with open(daemon.log_path, "ab") as log:
-        start = time.perf_counter()
         proc = subprocess.Popen(SERVE, env=daemon.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 cwd=daemon.base)
     daemon.proc = proc  # from now on daemon.stop()/close() end this process, by its PID
     _wait_listening(daemon, proc)
+
+
+def _restart(daemon: Daemon, request: bytes) -> tuple[float, float]:
+    """Stop (SIGTERM, sessions persisted), start again, and time (listening, first token served)."""
+    daemon.stop()
+    start = time.perf_counter()
+    _serve(daemon)
     listening = time.perf_counter() - start
     kind, body = ask(daemon.socket, request)
     first = time.perf_counter() - start
@@ -164,11 +169,7 @@ def restart(provider: TestProvider, daemons: Sequence[tuple[str, Daemon]], round
             times[label].append(_restart(daemon, request))
         auto.append(_autostart(first_daemon, provider.issuer))
     after = provider.counters()
-    # Serving again, as it was found: section 7 asks this daemon next (the last autostart left it stopped).
-    with open(first_daemon.log_path, "ab") as log:
-        first_daemon.proc = subprocess.Popen(SERVE, env=first_daemon.env, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=log, cwd=first_daemon.base)
-    _wait_listening(first_daemon, first_daemon.proc)
+    _serve(first_daemon)  # serving again, as it was found: section 7 asks it next (the last autostart stopped it)
     traffic = sum(after[k] - before[k] for k in ("discovery", "jwks", "token_requests", "auth_requests"))
     ok = verdict(traffic == 0)
     for label, _ in daemons:

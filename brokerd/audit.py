@@ -323,11 +323,10 @@ class AuditLog:
         self._dropped = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self._problem: str | None = None  # the last write failure logged
         self._thread = _WriterThread()
         self._coalesce = coalesce
-        self._closed = asyncio.Event()  # close() cuts the gathering short
+        self._closed = asyncio.Event()  # set by close(): ends the writer and cuts a gathering short
 
     def start(self) -> None:
         if self._task is None:
@@ -372,13 +371,13 @@ class AuditLog:
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()
         last = -math.inf  # when the last write started
-        while not self._closing:
+        while not self._closed.is_set():
             await self._wake.wait()
             # A token served after a quiet spell is written at once (a SIGKILL right after it keeps the record);
             # in a burst, writes start at most every COALESCE s, each taking what gathered meanwhile, rather than
             # one write per token served.
             wait = last + self._coalesce - loop.time()
-            if wait > 0 and not self._closing:
+            if wait > 0 and not self._closed.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), wait)
             self._wake.clear()
@@ -388,7 +387,6 @@ class AuditLog:
     async def close(self, within: float = CLOSE_TIMEOUT) -> None:
         """Write what is pending and stop the writer, waiting at most ``within`` s: a trail that does not take
         writes (a hung file system) must not keep the daemon from stopping."""
-        self._closing = True
         self._closed.set()
         self._wake.set()
         try:

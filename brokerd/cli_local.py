@@ -10,7 +10,6 @@ import codecs
 import contextlib
 import logging
 import os
-import select
 import sys
 import time
 from collections.abc import Callable
@@ -110,6 +109,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Print the audit trail from the files in the state dir (no daemon needed)."""
     from brokerd.audit import format_entry, json_line, read_entries
     from brokerd.policy import parse_duration
+    from client_shim.core import write_all  # waits on a non-blocking stdout (the text layer would drop data)
 
     since = time.time() - parse_duration(args.since, "--since") if args.since else None
     # Claims come from the provider: the text form escapes control characters as status does, and what the
@@ -133,9 +133,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 continue  # an edited line we cannot show as a record: skipped, like a torn one
             chunk.append(encode(text + "\n"))
             if len(chunk) >= 256:
-                _write_fd(fd, b"".join(chunk))
+                write_all(fd, b"".join(chunk))
                 chunk = []
-        _write_fd(fd, b"".join(chunk))
+        write_all(fd, b"".join(chunk))
     except BrokenPipeError:  # `brokerd audit | head`: the reader has what it wanted
         _quiet_stdout(out)
     except OSError as exc:  # a full disk, a descriptor not open for writing, a reader that stopped reading
@@ -143,20 +143,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"brokerd: cannot write the audit trail to stdout: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
-
-
-WRITE_WAIT = 30.0  # s a non-blocking stdout may take nothing before `brokerd audit` gives up
-
-
-def _write_fd(fd: int, data: bytes) -> None:
-    """All of ``data`` to ``fd``, waiting on one that was left non-blocking (Python's text layer would drop what a
-    full non-blocking pipe does not take)."""
-    while data:
-        try:
-            data = data[os.write(fd, data):]
-        except BlockingIOError:
-            if not select.select([], [fd], [], WRITE_WAIT)[1]:
-                raise TimeoutError(0, f"stdout took nothing for {WRITE_WAIT:g} s") from None
 
 
 def _quiet_stdout(out: Any) -> None:

@@ -34,7 +34,7 @@ class ShimError(Exception):
 _stuck: "list[tuple[int, int]]" = []  # (st_dev, st_ino) of what took nothing for WRITE_WAIT s: not waited on again
 
 
-def _write(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     """All of ``data`` to ``fd``; a descriptor left non-blocking (a terminal another program set so, a pipe) is
     waited on, up to WRITE_WAIT s of taking nothing, once per file: stdout and stderr may be one pipe (2>&1), and
     what did not drain for WRITE_WAIT s is not waited on again.  OSError when it cannot be written."""
@@ -53,7 +53,7 @@ def _write(fd: int, data: bytes) -> None:
 def _err(text: str) -> None:
     """A line for the person on stderr.  Never raises: with stderr gone there is nobody left to tell."""
     try:  # noqa: SIM105 - contextlib would cost an import on kubectl's hot path
-        _write(2, (text + "\n").encode("utf-8", "replace"))
+        write_all(2, (text + "\n").encode("utf-8", "replace"))
     except OSError:
         pass
 
@@ -393,7 +393,7 @@ def main(argv: "list[str] | None" = None) -> int:
     except KeyboardInterrupt:
         return 130
     try:
-        _write(1, data)
+        write_all(1, data)
     except OSError as exc:  # kubectl closed our stdout (it gave up waiting), or stdout is not writable
         _err(f"brokerd: cannot write the credential to stdout: {exc.strerror or exc}")
         return 3
