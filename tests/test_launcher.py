@@ -2,16 +2,20 @@
 
 The editable layout is the test venv itself (scripts/test installs with -e; tests/test_e2e_kubectl.py and
 tests/test_kubeconfig.py run kubectl through it).  Here: a venv laid out as `pip install .` leaves it, moved to
-another directory, reached through a pipx-style symlink, and run by an interpreter whose site-packages has no brokerd.
+another directory, reached through a pipx-style symlink, and run by an interpreter whose site-packages has no brokerd;
+and the source path an editable build writes into the launcher (setup.py), current and stale.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +23,24 @@ from tests.support.daemon import BIN, ROOT
 
 LAUNCHER = ROOT / "launchers" / "kubectl-oidc_login"
 PYVER = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+FINDER = "__editable___brokerd_0_1_0_finder.py"
+
+
+def _setup_module() -> Any:
+    """setup.py, loaded without running setup() (it runs only as __main__, as setuptools' build backend runs it)."""
+    spec = importlib.util.spec_from_file_location("brokerd_setup", ROOT / "setup.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _baked(venv: Path, source: Path) -> Path:
+    """The launcher as an editable build installs it: ``source`` written into its marked line."""
+    launcher = venv / "bin" / "kubectl-oidc_login"
+    launcher.write_text(_setup_module().bake(LAUNCHER.read_text(), str(source)))
+    launcher.chmod(0o755)
+    return launcher
 
 
 def _venv(where: Path) -> Path:
@@ -69,8 +91,16 @@ def test_pip_layout_moved_venv_and_pipx_symlink(tmp_path: Path) -> None:
                 {"PIPX_HOME": str(tmp_path / "not-pipx"), "HOME": str(fake_home)},  # by readlink
                 {"HOME": str(fake_home)}):  # by readlink, without PIPX_HOME
         _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], env))
+    # Found by a stat, no readlink (PATH has none): PIPX_HOME, pipx's data dir under XDG_DATA_HOME, pipx --global's
+    # home, then its default home.
+    data = tmp_path / "xdg-data"
+    data.mkdir()
+    (data / "pipx").symlink_to(home)
+    no_path = {"HOME": str(fake_home), "PATH": "/nonexistent"}
+    for env in ({"PIPX_HOME": str(home)}, {"XDG_DATA_HOME": str(data)}, {"PIPX_GLOBAL_HOME": str(home)}):
+        _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], {**no_path, **env}))
     (fake_home / ".local" / "share" / "pipx").symlink_to(home)  # pipx's default home: found by a stat
-    _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], {"HOME": str(fake_home)}))
+    _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], no_path))
     # Called by name through PATH, as kubectl's plugin lookup does.
     _reached_the_shim(_run(["kubectl-oidc_login", "get-token"],
                            {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "PIPX_HOME": "/nonexistent"}))
@@ -95,7 +125,48 @@ def test_site_packages_without_brokerd_gives_one_clear_line(tmp_path: Path) -> N
 
 @pytest.mark.skipif(not (BIN / "kubectl-oidc_login").exists(), reason="the package is not installed in this venv")
 def test_the_installed_launchers_are_the_isolated_ones() -> None:
+    # scripts/test installs with `pip install -e .`, so this also checks the editable build wrote this tree's path.
+    expected = _setup_module().bake(LAUNCHER.read_text(), str(ROOT))
+    assert f"_pkg = {str(ROOT)!r}  # written by setup.py" in expected
     for name in ("kubectl-oidc_login", "brokerd-shim"):
         installed = (BIN / name).read_text()
-        assert installed == LAUNCHER.read_text(), f"{name} is not launchers/kubectl-oidc_login; reinstall (pip -e .)"
+        assert installed == expected, f"{name} is not launchers/{name} as an editable build writes it; pip install -e ."
         _reached_the_shim(_run([str(BIN / name), "get-token"]))
+
+
+def _no_shim_venv(where: Path) -> Path:
+    venv = _venv(where)
+    shutil.rmtree(venv / "lib" / PYVER / "site-packages" / "client_shim")  # where an editable install has none
+    return venv
+
+
+def test_an_editable_launcher_imports_from_the_source_path_written_into_it(tmp_path: Path) -> None:
+    source = tmp_path / "checkout"
+    shutil.copytree(ROOT / "client_shim", source / "client_shim", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = _no_shim_venv(tmp_path / "venv")
+    # No finder in site-packages: only the written path can have found the package.
+    _reached_the_shim(_run([str(_baked(venv, source)), "get-token"]))
+    shutil.rmtree(source / "client_shim")
+    result = _run([str(venv / "bin" / "kubectl-oidc_login"), "get-token"])
+    assert result.returncode == 3 and result.stdout == "" and "reinstall brokerd" in result.stderr, result.stderr
+
+
+def test_a_stale_source_path_falls_back_to_setuptools_finder(tmp_path: Path) -> None:
+    """The source tree moved (and was installed again from there): the path in the launcher is gone, the finder
+    in site-packages maps the new place."""
+    moved = tmp_path / "moved"
+    shutil.copytree(ROOT / "client_shim", moved / "client_shim", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = _no_shim_venv(tmp_path / "venv")
+    (venv / "lib" / PYVER / "site-packages" / FINDER).write_text(
+        f"MAPPING: dict[str, str] = {{'client_shim': {str(moved / 'client_shim')!r}}}\n")
+    _reached_the_shim(_run([str(_baked(venv, tmp_path / "gone")), "get-token"]))
+
+
+def test_bake_writes_any_path_as_a_literal_and_refuses_a_changed_template() -> None:
+    setup = _setup_module()
+    odd = "/tmp/it's a \\ \"path\"\n"
+    text = setup.bake(LAUNCHER.read_text(), odd)
+    line = next(ln for ln in text.splitlines() if ln.startswith("_pkg = "))
+    assert ast.literal_eval(line.partition(" = ")[2].partition("  #")[0]) == odd
+    with pytest.raises(RuntimeError, match="exactly one line"):
+        setup.bake(text, "/x")  # already written: the marked line is gone
