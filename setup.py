@@ -34,6 +34,8 @@ class BuildScripts(build_scripts):
         super().run()
         if not self.editable_mode or not os.path.isfile(os.path.join(ROOT, "client_shim", "core.py")):
             return
+        if str(getattr(self.get_finalized_command("editable_wheel"), "mode", "") or "").lower() == "strict":
+            return  # strict mode maps the package to a tree of links (new files need a reinstall): the finder says
         for script in self.scripts or ():
             built = os.path.join(self.build_dir, os.path.basename(script))
             with open(built, encoding="utf-8") as f:

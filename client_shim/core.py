@@ -224,7 +224,8 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
         except OSError:
             pass
         command = env.get(b"BROKERD_DAEMON_COMMAND")
-        argv = command.split() if command else [sys.executable.encode(), b"-m", b"brokerd", b"serve"]
+        # -P: `-m` would put the current directory first on sys.path (kubectl runs us wherever the user is).
+        argv = command.split() if command else [sys.executable.encode(), b"-P", b"-m", b"brokerd", b"serve"]
         argv.append(b"--autostarted")
         null = os.open(os.devnull, os.O_RDWR)
         try:
@@ -384,7 +385,7 @@ def main(argv: "list[str] | None" = None) -> int:
         # Not on kubectl's hot path: these run in the full CLI (clean must work without a daemon).
         import os
 
-        os.execv(sys.executable, [sys.executable, "-m", "brokerd", *args])
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "brokerd", *args])  # -P: not the current directory
     try:
         data = request(args, posix.environ, program) + b"\n"
     except ShimError as exc:

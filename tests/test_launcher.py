@@ -91,13 +91,13 @@ def test_pip_layout_moved_venv_and_pipx_symlink(tmp_path: Path) -> None:
                 {"PIPX_HOME": str(tmp_path / "not-pipx"), "HOME": str(fake_home)},  # by readlink
                 {"HOME": str(fake_home)}):  # by readlink, without PIPX_HOME
         _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], env))
-    # Found by a stat, no readlink (PATH has none): PIPX_HOME, pipx's data dir under XDG_DATA_HOME, pipx --global's
-    # home, then its default home.
+    # Found by a stat, no readlink (PATH has none): PIPX_HOME, pipx's data dir under XDG_DATA_HOME, then its default
+    # home.  (pipx --global's /opt/pipx is left to readlink: tests/test_review10_breaks.py.)
     data = tmp_path / "xdg-data"
     data.mkdir()
     (data / "pipx").symlink_to(home)
     no_path = {"HOME": str(fake_home), "PATH": "/nonexistent"}
-    for env in ({"PIPX_HOME": str(home)}, {"XDG_DATA_HOME": str(data)}, {"PIPX_GLOBAL_HOME": str(home)}):
+    for env in ({"PIPX_HOME": str(home)}, {"XDG_DATA_HOME": str(data)}):
         _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], {**no_path, **env}))
     (fake_home / ".local" / "share" / "pipx").symlink_to(home)  # pipx's default home: found by a stat
     _reached_the_shim(_run([str(bindir / "kubectl-oidc_login"), "get-token"], no_path))
