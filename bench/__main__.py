@@ -72,7 +72,7 @@ def run(sections: set[int], quick: bool, workdir: Path) -> None:
             if 7 in sections:
                 _say("section 7: installed launchers (fresh pip and pipx installs into the temp dir)")
                 (workdir / "installs").mkdir()
-                _show(installs.installed_launchers(main, provider.issuer, workdir / "installs", rounds1 // 2))
+                _show(installs.installed_launchers(main, provider.issuer, workdir / "installs", rounds1))
         finally:
             main.close()
             if extra is not None:

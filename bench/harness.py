@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -60,14 +61,19 @@ def check_output(argv: Sequence[str], env: Mapping[str, str], timeout: float = 6
 
 def round_robin(variants: Sequence[Variant], rounds: int, warmup: int = 3,
                 max_seconds: float = 120.0) -> dict[str, Samples]:
-    """``warmup`` unrecorded rounds, then up to ``rounds`` recorded ones; round r starts at variant r mod n.
-    Stops early (with what it has) after max_seconds so a slow machine cannot run away."""
+    """``warmup`` unrecorded rounds, then up to ``rounds`` recorded ones, each in its own shuffled order (seeded, so
+    a run can be repeated).  Not a rotation: that keeps every variant behind the same neighbour, and a variant run
+    right after a heavy one (pip's console-script wrapper touches twice the memory and files) is measurably slower,
+    which a rotation charges to one variant every round.  Stops early (with what it has) after max_seconds so a
+    slow machine cannot run away."""
     results = {v.name: Samples() for v in variants}
     deadline = time.monotonic() + max_seconds
+    shuffle = random.Random(len(variants)).shuffle
     for r in range(warmup + rounds):
         if r >= warmup + 5 and time.monotonic() > deadline:
             break
-        order = [variants[(r + i) % len(variants)] for i in range(len(variants))]
+        order = list(variants)
+        shuffle(order)
         for v in order:
             wall, cpu, code = spawn_timed(v.argv, v.env)
             if code != 0:
