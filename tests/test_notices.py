@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -122,14 +122,19 @@ async def test_a_real_login_waits_for_the_click_then_completes(desktop: Notifica
     await asyncio.to_thread(desktop.wait_displayed, 0)  # withdrawn once the login ended
 
 
-@desktop_only
-async def test_login_notice_dismissed_is_told_and_opens_nothing(desktop: NotificationDesktop) -> None:
-    await _clear(desktop)
+def _opener() -> tuple[list[int], Callable[[], Awaitable[None]]]:
+    """A stand-in for the daemon's "open the login page": it counts its calls."""
     opened: list[int] = []
 
     async def open_login_page() -> None:
         opened.append(1)
 
+    return opened, open_login_page
+
+@desktop_only
+async def test_login_notice_dismissed_is_told_and_opens_nothing(desktop: NotificationDesktop) -> None:
+    await _clear(desktop)
+    opened, open_login_page = _opener()
     async with await LoginNotice.show(desktop.bus_address, ISSUER, "kube_login", "k9s", open_login_page) as notice:
         await asyncio.to_thread(desktop.wait_displayed, 1)
         await asyncio.to_thread(desktop.dunstctl, "close")  # the person closes it
@@ -142,11 +147,7 @@ async def test_login_notice_dismissed_is_told_and_opens_nothing(desktop: Notific
 @desktop_only
 async def test_a_terminal_caller_opens_the_login_page_at_once(desktop: NotificationDesktop) -> None:
     await _clear(desktop)
-    opened: list[int] = []
-
-    async def open_login_page() -> None:
-        opened.append(1)
-
+    opened, open_login_page = _opener()
     async with await LoginNotice.show(desktop.bus_address, ISSUER, "kube_login", "k9s", open_login_page) as notice:
         await asyncio.to_thread(desktop.wait_displayed, 1)
         await notice.open_now()

@@ -8,12 +8,14 @@ with the fix.  Real components: the test provider, real daemon processes, real s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,22 @@ from tests.support import notifications as notifications_support
 from tests.support.daemon import Daemon, login_args
 from tests.support.provider import ProviderFactory, TestProvider
 from tests.support.wait import poll
+
+
+@contextlib.contextmanager
+def _desktop_daemon(config: str | None = None) -> Iterator[tuple[desktop_support.Desktop, Daemon]]:
+    """A private desktop (session bus, Secret Service) and a daemon on it, both gone afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
+    try:
+        with desktop_support.desktop(base / "desk") as desk:
+            (base / "d").mkdir()
+            d = Daemon(base=base / "d", env=desk.env, config=config)
+            try:
+                yield desk, d
+            finally:
+                d.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_fifo_lock_file_gets_one_clear_line_not_a_traceback() -> None:
@@ -93,30 +111,21 @@ def test_logout_while_the_keyring_is_locked_is_not_undone_by_the_unlock(provider
     there, so `logout --all` (and `brokerd clean` with the daemon running) says "no matching sessions", revokes
     nothing and records nothing.  When the keyring unlocks, keywait.watch adopts them: the session the person ended
     serves again, its refresh token alive at the provider."""
-    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
-    try:
-        with desktop_support.desktop(base / "desk") as desk:
-            (base / "d").mkdir()
-            d = Daemon(base=base / "d", env=desk.env)
-            try:
-                d.start()
-                assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
-                d.stop()
-                desk.lock()
-                d.start()
-                assert "wait for the keyring" in d.cli("status").stdout
-                out = d.cli("logout", "--all")
-                assert out.returncode == 0, out.stderr
-                desk.stop_keyring()
-                desk.start_keyring()  # the desktop unlocks
-                assert poll(lambda: "the keyring answered" in d.log(), 60), d.log()[-2000:]
-                doc = json.loads(d.cli("status", "--json").stdout)
-                assert doc["sessions"] == [], ("a session ended by `logout --all` came back after the unlock",
-                                               out.stdout, doc["sessions"])
-            finally:
-                d.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with _desktop_daemon() as (desk, d):
+        d.start()
+        assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
+        d.stop()
+        desk.lock()
+        d.start()
+        assert "wait for the keyring" in d.cli("status").stdout
+        out = d.cli("logout", "--all")
+        assert out.returncode == 0, out.stderr
+        desk.stop_keyring()
+        desk.start_keyring()  # the desktop unlocks
+        assert poll(lambda: "the keyring answered" in d.log(), 60), d.log()[-2000:]
+        doc = json.loads(d.cli("status", "--json").stdout)
+        assert doc["sessions"] == [], ("a session ended by `logout --all` came back after the unlock",
+                                       out.stdout, doc["sessions"])
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
@@ -127,32 +136,23 @@ def test_a_reread_that_meets_a_locked_keyring_still_loads_after_the_unlock(provi
     save is a no-op for the daemon's life (logins made meanwhile are never written), status says "wait" for ever."""
     if os.geteuid() != 0:
         pytest.skip("needs root to hand the state dir to another uid for a moment")
-    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
-    try:
-        with desktop_support.desktop(base / "desk") as desk:
-            (base / "d").mkdir()
-            d = Daemon(base=base / "d", env=desk.env)
-            try:
-                d.start()
-                assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]  # session X
-                d.stop()
-                os.chown(d.state_dir, 65534, 65534)
-                d.start()
-                assert poll(lambda: "sessions not loaded" in d.log(), 15), d.log()
-                desk.lock()
-                os.chown(d.state_dir, 0, 0)
-                bob = d.shim(login_args(provider.issuer, "--grant-type=password", "--username=bob",
-                                        "--password=bob-password", scopes=("offline_access",)))
-                assert bob.returncode == 0, (bob.stderr, d.log()[-2000:])  # its save re-reads: the keyring is locked
-                desk.stop_keyring()
-                desk.start_keyring()  # the desktop unlocks
-                loaded = poll(lambda: len(json.loads(d.cli("status", "--json").stdout)["sessions"]) == 2, 30)
-                assert loaded, ("the stored session never loaded after the unlock", d.cli("status").stdout,
-                                d.log()[-2000:])
-            finally:
-                d.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with _desktop_daemon() as (desk, d):
+        d.start()
+        assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]  # session X
+        d.stop()
+        os.chown(d.state_dir, 65534, 65534)
+        d.start()
+        assert poll(lambda: "sessions not loaded" in d.log(), 15), d.log()
+        desk.lock()
+        os.chown(d.state_dir, 0, 0)
+        bob = d.shim(login_args(provider.issuer, "--grant-type=password", "--username=bob",
+                                "--password=bob-password", scopes=("offline_access",)))
+        assert bob.returncode == 0, (bob.stderr, d.log()[-2000:])  # its save re-reads: the keyring is locked
+        desk.stop_keyring()
+        desk.start_keyring()  # the desktop unlocks
+        loaded = poll(lambda: len(json.loads(d.cli("status", "--json").stdout)["sessions"]) == 2, 30)
+        assert loaded, ("the stored session never loaded after the unlock", d.cli("status").stdout,
+                        d.log()[-2000:])
 
 
 @pytest.mark.skipif(desktop_support.missing() is not None, reason=desktop_support.missing() or "")
@@ -161,32 +161,23 @@ def test_sessions_loaded_after_the_unlock_keep_max_session_age_and_idle_logout(p
     logged_in_at, last_served_at and the policy.  Adopted after an unlock, a session has logged_in_at None, so
     session_end() is None: no max_session_age, no idle_logout, refreshes for ever; the next save writes the
     None over the stored login time, so even a restart counts the age from then."""
-    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
-    try:
-        with desktop_support.desktop(base / "desk") as desk:
-            (base / "d").mkdir()
-            config = f'[policy."{provider.issuer}"]\nmax_session_age = "1h"\nidle_logout = "1h"\n'
-            d = Daemon(base=base / "d", env=desk.env, config=config)
-            try:
-                d.start()
-                assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
-                before = json.loads(d.cli("status", "--json").stdout)["sessions"][0]
-                assert before["session_ends_at"] is not None and before["idle_logout_at"] is not None
-                d.stop()
-                desk.lock()
-                d.start()
-                desk.stop_keyring()
-                desk.start_keyring()  # the desktop unlocks
-                assert poll(lambda: "the keyring answered" in d.log(), 60), d.log()[-2000:]
-                after = json.loads(d.cli("status", "--json").stdout)["sessions"]
-                assert len(after) == 1
-                assert after[0]["session_ends_at"] == before["session_ends_at"], (
-                    "the session's max_session_age was forgotten by the adopt after the unlock", after[0])
-                assert after[0]["idle_logout_at"] is not None, after[0]
-            finally:
-                d.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    config = f'[policy."{provider.issuer}"]\nmax_session_age = "1h"\nidle_logout = "1h"\n'
+    with _desktop_daemon(config) as (desk, d):
+        d.start()
+        assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
+        before = json.loads(d.cli("status", "--json").stdout)["sessions"][0]
+        assert before["session_ends_at"] is not None and before["idle_logout_at"] is not None
+        d.stop()
+        desk.lock()
+        d.start()
+        desk.stop_keyring()
+        desk.start_keyring()  # the desktop unlocks
+        assert poll(lambda: "the keyring answered" in d.log(), 60), d.log()[-2000:]
+        after = json.loads(d.cli("status", "--json").stdout)["sessions"]
+        assert len(after) == 1
+        assert after[0]["session_ends_at"] == before["session_ends_at"], (
+            "the session's max_session_age was forgotten by the adopt after the unlock", after[0])
+        assert after[0]["idle_logout_at"] is not None, after[0]
 
 
 def test_a_fifo_in_place_of_the_store_key_is_refused_not_waited_on(provider: TestProvider) -> None:
@@ -267,29 +258,20 @@ def test_a_keyring_locked_mid_run_costs_a_refresh_not_a_login(provider: TestProv
     on_disk, so the write-ahead rule forbids sending it (rightly, the disk still holds it) and LiveSession._renew
     falls through to a login: a browser or a notification for a session whose refresh token is valid, and its old
     grant is never revoked.  The key the daemon already read (or WaitingStore's waiting) would keep it refreshing."""
-    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
-    try:
-        with desktop_support.desktop(base / "desk") as desk:
-            (base / "d").mkdir()
-            d = Daemon(base=base / "d", env=desk.env)
-            try:
-                d.start()
-                assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
-                d.stop()
-                d.start()  # the session is a stored one now (its refresh token is on disk)
-                # The socket answers before the store is read: lock only once it was (mid-run, not at start).
-                assert poll(lambda: "loaded 1 session(s)" in d.log(), 15), d.log()[-2000:]
-                desk.lock()
-                grants = provider.counters()["token_grants"]
-                result = d.shim(_password_args(provider.issuer, "--force-refresh"))
-                assert result.returncode == 0, (result.stderr, d.log()[-2000:])
-                after = provider.counters()["token_grants"]
-                assert after["password"] == grants["password"], ("a login instead of a refresh", result.stderr)
-                assert after["refresh_token"] == grants["refresh_token"] + 1
-            finally:
-                d.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with _desktop_daemon() as (desk, d):
+        d.start()
+        assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
+        d.stop()
+        d.start()  # the session is a stored one now (its refresh token is on disk)
+        # The socket answers before the store is read: lock only once it was (mid-run, not at start).
+        assert poll(lambda: "loaded 1 session(s)" in d.log(), 15), d.log()[-2000:]
+        desk.lock()
+        grants = provider.counters()["token_grants"]
+        result = d.shim(_password_args(provider.issuer, "--force-refresh"))
+        assert result.returncode == 0, (result.stderr, d.log()[-2000:])
+        after = provider.counters()["token_grants"]
+        assert after["password"] == grants["password"], ("a login instead of a refresh", result.stderr)
+        assert after["refresh_token"] == grants["refresh_token"] + 1
 
 
 def test_a_fifo_audit_file_does_not_keep_the_daemon_from_stopping(provider: TestProvider) -> None:
@@ -313,27 +295,18 @@ def test_file_mode_with_the_key_in_a_locked_keyring_sets_nothing_aside(provider:
     """GuardedFileKeySource.load refuses when the key is in the keyring, but it suppresses KeyringUnavailable: with
     the keyring locked (or not running: an SSH login), "no key file" reads as "no key", SessionStore._key moves the
     store aside and creates a new key file, and every stored session (its refresh token) is gone from the daemon."""
-    base = Path(tempfile.mkdtemp(prefix="bkr", dir="/tmp"))
-    try:
-        with desktop_support.desktop(base / "desk") as desk:
-            (base / "d").mkdir()
-            d = Daemon(base=base / "d", env=desk.env, config='[store]\nkey = "keyring"\n')
-            try:
-                d.start()
-                assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
-                d.stop()
-                stored = (d.state_dir / STORE_NAME).read_bytes()
-                d.config_path.write_text('[store]\nkey = "file"\n')  # the config changed, migrate not run yet
-                desk.lock()
-                d.start()
-                d.shim(_password_args(provider.issuer, "--force-refresh"))
-                d.stop()
-                assert list(d.state_dir.glob("*.corrupt-*")) == [], ("the store was set aside", d.log()[-1500:])
-                assert (d.state_dir / STORE_NAME).read_bytes() == stored
-            finally:
-                d.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with _desktop_daemon('[store]\nkey = "keyring"\n') as (desk, d):
+        d.start()
+        assert d.shim(_password_args(provider.issuer)).returncode == 0, d.log()[-2000:]
+        d.stop()
+        stored = (d.state_dir / STORE_NAME).read_bytes()
+        d.config_path.write_text('[store]\nkey = "file"\n')  # the config changed, migrate not run yet
+        desk.lock()
+        d.start()
+        d.shim(_password_args(provider.issuer, "--force-refresh"))
+        d.stop()
+        assert list(d.state_dir.glob("*.corrupt-*")) == [], ("the store was set aside", d.log()[-1500:])
+        assert (d.state_dir / STORE_NAME).read_bytes() == stored
 
 
 @pytest.mark.skipif(bool(notifications_support.missing_tools()), reason="needs dbus-daemon, dunst, Xvfb")
