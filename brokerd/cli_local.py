@@ -73,11 +73,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from client_shim.protocol import STATE_DIR_BUSY_EXIT
 
     environ = os.environ
-    state = paths.state_dir(environ)
+    # Absolute now, then out of the directory it was started in (a shim's autostart runs where kubectl ran): a
+    # relative command (BROWSER, an empty PATH entry) must not be looked for there, nor may the daemon keep it busy.
+    state = paths.state_dir(environ).absolute()
+    socket_path, config_file = paths.socket_path(environ).absolute(), paths.config_file(environ).absolute()
+    os.chdir("/")
     _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
     no_core_dumps()  # before anything reads the store's key or a token into memory
-    settings = load_settings(Settings(socket_path=paths.socket_path(environ), state_dir=state,
-                                      config_file=paths.config_file(environ)))
+    settings = load_settings(Settings(socket_path=socket_path, state_dir=state, config_file=config_file))
     try:
         _run_loop(Daemon(settings).run, settings.event_loop)
     except AlreadyRunning as exc:

@@ -59,8 +59,8 @@ def exec_start_line(argv: Sequence[str]) -> str:
 
 
 def default_exec_start(executable: str | None = None) -> str:
-    """This installation's brokerd command: the ``brokerd`` script beside the interpreter, else ``python -P -m
-    brokerd``.
+    """This installation's brokerd command: the ``brokerd`` script beside the interpreter, else ``python -E -P
+    -m brokerd``.
 
     The interpreter path is kept as given, not resolved: in a virtualenv ``bin/python`` is a symlink, and
     resolving it would leave the virtualenv and lose its packages.
@@ -69,7 +69,7 @@ def default_exec_start(executable: str | None = None) -> str:
     script = os.path.join(os.path.dirname(python), "brokerd")
     if os.path.isfile(script) and os.access(script, os.X_OK):
         return exec_start_line([script])
-    return exec_start_line([python, "-P", "-m", "brokerd"])  # -P: a user unit runs in $HOME, not on sys.path
+    return exec_start_line([python, "-E", "-P", "-m", "brokerd"])  # -E -P: neither $HOME nor PYTHONPATH
 
 
 def default_unit_dir(environ: Mapping[str, str] | None = None) -> Path:

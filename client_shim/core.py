@@ -224,8 +224,13 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
         except OSError:
             pass
         command = env.get(b"BROKERD_DAEMON_COMMAND")
-        # -P: `-m` would put the current directory first on sys.path (kubectl runs us wherever the user is).
-        argv = command.split() if command else [sys.executable.encode(), b"-P", b"-m", b"brokerd", b"serve"]
+        # -E -P: kubectl runs us wherever the user is, and `-m` puts the current directory first on sys.path, as does
+        # an empty PYTHONPATH entry (`export PYTHONPATH=$PYTHONPATH:/x` with it unset): neither may choose the daemon.
+        # The user site stays (a `pip install --user` brokerd).
+        argv = command.split() if command else [sys.executable.encode(), b"-E", b"-P", b"-m", b"brokerd", b"serve"]
+        if not argv or not argv[0].startswith(b"/"):
+            raise ShimError(3, "brokerd: BROKERD_DAEMON_COMMAND must start with an absolute path (it would run from "
+                               "the current directory)")
         argv.append(b"--autostarted")
         null = os.open(os.devnull, os.O_RDWR)
         try:
@@ -385,7 +390,7 @@ def main(argv: "list[str] | None" = None) -> int:
         # Not on kubectl's hot path: these run in the full CLI (clean must work without a daemon).
         import os
 
-        os.execv(sys.executable, [sys.executable, "-P", "-m", "brokerd", *args])  # -P: not the current directory
+        os.execv(sys.executable, [sys.executable, "-E", "-P", "-m", "brokerd", *args])  # -E -P: as _autostart
     try:
         data = request(args, posix.environ, program) + b"\n"
     except ShimError as exc:

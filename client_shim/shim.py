@@ -8,7 +8,7 @@ So this launcher stays tiny and the shim itself lives in client_shim/core.py (ab
 if __name__ == "__main__":
     import sys
 
-    sys.path.append(__file__.rpartition("/")[0].rpartition("/")[0] or ".")
+    sys.path.append(__file__.rpartition("/")[0].rpartition("/")[0] or "/")  # /client_shim/shim.py: "/", never ""
     from client_shim.core import run
 
     run()

@@ -407,14 +407,14 @@ def test_default_exec_start(tmp_path: Path) -> None:
     bindir = tmp_path / "venv" / "bin"
     bindir.mkdir(parents=True)
     python = bindir / "python"
-    assert install.default_exec_start(str(python)) == f"{python} -P -m brokerd"
+    assert install.default_exec_start(str(python)) == f"{python} -E -P -m brokerd"
     script = bindir / "brokerd"
     script.write_text("#!/bin/sh\n")
-    assert install.default_exec_start(str(python)) == f"{python} -P -m brokerd"  # not executable yet
+    assert install.default_exec_start(str(python)) == f"{python} -E -P -m brokerd"  # not executable yet
     script.chmod(0o755)
     assert install.default_exec_start(str(python)) == str(script)
     assert install.default_exec_start() in (
-        f"{sys.executable} -P -m brokerd", str(Path(sys.executable).parent / "brokerd"))
+        f"{sys.executable} -E -P -m brokerd", str(Path(sys.executable).parent / "brokerd"))
 
 
 @pytest.mark.parametrize(("argv", "line"), [
