@@ -75,8 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     environ = os.environ
     # Absolute now, then out of the directory it was started in (a shim's autostart runs where kubectl ran): a
     # relative command (BROWSER, an empty PATH entry) must not be looked for there, nor may the daemon keep it busy.
-    state = paths.state_dir(environ).absolute()
-    socket_path, config_file = paths.socket_path(environ).absolute(), paths.config_file(environ).absolute()
+    try:
+        state = paths.state_dir(environ).absolute()
+        socket_path, config_file = paths.socket_path(environ).absolute(), paths.config_file(environ).absolute()
+    except OSError as exc:  # a relative BROKERD_* path in a directory that is gone
+        print(f"brokerd: cannot resolve a relative path from the current directory: {exc.strerror}", file=sys.stderr)
+        return 1
     os.chdir("/")
     _setup_logging(args.verbose, state / "brokerd.log" if args.autostarted else None)
     no_core_dumps()  # before anything reads the store's key or a token into memory

@@ -197,6 +197,19 @@ def _connect(path: bytes) -> "_socket.socket":
     return sock
 
 
+# How the shim starts a Python brokerd (the daemon, or the CLI for clean/setup/install-systemd).  kubectl runs us
+# wherever the user is: `-m` puts the current directory first on sys.path (-P), and so does an empty PYTHONPATH entry
+# (`export PYTHONPATH=$PYTHONPATH:/x` with it unset: -E).  The user site stays (a `pip install --user` brokerd).
+PYTHON_FLAGS = (b"-E", b"-P")
+
+
+def child_env(env: "dict[bytes, bytes]") -> "dict[bytes, bytes]":
+    """``env`` for a Python brokerd starts, without a relative PYTHONUSERBASE or HOME: site.py reads them itself,
+    -E or not, and a relative one would put a directory below the current one on sys.path (a quoted
+    ``"~/.pyuser"``).  Without HOME, Python asks the password database."""
+    return {k: v for k, v in env.items() if k not in (b"PYTHONUSERBASE", b"HOME") or v.startswith(b"/")}
+
+
 def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
     # Cold path: a daemon must be started.  Heavier imports are fine here.
     import fcntl
@@ -223,19 +236,23 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
             return _connect(path)
         except OSError:
             pass
+        # BROKERD_DAEMON_COMMAND: a test hook (a wrapper that records its start), not a setting.
         command = env.get(b"BROKERD_DAEMON_COMMAND")
-        # -E -P: kubectl runs us wherever the user is, and `-m` puts the current directory first on sys.path, as does
-        # an empty PYTHONPATH entry (`export PYTHONPATH=$PYTHONPATH:/x` with it unset): neither may choose the daemon.
-        # The user site stays (a `pip install --user` brokerd).
-        argv = command.split() if command else [sys.executable.encode(), b"-E", b"-P", b"-m", b"brokerd", b"serve"]
-        if not argv or not argv[0].startswith(b"/"):
-            raise ShimError(3, "brokerd: BROKERD_DAEMON_COMMAND must start with an absolute path (it would run from "
-                               "the current directory)")
+        if command:
+            argv = command.split()
+            if not argv or not argv[0].startswith(b"/"):
+                raise ShimError(3, "brokerd: BROKERD_DAEMON_COMMAND must start with an absolute path (it would run "
+                                   "from the current directory)")
+        elif sys.executable.startswith("/"):
+            argv = [sys.executable.encode(), *PYTHON_FLAGS, b"-m", b"brokerd", b"serve"]
+        else:
+            raise ShimError(3, "brokerd: cannot tell which python runs this shim, so it cannot start the daemon; run "
+                               "`brokerd serve`")
         argv.append(b"--autostarted")
         null = os.open(os.devnull, os.O_RDWR)
         try:
             # Own session, stdio on /dev/null: kubectl waits for our stdout to close, so the daemon must not hold it.
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+            pid = os.posix_spawn(argv[0], argv, child_env(env), file_actions=[
                 (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, null, 2),
             ], setsid=True)
         finally:
@@ -390,7 +407,11 @@ def main(argv: "list[str] | None" = None) -> int:
         # Not on kubectl's hot path: these run in the full CLI (clean must work without a daemon).
         import os
 
-        os.execv(sys.executable, [sys.executable, "-E", "-P", "-m", "brokerd", *args])  # -E -P: as _autostart
+        if not sys.executable.startswith("/"):
+            _err(f"brokerd: cannot tell which python runs this shim; run `brokerd {args[0]}`")
+            return 3
+        os.execve(sys.executable, [sys.executable, *(f.decode() for f in PYTHON_FLAGS), "-m", "brokerd", *args],
+                  child_env(posix.environ))
     try:
         data = request(args, posix.environ, program) + b"\n"
     except ShimError as exc:
