@@ -11,6 +11,7 @@ launchers as they are.
 from __future__ import annotations
 
 import os
+import sys
 
 from setuptools import Distribution, setup
 
@@ -20,11 +21,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MARK = "_pkg = _site\n"  # the line in launchers/* an editable build replaces
 
 
-def bake(text: str, root: str) -> str:
-    """The launcher ``text`` with client_shim's parent directory ``root`` written into its one marked line."""
+def bake(text: str, root: str, version: tuple[int, int] = (sys.version_info[0], sys.version_info[1])) -> str:
+    """The launcher ``text`` with client_shim's parent directory ``root`` written into its one marked line, taken
+    only by the Python minor ``version`` it was installed with (the build runs on the target interpreter)."""
     if text.count(MARK) != 1:
         raise RuntimeError(f"launchers: expected exactly one line {MARK.strip()!r} to write the source path into")
-    return text.replace(MARK, f"_pkg = {root!r}  # written by setup.py for an editable install: the source tree\n")
+    line = f"_pkg = {root!r} if sys.version_info[:2] == {tuple(version)!r} else _site  # written by setup.py\n"
+    return text.replace(MARK, line)
 
 
 class BuildScripts(build_scripts):

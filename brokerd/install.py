@@ -59,17 +59,15 @@ def exec_start_line(argv: Sequence[str]) -> str:
 
 
 def default_exec_start(executable: str | None = None) -> str:
-    """This installation's brokerd command: the ``brokerd`` script beside the interpreter, else ``python -E -P
-    -m brokerd``.
+    """This installation's brokerd command for systemd: ``<python> -E -P -m brokerd``.
 
+    Not the ``brokerd`` console script beside it: pip writes that without ``-E``, so Python's variables in the user
+    manager's environment (an empty PYTHONPATH entry is the unit's working directory, $HOME) would choose its code.
     The interpreter path is kept as given, not resolved: in a virtualenv ``bin/python`` is a symlink, and
     resolving it would leave the virtualenv and lose its packages.
     """
     python = os.path.abspath(executable or sys.executable)
-    script = os.path.join(os.path.dirname(python), "brokerd")
-    if os.path.isfile(script) and os.access(script, os.X_OK):
-        return exec_start_line([script])
-    return exec_start_line([python, "-E", "-P", "-m", "brokerd"])  # -E -P: neither $HOME nor PYTHONPATH
+    return exec_start_line([python, "-E", "-P", "-m", "brokerd"])
 
 
 def default_unit_dir(environ: Mapping[str, str] | None = None) -> Path:

@@ -135,8 +135,7 @@ def main(args: list[str], program: str) -> int:
     if command == "help":  # cobra's `help COMMAND`
         command = words[1] if len(words) > 1 else ""
     if command in ("version", "--version") and not any(a in HELP for a in args):
-        sys.stdout.write(f"brokerd {version()}\n")
-        return 0
+        return _out(f"brokerd {version()}\n")
     if command == "get-token":
         text = get_token_usage(name)
     elif command == "setup":
@@ -151,5 +150,18 @@ def main(args: list[str], program: str) -> int:
     else:
         sys.stderr.write(f"unknown command {command!r}\n\n{root_usage(name)}")
         return 2
-    sys.stdout.write(text)
+    return _out(text)
+
+
+def _out(text: str) -> int:
+    """``text`` on stdout: 0, or one line on stderr and 1 when stdout is closed or fails (run() flushes it)."""
+    try:
+        if sys.stdout is None:
+            raise OSError("stdout is closed")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        if sys.stderr is not None:
+            sys.stderr.write(f"brokerd: cannot write to stdout: {getattr(exc, 'strerror', None) or exc}\n")
+        return 1
     return 0

@@ -35,10 +35,10 @@ def _setup_module() -> Any:
     return module
 
 
-def _baked(venv: Path, source: Path) -> Path:
-    """The launcher as an editable build installs it: ``source`` written into its marked line."""
+def _baked(venv: Path, source: Path, version: tuple[int, int] = sys.version_info[:2]) -> Path:
+    """The launcher as an editable build installs it: ``source`` written into its marked line, for ``version``."""
     launcher = venv / "bin" / "kubectl-oidc_login"
-    launcher.write_text(_setup_module().bake(LAUNCHER.read_text(), str(source)))
+    launcher.write_text(_setup_module().bake(LAUNCHER.read_text(), str(source), version))
     launcher.chmod(0o755)
     return launcher
 
@@ -127,7 +127,7 @@ def test_site_packages_without_brokerd_gives_one_clear_line(tmp_path: Path) -> N
 def test_the_installed_launchers_are_the_isolated_ones() -> None:
     # scripts/test installs with `pip install -e .`, so this also checks the editable build wrote this tree's path.
     expected = _setup_module().bake(LAUNCHER.read_text(), str(ROOT))
-    assert f"_pkg = {str(ROOT)!r}  # written by setup.py" in expected
+    assert f"_pkg = {str(ROOT)!r} if sys.version_info[:2] == {sys.version_info[:2]!r} else _site" in expected
     for name in ("kubectl-oidc_login", "brokerd-shim"):
         installed = (BIN / name).read_text()
         assert installed == expected, f"{name} is not launchers/{name} as an editable build writes it; pip install -e ."
@@ -167,6 +167,9 @@ def test_bake_writes_any_path_as_a_literal_and_refuses_a_changed_template() -> N
     odd = "/tmp/it's a \\ \"path\"\n"
     text = setup.bake(LAUNCHER.read_text(), odd)
     line = next(ln for ln in text.splitlines() if ln.startswith("_pkg = "))
-    assert ast.literal_eval(line.partition(" = ")[2].partition("  #")[0]) == odd
+    written = ast.parse(line).body[0]
+    assert isinstance(written, ast.Assign) and isinstance(written.value, ast.IfExp)
+    assert ast.literal_eval(written.value.body) == odd  # the path, taken for the version it names
+    assert ast.unparse(written.value.test) == f"sys.version_info[:2] == {sys.version_info[:2]!r}"
     with pytest.raises(RuntimeError, match="exactly one line"):
         setup.bake(text, "/x")  # already written: the marked line is gone
