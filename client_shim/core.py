@@ -216,7 +216,7 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
     import os
     import time
 
-    directory = os.path.dirname(path)
+    directory = os.path.dirname(path) or b"."  # BROKERD_SOCKET=x.sock: beside it, as connect() checked
     missing = []
     parent = directory
     while parent not in (b"", b"/") and not os.path.isdir(parent):
