@@ -8,9 +8,10 @@ import os
 import subprocess
 from pathlib import Path
 
+from tests.support.planted import brokerd_package_in_checkout, mark_code
 from tests.test_launcher import _reached_the_shim, _run, _venv
 
-MARK_CODE = "import os\nopen(os.environ['REVIEW10_MARK'], 'a').write('ran: ' + __file__ + '\\n')\n"
+MARK_CODE = mark_code("REVIEW10_MARK")
 
 
 def _planted_python(bindir: Path, real_launcher: Path, mark: Path) -> None:
@@ -65,11 +66,7 @@ def test_a_relative_xdg_data_home_does_not_make_the_cwd_choose_the_interpreter(t
 
 
 def _evil_cwd(tmp_path: Path) -> Path:
-    cwd = tmp_path / "cloned-repo"
-    (cwd / "brokerd").mkdir(parents=True)
-    (cwd / "brokerd" / "__init__.py").write_text(MARK_CODE)
-    (cwd / "brokerd" / "__main__.py").write_text("")
-    return cwd
+    return brokerd_package_in_checkout(tmp_path, MARK_CODE)
 
 
 def test_autostart_does_not_import_brokerd_from_the_current_directory(tmp_path: Path) -> None:

@@ -15,21 +15,18 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import ROOT, Daemon
+from tests.support.planted import brokerd_package_in_checkout, mark_code
 from tests.support.wait import poll
 from tests.test_launcher import LAUNCHER, _venv
 
-MARK_CODE = "import os\nopen(os.environ['REVIEW11_MARK'], 'a').write('ran: ' + __file__ + '\\n')\n"
+MARK_CODE = mark_code("REVIEW11_MARK")
 # `export PYTHONPATH=$PYTHONPATH:/opt/x` with PYTHONPATH unset, or a trailing ':': an empty entry, which Python reads
 # as the current directory, ahead of site-packages.  -P does not cover it; -I (or -E) does.
 SLOPPY_PYTHONPATHS = [":/nonexistent-review11", "/nonexistent-review11:"]
 
 
 def _evil_cwd(tmp_path: Path) -> Path:
-    cwd = tmp_path / "cloned-repo"
-    (cwd / "brokerd").mkdir(parents=True)
-    (cwd / "brokerd" / "__init__.py").write_text(MARK_CODE)
-    (cwd / "brokerd" / "__main__.py").write_text("")
-    return cwd
+    return brokerd_package_in_checkout(tmp_path, MARK_CODE)
 
 
 @pytest.mark.parametrize("pythonpath", SLOPPY_PYTHONPATHS)

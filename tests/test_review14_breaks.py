@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.planted import unshare_mount_ok, without_coreutils
 from tests.test_launcher import _venv
 
 
-def _unshare_mount_ok() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    try:
-        done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True,
-                              timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-@pytest.mark.skipif(not _unshare_mount_ok(), reason="needs unshare -rm and mount (a private mount namespace)")
+@pytest.mark.skipif(not unshare_mount_ok(), reason="needs unshare -rm and mount (a private mount namespace)")
 def test_a_symlinked_launcher_works_where_the_standard_path_has_no_readlink(tmp_path: Path) -> None:
     venv = _venv(tmp_path / "venv")
     links = tmp_path / "links"  # the user's own bin directory, not a pipx home: the readlink fallback
@@ -44,24 +33,7 @@ def test_a_symlinked_launcher_works_where_the_standard_path_has_no_readlink(tmp_
     readlink = shutil.which("readlink")
     assert readlink
     shutil.copy(readlink, sw / "readlink")
-    # The standard directories as NixOS has them: sh and env only (plus this venv's interpreter if it lives there).
-    fake = tmp_path / "usr-bin"
-    fake.mkdir()
-    shutil.copy(os.path.realpath("/bin/sh"), fake / "sh")
-    env_tool = shutil.which("env")
-    assert env_tool
-    shutil.copy(os.path.realpath(env_tool), fake / "env")
-    hidden = ["/usr/bin"] + ([] if os.path.islink("/bin") else ["/bin"])
-    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    interp = os.path.realpath(venv / "bin" / "python")
-    for path in {base, interp}:
-        if os.path.dirname(path) in hidden:
-            shutil.copy(path, fake / os.path.basename(path))
-    mounts = " && ".join(f"mount --bind {fake} {d}" for d in hidden)
-    script = (f'{mounts} && exec /usr/bin/env -i HOME=/nonexistent PATH={sw}:{links} '
-              'BROKERD_SOCKET=/nonexistent/brokerd.sock BROKERD_NO_AUTOSTART=1 "$0" get-token')
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(links / "kubectl-oidc_login")],
-                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    result = without_coreutils(tmp_path, [sw, links], links)
     assert result.returncode == 3, result.stderr
     assert result.stderr.startswith("brokerd: no daemon is listening on /nonexistent/brokerd.sock"), result.stderr
 

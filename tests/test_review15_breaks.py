@@ -13,16 +13,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.planted import unshare_mount_ok, without_coreutils
 from tests.test_launcher import _venv
-from tests.test_review14_breaks import _site_for, _unshare_mount_ok
+from tests.test_review14_breaks import _site_for
 
 
 def test_graalpy_site_packages_is_lib_python() -> None:
@@ -30,27 +28,6 @@ def test_graalpy_site_packages_is_lib_python() -> None:
     # '{base}/lib/{implementation_lower}{py_version_short}{abi_thread}/site-packages' with _get_implementation()
     # returning 'Python'; sys.implementation.name is 'graalpy'.
     assert _site_for("/v/bin/python", "graalpy", (3, 11), "") == "/v/lib/python3.11/site-packages"
-
-
-def _nixos_like(tmp_path: Path, path_dirs: list[Path], links: Path) -> subprocess.CompletedProcess[str]:
-    """Run links/kubectl-oidc_login get-token with /usr/bin (and /bin) holding only sh and env, PATH=path_dirs."""
-    fake = tmp_path / "usr-bin"
-    fake.mkdir()
-    shutil.copy(os.path.realpath("/bin/sh"), fake / "sh")
-    env_tool = shutil.which("env")
-    assert env_tool
-    shutil.copy(os.path.realpath(env_tool), fake / "env")
-    hidden = ["/usr/bin"] + ([] if os.path.islink("/bin") else ["/bin"])
-    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    for path in {base, os.path.realpath(links / "kubectl-oidc_login")}:
-        if os.path.dirname(path) in hidden:
-            shutil.copy(path, fake / os.path.basename(path))
-    mounts = " && ".join(f"mount --bind {fake} {d}" for d in hidden)
-    search = ":".join(str(p) for p in path_dirs)
-    script = (f'{mounts} && exec /usr/bin/env -i HOME=/nonexistent PATH={search} '
-              'BROKERD_SOCKET=/nonexistent/brokerd.sock BROKERD_NO_AUTOSTART=1 "$0" get-token')
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script, str(links / "kubectl-oidc_login")],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def _setup(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -71,17 +48,17 @@ def _setup(tmp_path: Path) -> tuple[Path, Path, Path]:
     return links, old, good
 
 
-@pytest.mark.skipif(not _unshare_mount_ok(), reason="needs unshare -rm and mount (a private mount namespace)")
+@pytest.mark.skipif(not unshare_mount_ok(), reason="needs unshare -rm and mount (a private mount namespace)")
 def test_a_failing_readlink_on_path_adds_nothing_to_stderr_when_a_later_one_works(tmp_path: Path) -> None:
     links, old, good = _setup(tmp_path)
-    result = _nixos_like(tmp_path, [old, good, links], links)
+    result = without_coreutils(tmp_path, [old, good, links], links)
     assert result.returncode == 3, result.stderr
     assert result.stderr.startswith("brokerd: no daemon is listening on /nonexistent/brokerd.sock"), result.stderr
 
 
-@pytest.mark.skipif(not _unshare_mount_ok(), reason="needs unshare -rm and mount (a private mount namespace)")
+@pytest.mark.skipif(not unshare_mount_ok(), reason="needs unshare -rm and mount (a private mount namespace)")
 def test_no_working_readlink_gives_one_line(tmp_path: Path) -> None:
     links, old, _good = _setup(tmp_path)
-    result = _nixos_like(tmp_path, [old, links], links)
+    result = without_coreutils(tmp_path, [old, links], links)
     assert result.returncode == 3, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
