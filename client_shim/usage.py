@@ -154,7 +154,7 @@ def main(args: list[str], program: str) -> int:
 
 
 def _out(text: str) -> int:
-    """``text`` on stdout: 0, or one line on stderr and 1 when stdout is closed or fails (run() flushes it)."""
+    """``text`` on stdout, flushed here so that a failure is this one line on stderr (and 1), not run()'s."""
     try:
         if sys.stdout is None:
             raise OSError("stdout is closed")

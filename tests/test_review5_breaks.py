@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from brokerd import audit
 from brokerd.audit import AuditLog, read_entries
 from tests.support.daemon import ROOT
-from tests.support.pipes import full_nonblocking_pipe
+from tests.support.pipes import full_nonblocking_pipe, read_until_exit
 from tests.support.trail import brokerd_audit, good_record
 
 SHIM = ROOT / "client_shim" / "shim.py"
@@ -158,13 +157,7 @@ def test_a_full_non_blocking_stderr_gives_a_one_line_error_not_a_traceback(tmp_p
                                  "--client-id=c"], env=env, stdout=subprocess.PIPE, stderr=write,
                                 stdin=subprocess.DEVNULL)
         time.sleep(0.5)
-        got = b""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            chunk = os.read(read, 65536) if select.select([read], [], [], 0.1)[0] else b""
-            got += chunk
-            if proc.poll() is not None and not chunk:
-                break
+        got = read_until_exit(read, proc)
         code = proc.wait(timeout=20)
         assert proc.stdout is not None
         proc.stdout.close()

@@ -11,7 +11,7 @@ import sys
 import time
 
 from tests.support.daemon import ROOT, Daemon, login_args
-from tests.support.pipes import full_nonblocking_pipe
+from tests.support.pipes import full_nonblocking_pipe, read_until_exit
 from tests.support.provider import TestProvider
 
 # An atexit handler stands in for the teardown: it runs only if the interpreter finalizes.
@@ -64,13 +64,7 @@ def test_a_full_non_blocking_stdout_gets_the_whole_credential(provider: TestProv
             proc = subprocess.Popen(d.shim_argv(args), env=d.env, stdout=write, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL)
             time.sleep(0.5)  # the shim meets the full pipe
-            got = b""
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and (proc.poll() is None or got.count(b"}") == 0):
-                chunk = os.read(read, 65536) if select.select([read], [], [], 0.2)[0] else b""
-                got += chunk
-                if proc.poll() is not None and not chunk:
-                    break
+            got = read_until_exit(read, proc, poll=0.2, stop=lambda got: b"}" in got)
             code = proc.wait(timeout=20)
             assert proc.stderr is not None
             errors = proc.stderr.read().decode()

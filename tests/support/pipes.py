@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import time
+from collections.abc import Callable
 
 
 def full_nonblocking_pipe() -> tuple[int, int]:
@@ -16,3 +20,19 @@ def full_nonblocking_pipe() -> tuple[int, int]:
         except BlockingIOError:
             break
     return read, write
+
+
+def read_until_exit(read: int, proc: subprocess.Popen[bytes], *, poll: float = 0.1, within: float = 20.0,
+                    stop: Callable[[bytes], bool] | None = None) -> bytes:
+    """What arrives on ``read`` while ``proc`` runs, until it has exited and nothing more comes (or ``stop(got)``
+    holds once it exited), for at most ``within`` s."""
+    got = b""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and stop is not None and stop(got):
+            break
+        chunk = os.read(read, 65536) if select.select([read], [], [], poll)[0] else b""
+        got += chunk
+        if proc.poll() is not None and not chunk:
+            break
+    return got
