@@ -39,6 +39,7 @@ class Install:
     python: str  # the environment's interpreter (its bin/python), for the bare baseline
     launcher: str
     env: Mapping[str, str]
+    shell: bool = False  # run as `/bin/sh <launcher>`: the shell part, whatever the first line says
 
 
 def interpreters() -> list[tuple[str, str]]:
@@ -98,6 +99,11 @@ def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: b
         pip_venv(interpreter, venv, editable=editable)
         out.append(Install(f"`pip install {'-e ' if editable else ''}.`", str(venv / "bin" / "python"),
                            str(venv / "bin" / "kubectl-oidc_login"), env))
+    # The shell part, as a launcher's first run takes it and as every run does where the launcher cannot be written
+    # (a venv made with --copies, a read-only or another user's install): measured, not graded.
+    out.append(Install("`pip install .`, through /bin/sh (the first run; an install it cannot write)",
+                       str(workdir / "pip" / "bin" / "python"), str(workdir / "pip" / "bin" / "kubectl-oidc_login"),
+                       env, shell=True))
     wrapper = workdir / "pip" / "bin" / "kubectl-oidc_login-pip-wrapper"
     wrapper.write_text(PIP_WRAPPER.format(python=workdir / "pip" / "bin" / "python"))
     wrapper.chmod(0o755)
@@ -113,14 +119,9 @@ def install_all(interpreter: str, workdir: Path, env: Mapping[str, str], pipx: b
               str(ROOT)], px_env)
         python = str(home / "venvs" / "brokerd" / "bin" / "python")
         launcher = str(bindir / "kubectl-oidc_login")  # pipx's symlink, as PATH finds it
-        label = f"`pipx install {'--editable ' if editable else ''}.`"
-        # The launcher finds pipx's venv by a stat where PIPX_HOME or pipx's defaults put it (PIPX_HOME set here: the
-        # default home is the user's own).  The fallback, a home kubectl's environment does not name, is a readlink:
-        # measured, not graded (a process more, whatever the launcher does).
-        out.append(Install(f"{label} (PIPX_HOME set)", python, launcher, dict(env, PIPX_HOME=str(home))))
-        if not editable:
-            out.append(Install(f"{label} (fallback: PIPX_HOME not in kubectl's environment, readlink)", python,
-                               launcher, env))
+        # After its first run the launcher finds pipx's venv through the link itself: PIPX_HOME (a home kubectl's
+        # environment may not name) no longer matters.
+        out.append(Install(f"`pipx install {'--editable ' if editable else ''}.`", python, launcher, env))
     return out
 
 
@@ -136,10 +137,14 @@ def installed_launchers(daemon: Daemon, issuer: str, workdir: Path, rounds: int)
     for i, (label, interpreter) in enumerate(interpreters()):
         installs = install_all(interpreter, workdir / f"py{i}", env, pipx=(i == 0))
         bare = Variant("bare", [installs[0].python, "-I", "-S", "-c", "pass"], env)
-        variants = [bare] + [Variant(inst.name, [inst.launcher, *args], inst.env) for inst in installs]
-        for v in variants[1:]:
+        variants = [bare] + [Variant(inst.name, [*(["/bin/sh"] if inst.shell else []), inst.launcher, *args],
+                                     inst.env) for inst in installs]
+        for v in variants[1:]:  # each launcher's first run: it writes its interpreter into its first line
             if '"ExecCredential"' not in check_output(v.argv, v.env):
                 raise BenchError(f"{v.name}: printed no ExecCredential")
+        for inst in installs:
+            if "wrapper" not in inst.name and Path(inst.launcher).read_bytes().startswith(b"#!/bin/sh\n"):
+                raise BenchError(f"{inst.name}: the first run did not write the interpreter into the launcher")
         res = round_robin(variants, rounds, max_seconds=240)
         base = res["bare"]
         table.add(label, "`python -I -S -c pass`", ms(median(base.wall)),
@@ -148,11 +153,13 @@ def installed_launchers(daemon: Daemon, issuer: str, workdir: Path, rounds: int)
         for v in variants[1:]:
             s = res[v.name]
             ratio, cpu_ratio = median(s.wall) / median(base.wall), median(s.cpu) / median(base.cpu)
-            graded = "wrapper" not in v.name and "fallback" not in v.name
+            graded = "wrapper" not in v.name and "/bin/sh" not in v.name
             table.add(label, v.name, ms(median(s.wall)), f"{ms(quantile(s.wall, 0.1))} - {ms(quantile(s.wall, 0.9))}",
                       ms(median(s.cpu)), f"{ratio:.2f}", f"{cpu_ratio:.2f}", f"<= {TARGET}" if graded else "",
                       verdict(ratio <= TARGET) if graded else "")
         rounds_done = len(base.wall)
     table.notes.append(f"{rounds_done} interleaved rounds per interpreter; every variant printed an ExecCredential "
-                       "for the same cached session first.  pipx installs are measured with the first interpreter.")
+                       "for the same cached session first (each launcher's first run, which wrote its interpreter "
+                       "into its first line: the graded rows are every later run).  pipx installs are measured with "
+                       "the first interpreter, through pipx's link in its bin directory, without PIPX_HOME.")
     return table

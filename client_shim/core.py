@@ -427,13 +427,16 @@ def main(argv: "list[str] | None" = None) -> int:
     return 0
 
 
-def run() -> None:
+def run(pin: bool = False) -> None:
     """main(), then end the process without the interpreter's teardown.
 
     kubectl waits for the plugin to exit, and tearing down an interpreter (freeing every module and object)
     costs more than all the shim's own work: about 1.3 ms of a bare `python -I -S -c pass`'s 8 ms here
     (bench/run section 1).  Nothing is lost: the token and every message went out with posix.write, nothing is
     registered with atexit, and the text streams (help and version use them) are flushed first.
+
+    ``pin``: the installed launcher ran through its shell part; once everything is out, it writes its interpreter
+    into its first line (client_shim/pin.py), quietly and without changing the exit code.
     """
     code = main()
     for stream in (sys.stdout, sys.stderr):
@@ -442,6 +445,13 @@ def run() -> None:
                 stream.flush()
         except (OSError, ValueError):
             code = code or 1  # what the interpreter's own exit would report as a failed flush
+    if pin and sys.argv and sys.argv[0]:
+        try:
+            from client_shim.pin import pin as write_first_line
+
+            write_first_line(sys.argv[0], sys.executable)
+        except BaseException:  # noqa: S110 - anything, even ^C: the launcher stays as it was; the answer is out
+            pass
     posix._exit(code)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from client_shim import pin
 from tests.support.daemon import BIN, ROOT
 
 LAUNCHER = ROOT / "launchers" / "kubectl-oidc_login"
@@ -128,9 +129,15 @@ def test_the_installed_launchers_are_the_isolated_ones() -> None:
     # scripts/test installs with `pip install -e .`, so this also checks the editable build wrote this tree's path.
     expected = _setup_module().bake(LAUNCHER.read_text(), str(ROOT))
     assert f"_pkg = {str(ROOT)!r} if sys.version_info[:2] == {sys.version_info[:2]!r} else _site" in expected
+    # As installed, or with the interpreter written into its first line by its first run (client_shim/pin.py).
+    target = pin.interpreter(str(BIN))
+    assert target is not None
+    line = pin.first_line(target)
+    assert line is not None
     for name in ("kubectl-oidc_login", "brokerd-shim"):
         installed = (BIN / name).read_text()
-        assert installed == expected, f"{name} is not launchers/{name} as an editable build writes it; pip install -e ."
+        assert installed in (expected, line.decode() + expected.partition("\n")[2]), \
+            f"{name} is not launchers/{name} as an editable build writes it; pip install -e ."
         _reached_the_shim(_run([str(BIN / name), "get-token"]))
 
 

@@ -75,7 +75,7 @@ def _site_for(executable: str, name: str, version: tuple[int, int], abiflags: st
     statement = text[start:text.index("\n# Where client_shim is", start)]
     fake = SimpleNamespace(executable=executable, implementation=SimpleNamespace(name=name),
                            version_info=(*version, 0, "final", 0), abiflags=abiflags)
-    scope: dict[str, object] = {"sys": fake}
+    scope: dict[str, object] = {"sys": fake, "_bin": executable.rpartition("/")[0]}
     exec(statement, scope)
     return str(scope["_site"])
 

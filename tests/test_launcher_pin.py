@@ -1,0 +1,226 @@
+"""Issue 14 item 1: the installed launcher's first run writes its interpreter into its first line (client_shim/pin.py),
+so kubectl's later calls start Python without /bin/sh.  Real venvs (as `pip install .` lays them out, from
+tests/test_launcher.py), real runs of the launcher; the shim reaches for a socket nobody serves and says so (exit 3),
+which shows it ran."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client_shim import pin
+from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _run, _venv
+
+NAME = "kubectl-oidc_login"
+
+
+def _first_line(path: Path) -> bytes:
+    return path.read_bytes().partition(b"\n")[0] + b"\n"
+
+
+def _expected_line(venv: Path) -> bytes:
+    """``#!<the base interpreter the venv's python links to> -IS``: what the venv itself runs, outside it."""
+    outside = next(os.readlink(p) for p in sorted((venv / "bin").glob("python*"))
+                   if os.path.islink(p) and os.readlink(p).startswith("/"))
+    return b"#!" + outside.encode() + b" -IS\n"
+
+
+def _pinned_text(venv: Path) -> bytes:
+    return _expected_line(venv) + LAUNCHER.read_bytes().partition(b"\n")[2]
+
+
+def _leftovers(venv: Path) -> list[str]:
+    return sorted(p.name for p in (venv / "bin").iterdir() if p.name.endswith(".tmp"))
+
+
+def test_the_first_run_writes_the_interpreter_and_later_runs_need_no_shell(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    mode = launcher.stat().st_mode
+    assert _first_line(launcher) == b"#!/bin/sh\n"
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    # Only the first line changed, to the interpreter the venv's python links to outside the venv; mode kept.
+    pinned = _pinned_text(venv)
+    assert launcher.read_bytes() == pinned
+    assert launcher.stat().st_mode == mode and _leftovers(venv) == []
+    # The shell part no longer runs: it would refuse to go on without a python beside the launcher.
+    for link in (venv / "bin").glob("python*"):
+        link.unlink()
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    # `sh` on the file still runs the shell part (which now finds no python: its one line), and changes nothing.
+    shell = _run(["/bin/sh", str(launcher), "get-token"])
+    assert shell.returncode == 3 and "no working python beside this launcher" in shell.stderr, shell.stderr
+    assert launcher.read_bytes() == pinned
+
+
+def test_a_written_launcher_still_works_moved_and_through_a_pipx_link(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    _reached_the_shim(_run([str(venv / "bin" / NAME), "get-token"]))
+    assert _first_line(venv / "bin" / NAME) != b"#!/bin/sh\n"
+    home = tmp_path / "pipx"
+    (home / "venvs").mkdir(parents=True)
+    moved = home / "venvs" / "brokerd"
+    venv.rename(moved)
+    _reached_the_shim(_run([str(moved / "bin" / NAME), "get-token"]))
+    links = tmp_path / "local-bin"
+    links.mkdir()
+    (links / "relative").symlink_to(Path("..") / "pipx" / "venvs" / "brokerd" / "bin" / NAME)
+    (links / NAME).symlink_to("relative")  # a chain of links, the first relative
+    # No PIPX_HOME, no pipx home under HOME, no readlink on PATH: found by the interpreter's own readlink.
+    _reached_the_shim(_run([str(links / NAME), "get-token"],
+                           {"HOME": str(tmp_path / "nobody"), "PATH": "/nonexistent", "PIPX_HOME": "/nonexistent"}))
+    # Called through a relative path, from the directory holding the link.
+    result = subprocess.run([f"./{NAME}", "get-token"], cwd=links, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "BROKERD_SOCKET": "/nonexistent/brokerd.sock",
+                                 "BROKERD_NO_AUTOSTART": "1"}, stdin=subprocess.DEVNULL)
+    _reached_the_shim(result)
+
+
+def test_a_written_launcher_starts_the_daemon_with_the_venvs_python(tmp_path: Path) -> None:
+    """The kernel starts the base interpreter; the daemon it autostarts must still be the venv's python (which
+    has brokerd), not the base one."""
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    assert launcher.read_bytes() == _pinned_text(venv)
+    record = tmp_path / "started"
+    python = venv / "bin" / "python"
+    python.unlink()
+    python.write_text(f'#!/bin/sh\necho "$0 $*" >> {record}\nexit 1\n')
+    python.chmod(0o755)
+    sock_dir = tmp_path / "run"
+    sock_dir.mkdir(mode=0o700)
+    result = _run([str(launcher), "get-token"], {"BROKERD_SOCKET": str(sock_dir / "brokerd.sock"),
+                                                 "BROKERD_NO_AUTOSTART": ""})
+    assert result.returncode == 3 and "the daemon exited at start" in result.stderr, result.stderr
+    assert record.read_text() == f"{python} -E -P -m brokerd serve --autostarted\n"
+
+
+def test_twelve_first_runs_at_once_write_one_launcher(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    env = {**os.environ, "BROKERD_SOCKET": "/nonexistent/brokerd.sock", "BROKERD_NO_AUTOSTART": "1"}
+    procs = [subprocess.Popen([str(venv / "bin" / NAME), "get-token"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(12)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        _reached_the_shim(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    assert (venv / "bin" / NAME).read_bytes() == _pinned_text(venv)
+    assert _leftovers(venv) == []
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+def test_a_write_that_fails_leaves_the_launcher_and_no_temp_file(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    env = {**os.environ, "BROKERD_SOCKET": "/nonexistent/brokerd.sock", "BROKERD_NO_AUTOSTART": "1"}
+    # Bytecode first, as pip compiles it at install (CPython would write a truncated .pyc under this limit).
+    compiled = subprocess.run([sys.executable, "-m", "compileall", "-q", str(venv / "lib")], capture_output=True,
+                              timeout=60)
+    assert compiled.returncode == 0, compiled.stderr
+    # Files may grow to 1 KiB only: the new launcher cannot be written (EFBIG; Python ignores SIGXFSZ).
+    result = subprocess.run([str(launcher), "get-token"], env=env, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL, preexec_fn=_limit_file_size)
+    _reached_the_shim(result)
+    assert launcher.read_bytes() == LAUNCHER.read_bytes() and _leftovers(venv) == []
+    _reached_the_shim(_run([str(launcher), "get-token"]))  # and the next run writes it
+    assert launcher.read_bytes() == _pinned_text(venv)
+
+
+def _venv_with_python_at(tmp_path: Path, python: Path) -> Path:
+    """A venv whose python links to ``python`` (itself a link to this interpreter's base)."""
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    python.parent.mkdir(parents=True, exist_ok=True)
+    python.symlink_to(base)
+    venv = _venv(tmp_path / "venv")
+    for link in (venv / "bin").glob("python*"):
+        link.unlink()
+    (venv / "bin" / "python").symlink_to(python)
+    return venv
+
+
+@pytest.mark.parametrize("where", ["with space/python3", "long-" + "x" * 120 + "/python3"])
+def test_an_interpreter_path_a_first_line_cannot_hold_is_not_written(tmp_path: Path, where: str) -> None:
+    venv = _venv_with_python_at(tmp_path, tmp_path / where)
+    for _ in range(2):
+        _reached_the_shim(_run([str(venv / "bin" / NAME), "get-token"]))
+    assert (venv / "bin" / NAME).read_bytes() == LAUNCHER.read_bytes()
+
+
+def test_a_venv_made_with_copies_keeps_the_shell(tmp_path: Path) -> None:
+    """--copies: bin/python is the venv's own file, which a moved venv would not have at the old path."""
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    venv = tmp_path / "venv"
+    done = subprocess.run([base, "-m", "venv", "--copies", "--without-pip", str(venv)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    shutil.copytree(Path(__file__).parent.parent / "client_shim", venv / "lib" / PYVER / "site-packages" / "client_shim",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(LAUNCHER, venv / "bin" / NAME)
+    (venv / "bin" / NAME).chmod(0o755)
+    _reached_the_shim(_run([str(venv / "bin" / NAME), "get-token"]))
+    assert (venv / "bin" / NAME).read_bytes() == LAUNCHER.read_bytes()
+    assert pin.pin(str(venv / "bin" / NAME), str(venv / "bin" / "python")) == (
+        "the venv's python does not link outside the venv by an absolute path")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another uid needs root")
+def test_another_users_launcher_is_not_written(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    os.chown(venv / "bin" / NAME, 4321, 4321)
+    _reached_the_shim(_run([str(venv / "bin" / NAME), "get-token"]))
+    assert (venv / "bin" / NAME).read_bytes() == LAUNCHER.read_bytes()
+    assert (venv / "bin" / NAME).stat().st_uid == 4321
+
+
+def test_the_interpreter_is_the_first_absolute_link_out_of_the_venv(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "v" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to("python3")
+    (bin_dir / "python3").symlink_to(bin_dir / "python3.11")  # absolute, but inside the venv: followed
+    (bin_dir / "python3.11").symlink_to("/usr/bin/python3")
+    assert pin.interpreter(str(bin_dir)) == "/usr/bin/python3"
+    (bin_dir / "python3.11").unlink()
+    (bin_dir / "python3.11").symlink_to("../../../usr/bin/python3")  # leaves the venv relatively: lost on a move
+    assert pin.interpreter(str(bin_dir)) is None
+    (bin_dir / "python3.11").unlink()
+    assert pin.interpreter(str(bin_dir)) is None  # dangling
+    (bin_dir / "python3.11").symlink_to("python")  # a loop
+    assert pin.interpreter(str(bin_dir)) is None
+
+
+def test_a_planted_temp_name_is_not_written_through(tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    (venv / "bin" / f".{NAME}.{os.getpid()}.tmp").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        pin.pin(str(launcher), str(venv / "bin" / "python"))
+    assert victim.read_text() == "mine\n" and launcher.read_bytes() == LAUNCHER.read_bytes()
+
+
+def test_a_launcher_replaced_while_it_is_written_is_left_to_its_own_first_run(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip reinstalls between the read and the rename: the new file stays, the temp file goes."""
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    real_fsync = os.fsync
+
+    def reinstall_meanwhile(fd: int) -> None:
+        real_fsync(fd)
+        fresh = launcher.with_name("fresh")
+        fresh.write_bytes(LAUNCHER.read_bytes() + b"# a newer release\n")
+        fresh.rename(launcher)
+
+    monkeypatch.setattr(pin.posix, "fsync", reinstall_meanwhile)
+    assert pin.pin(str(launcher), str(venv / "bin" / "python")) == "the launcher changed while it was being written"
+    assert launcher.read_bytes().endswith(b"# a newer release\n") and _leftovers(venv) == []
