@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from client_shim import pin
+from tests.support.daemon import ROOT
 from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _run, _venv
 
 NAME = "kubectl-oidc_login"
@@ -162,7 +163,7 @@ def test_a_venv_made_with_copies_keeps_the_shell(tmp_path: Path) -> None:
     done = subprocess.run([base, "-m", "venv", "--copies", "--without-pip", str(venv)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    shutil.copytree(Path(__file__).parent.parent / "client_shim", venv / "lib" / PYVER / "site-packages" / "client_shim",
+    shutil.copytree(ROOT / "client_shim", venv / "lib" / PYVER / "site-packages" / "client_shim",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(LAUNCHER, venv / "bin" / NAME)
     (venv / "bin" / NAME).chmod(0o755)
