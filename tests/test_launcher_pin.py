@@ -6,6 +6,7 @@ which shows it ran."""
 from __future__ import annotations
 
 import os
+import posix
 import resource
 import shutil
 import subprocess
@@ -222,6 +223,6 @@ def test_a_launcher_replaced_while_it_is_written_is_left_to_its_own_first_run(tm
         fresh.write_bytes(LAUNCHER.read_bytes() + b"# a newer release\n")
         fresh.rename(launcher)
 
-    monkeypatch.setattr(pin.posix, "fsync", reinstall_meanwhile)
+    monkeypatch.setattr(posix, "fsync", reinstall_meanwhile)  # the module pin.py calls it through
     assert pin.pin(str(launcher), str(venv / "bin" / "python")) == "the launcher changed while it was being written"
     assert launcher.read_bytes().endswith(b"# a newer release\n") and _leftovers(venv) == []
