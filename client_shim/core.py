@@ -244,7 +244,10 @@ def _autostart(path: bytes, env: "dict[bytes, bytes]") -> "_socket.socket":
                 raise ShimError(3, "brokerd: BROKERD_DAEMON_COMMAND must start with an absolute path (it would run "
                                    "from the current directory)")
         elif sys.executable.startswith("/"):
-            argv = [sys.executable.encode(), *PYTHON_FLAGS, b"-m", b"brokerd", b"serve"]
+            if not os.access(sys.executable, os.X_OK):
+                raise ShimError(3, f"brokerd: no python at {_show(os.fsencode(sys.executable))} to start the daemon "
+                                   "with; reinstall brokerd")
+            argv = [os.fsencode(sys.executable), *PYTHON_FLAGS, b"-m", b"brokerd", b"serve"]
         else:
             raise ShimError(3, "brokerd: cannot tell which python runs this shim, so it cannot start the daemon; run "
                                "`brokerd serve`")
@@ -410,8 +413,12 @@ def main(argv: "list[str] | None" = None) -> int:
         if not sys.executable.startswith("/"):
             _err(f"brokerd: cannot tell which python runs this shim; run `brokerd {args[0]}`")
             return 3
-        os.execve(sys.executable, [sys.executable, *(f.decode() for f in PYTHON_FLAGS), "-m", "brokerd", *args],
-                  child_env(posix.environ))
+        try:
+            os.execve(sys.executable, [sys.executable, *(f.decode() for f in PYTHON_FLAGS), "-m", "brokerd", *args],
+                      child_env(posix.environ))
+        except OSError as exc:
+            _err(f"brokerd: cannot run {_show(os.fsencode(sys.executable))}: {exc.strerror or exc}; reinstall brokerd")
+            return 3
     try:
         data = request(args, posix.environ, program) + b"\n"
     except ShimError as exc:

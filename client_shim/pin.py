@@ -41,10 +41,28 @@ def _resolve(path: str) -> str:
     return path if path.startswith("/") else posix.getcwd() + "/" + path
 
 
+def _inside(path: str, root: tuple[int, int]) -> bool:
+    """Whether ``path`` is below the directory whose (st_dev, st_ino) is ``root``, however either is spelled (a venv
+    reached through a symlinked home has two names)."""
+    for _ in range(path.count("/")):
+        path = path.rpartition("/")[0]
+        try:
+            st = posix.stat(path or "/")
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino) == root:
+            return True
+    return False
+
+
 def interpreter(bin_dir: str) -> str | None:
     """The first absolute path outside the venv that ``bin_dir/python`` links to, or None: not a link (``venv
     --copies``), dangling, or a link that is neither a name in bin/ nor absolute (a moved venv would lose it)."""
-    root = bin_dir.rpartition("/")[0] + "/"
+    try:
+        st = posix.stat(bin_dir + "/..")
+    except OSError:
+        return None
+    root = (st.st_dev, st.st_ino)
     path = bin_dir + "/python"
     for _ in range(HOPS):
         try:
@@ -52,7 +70,7 @@ def interpreter(bin_dir: str) -> str | None:
         except OSError:
             return None
         if target.startswith("/"):
-            if not target.startswith(root):
+            if not _inside(target, root):
                 return target
             path = target
         elif "/" in target or target in ("", ".", ".."):
@@ -63,12 +81,20 @@ def interpreter(bin_dir: str) -> str | None:
 
 
 def first_line(target: str) -> bytes | None:
-    """``#!<target> -IS`` as the kernel reads it, or None when the kernel would not: a space or a control character
-    ends or breaks the path, and the whole line must fit in MAX_LINE bytes."""
-    if not target.isprintable() or any(c.isspace() for c in target):
+    """``#!<target> -IS`` as the kernel and Python read it, or None when they would not: a space or a control
+    character ends or breaks the path, the whole line must fit in MAX_LINE bytes, and Python takes ``coding:`` or
+    ``coding=`` in a file's first line for its encoding (PEP 263)."""
+    if not target.isprintable() or any(c.isspace() for c in target) or "coding:" in target or "coding=" in target:
         return None
     line = b"#!" + target.encode("utf-8", "surrogateescape") + b" -IS\n"
     return line if len(line) <= MAX_LINE else None
+
+
+def _ours(text: bytes) -> bool:
+    """The launcher as installed, or with a line an earlier first run wrote (which may have gone stale)."""
+    first, newline, rest = text.partition(b"\n")
+    return bool(newline) and (first + b"\n" == PORTABLE or (first.startswith(b"#!/") and first.endswith(b" -IS"))) \
+        and (b"\n" + rest).startswith(MARK)
 
 
 def _same_binary(target: str, running: str) -> bool:
@@ -89,12 +115,75 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[posix.write(fd, data):]
 
 
-def pin(launcher: str, running: str) -> str | None:
-    """Write the interpreter into ``launcher``'s first line.  ``launcher``: the path the shell part was given (its
-    $0); ``running``: the interpreter it started (the python it found beside the launcher).  None when written,
-    else why not (for the tests; the shim says nothing).  OSError when something failed on the way."""
+def _exchange(a: str, b: str) -> bool:
+    """Swap two names in one step (renameat2 RENAME_EXCHANGE: Linux 3.15, glibc 2.28); False where that is not
+    available.  OSError when it is and fails (ENOENT: one of them is gone)."""
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (ImportError, OSError, AttributeError):
+        return False
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if call(at_fdcwd, a.encode("utf-8", "surrogateescape"), at_fdcwd, b.encode("utf-8", "surrogateescape"),
+            rename_exchange) == 0:
+        return True
+    import errno
+
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # this kernel or file system cannot
+        return False
+    raise OSError(err, posix.strerror(err), b)
+
+
+def _replace(temp: str, path: str, st: posix.stat_result) -> str | None:
+    """Put ``temp`` at ``path`` only if ``path`` is still the file ``st`` describes: a reinstall meanwhile wins,
+    and an uninstall is not undone.  ``temp`` is gone afterwards either way."""
+    if _exchange(temp, path):
+        was = posix.lstat(temp)  # what ``path`` held the moment it was swapped
+        if (was.st_dev, was.st_ino) != (st.st_dev, st.st_ino):
+            _exchange(temp, path)  # pip's new file back where it was
+            posix.unlink(temp)
+            return "the launcher changed while it was being written"
+        posix.unlink(temp)  # the old launcher
+        return None
+    now = posix.lstat(path)  # no exchange here: a check, then rename (a reinstall in between would be undone)
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+        posix.unlink(temp)
+        return "the launcher changed while it was being written"
+    posix.rename(temp, path)
+    return None
+
+
+def _wanted(bin_dir: str, running: str) -> tuple[bytes, str | None]:
+    """The first line the launcher in ``bin_dir`` should have: the interpreter's (and None), or the shell's with
+    the reason it cannot be the interpreter's."""
     if sys.implementation.name != "cpython":
-        return "only CPython's option parser is known to take -IS as the kernel passes it"
+        return PORTABLE, "only CPython's option parser is known to take -IS as the kernel passes it"
+    try:  # how the written launcher finds itself (the launcher's own comment)
+        posix.readlink("/proc/self/exe")
+        posix.O_PATH  # noqa: B018 - Linux's; the written launcher opens itself with it
+    except (OSError, AttributeError):
+        return PORTABLE, "no /proc/self (not Linux, or /proc is not mounted)"
+    target = interpreter(bin_dir)
+    if target is None:
+        return PORTABLE, "the venv's python does not link outside the venv by an absolute path"
+    line = first_line(target)
+    if line is None:
+        return PORTABLE, "the interpreter's path cannot be written into a #! line"
+    if not _same_binary(target, running):
+        return PORTABLE, "the interpreter named is not the one running, or not a binary"
+    return line, None
+
+
+def pin(launcher: str, running: str) -> str | None:
+    """Make ``launcher``'s first line the interpreter's, or the shell's again where that can no longer be (an
+    earlier line gone stale: the written launcher hands such runs to the shell part, which comes here).
+    ``launcher``: the path the shell part was given (its $0); ``running``: the interpreter it started (the python
+    it found beside the launcher).  None when the interpreter's line is there, else why not (for the tests; the
+    shim says nothing).  OSError when something failed on the way."""
     path = _resolve(launcher)
     fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC)
     try:
@@ -103,38 +192,44 @@ def pin(launcher: str, running: str) -> str | None:
                 or st.st_size > MAX_SIZE):
             return "the launcher is not a regular file of this user's"
         text = posix.read(fd, MAX_SIZE + 1)
+        # An ACL, a file capability, any attribute but the SELinux label (which a new file gets from its directory)
+        # would be lost in the copy.
+        if [a for a in getattr(posix, "listxattr", lambda fd: [])(fd) if a != "security.selinux"]:
+            return "the launcher has extended attributes a copy would lose"
     finally:
         posix.close(fd)
-    if not text.startswith(PORTABLE) or not text[len(PORTABLE) - 1:].startswith(MARK):
-        return "not the launcher as installed (already written, or another file)"
+    if not _ours(text):
+        return "not the launcher as installed"
     bin_dir = path.rpartition("/")[0]
-    target = interpreter(bin_dir)
-    if target is None:
-        return "the venv's python does not link outside the venv by an absolute path"
-    line = first_line(target)
-    if line is None:
-        return "the interpreter's path cannot be written into a #! line"
-    if not _same_binary(target, running):
-        return "the interpreter named is not the one running, or not a binary"
+    line, why = _wanted(bin_dir, running)
+    if text.startswith(line):
+        return why
+    if st.st_gid != posix.getegid() and st.st_gid not in posix.getgroups() and posix.geteuid() != 0:
+        return "the launcher's group is not one of this user's: a copy could not keep it"
     temp = f"{bin_dir}/.{path.rpartition('/')[2]}.{posix.getpid()}.tmp"
-    out = posix.open(temp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC, 0o600)
+    import signal
+
+    # No signal between creating the temporary file and its end (SIGTERM from a timeout, SIGHUP from a closed
+    # terminal would leave it behind): they wait until it is gone (SIGKILL cannot).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
+        out = posix.open(temp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC,
+                         0o600)
         try:
-            _write_all(out, line + text[len(PORTABLE):])
-            posix.fchmod(out, st.st_mode & 0o777)
-            posix.fsync(out)  # the rename must not leave a launcher the disk holds empty after a crash
-        finally:
-            posix.close(out)
-        now = posix.lstat(path)
-        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_dev, st.st_ino, st.st_size,
-                                                                       st.st_mtime_ns):
-            posix.unlink(temp)  # pip reinstalled it meanwhile: leave the new one to its own first run
-            return "the launcher changed while it was being written"
-        posix.rename(temp, path)
-    except BaseException:
-        try:  # noqa: SIM105 - contextlib would cost an import on a path every run of some installs takes
-            posix.unlink(temp)
-        except OSError:
-            pass
-        raise
-    return None
+            try:
+                _write_all(out, line + text.partition(b"\n")[2])
+                if posix.fstat(out).st_gid != st.st_gid:
+                    posix.fchown(out, -1, st.st_gid)
+                posix.fchmod(out, st.st_mode & 0o777)
+                posix.fsync(out)  # the rename must not leave a launcher the disk holds empty after a crash
+            finally:
+                posix.close(out)
+            return _replace(temp, path, st) or why
+        except BaseException:
+            try:  # noqa: SIM105 - contextlib would cost an import on a path every run of some installs takes
+                posix.unlink(temp)
+            except OSError:
+                pass
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -51,14 +51,17 @@ def test_the_first_run_writes_the_interpreter_and_later_runs_need_no_shell(tmp_p
     pinned = _pinned_text(venv)
     assert launcher.read_bytes() == pinned
     assert launcher.stat().st_mode == mode and _leftovers(venv) == []
-    # The shell part no longer runs: it would refuse to go on without a python beside the launcher.
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    assert launcher.read_bytes() == pinned  # written once
+    # `sh` on the file still runs the shell part, and changes nothing.
+    _reached_the_shim(_run(["/bin/sh", str(launcher), "get-token"]))
+    assert launcher.read_bytes() == pinned
+    # With the venv's python gone, the written launcher hands over to the shell part, whose one line says so.
     for link in (venv / "bin").glob("python*"):
         link.unlink()
-    _reached_the_shim(_run([str(launcher), "get-token"]))
-    # `sh` on the file still runs the shell part (which now finds no python: its one line), and changes nothing.
-    shell = _run(["/bin/sh", str(launcher), "get-token"])
-    assert shell.returncode == 3 and "no working python beside this launcher" in shell.stderr, shell.stderr
-    assert launcher.read_bytes() == pinned
+    gone = _run([str(launcher), "get-token"])
+    assert gone.returncode == 3 and "no working python beside this launcher" in gone.stderr, gone.stderr
+    assert gone.stderr.count("\n") == 1 and launcher.read_bytes() == pinned
 
 
 def test_a_written_launcher_still_works_moved_and_through_a_pipx_link(tmp_path: Path) -> None:
@@ -86,22 +89,23 @@ def test_a_written_launcher_still_works_moved_and_through_a_pipx_link(tmp_path: 
 
 def test_a_written_launcher_starts_the_daemon_with_the_venvs_python(tmp_path: Path) -> None:
     """The kernel starts the base interpreter; the daemon it autostarts must still be the venv's python (which
-    has brokerd), not the base one."""
+    has brokerd), not the base one (which has not)."""
     venv = _venv(tmp_path / "venv")
     launcher = venv / "bin" / NAME
     _reached_the_shim(_run([str(launcher), "get-token"]))
     assert launcher.read_bytes() == _pinned_text(venv)
     record = tmp_path / "started"
-    python = venv / "bin" / "python"
-    python.unlink()
-    python.write_text(f'#!/bin/sh\necho "$0 $*" >> {record}\nexit 1\n')
-    python.chmod(0o755)
+    stand_in = venv / "lib" / PYVER / "site-packages" / "brokerd"  # a daemon that says who runs it, then fails
+    stand_in.mkdir()
+    (stand_in / "__init__.py").write_text("")
+    (stand_in / "__main__.py").write_text(f"import sys\nopen({str(record)!r}, 'w').write(sys.executable)\n"
+                                          "sys.exit(1)\n")
     sock_dir = tmp_path / "run"
     sock_dir.mkdir(mode=0o700)
     result = _run([str(launcher), "get-token"], {"BROKERD_SOCKET": str(sock_dir / "brokerd.sock"),
                                                  "BROKERD_NO_AUTOSTART": ""})
     assert result.returncode == 3 and "the daemon exited at start" in result.stderr, result.stderr
-    assert record.read_text() == f"{python} -E -P -m brokerd serve --autostarted\n"
+    assert record.read_text() == str(venv / "bin" / "python")
 
 
 def test_twelve_first_runs_at_once_write_one_launcher(tmp_path: Path) -> None:
@@ -226,3 +230,22 @@ def test_a_launcher_replaced_while_it_is_written_is_left_to_its_own_first_run(tm
     monkeypatch.setattr(posix, "fsync", reinstall_meanwhile)  # the module pin.py calls it through
     assert pin.pin(str(launcher), str(venv / "bin" / "python")) == "the launcher changed while it was being written"
     assert launcher.read_bytes().endswith(b"# a newer release\n") and _leftovers(venv) == []
+
+
+def test_a_line_that_can_no_longer_be_written_goes_back_to_the_shell(tmp_path: Path) -> None:
+    """The venv's python is re-pointed where a #! line cannot name it (a path with a space): the written line is
+    stale, the run hands over to the shell part, and the launcher gets `#!/bin/sh` back rather than a second start
+    of Python on every run."""
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    assert launcher.read_bytes() == _pinned_text(venv)
+    spaced = tmp_path / "with space" / "python3"
+    spaced.parent.mkdir()
+    shutil.copy(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), spaced)  # another file
+    for link in (venv / "bin").glob("python*"):
+        link.unlink()
+    (venv / "bin" / "python").symlink_to(spaced)
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    assert launcher.read_bytes() == LAUNCHER.read_bytes() and _leftovers(venv) == []
+    _reached_the_shim(_run([str(launcher), "get-token"]))
