@@ -443,7 +443,8 @@ def run(pin: bool = False) -> None:
     registered with atexit, and the text streams (help and version use them) are flushed first.
 
     ``pin``: the installed launcher ran through its shell part; once everything is out, it writes its interpreter
-    into its first line (client_shim/pin.py), quietly and without changing the exit code.
+    into its first line (client_shim/pin.py), quietly and without changing the exit code (one line on stderr only
+    when a line gone stale cannot be rewritten: each run then starts Python twice).
     """
     code = main()
     for stream in (sys.stdout, sys.stderr):
@@ -454,9 +455,12 @@ def run(pin: bool = False) -> None:
             code = code or 1  # what the interpreter's own exit would report as a failed flush
     if pin and sys.argv and sys.argv[0]:
         try:
-            from client_shim.pin import pin as write_first_line
+            from client_shim import pin as first_line
 
-            write_first_line(sys.argv[0], sys.executable)
+            try:
+                first_line.pin(sys.argv[0], sys.executable)
+            except first_line.StaleLine as exc:
+                _err(f"brokerd: {protocol.for_terminal(str(exc))}")
         except BaseException:  # noqa: S110 - anything, even ^C: the launcher stays as it was; the answer is out
             pass
     posix._exit(code)

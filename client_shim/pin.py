@@ -82,10 +82,13 @@ def interpreter(bin_dir: str) -> str | None:
 
 def first_line(target: str) -> bytes | None:
     """``#!<target> -IS`` as the kernel and Python read it, or None when they would not: a space or a control
-    character ends or breaks the path, the whole line must fit in MAX_LINE bytes, and Python takes ``coding:`` or
-    ``coding=`` in a file's first line for its encoding (PEP 263)."""
+    character ends or breaks the path, the whole line must fit in MAX_LINE bytes, Python takes ``coding:`` or
+    ``coding=`` in a file's first line for its encoding (PEP 263), and the path must be spelled as CPython spells
+    sys.executable."""
     if not target.isprintable() or any(c.isspace() for c in target) or "coding:" in target or "coding=" in target:
         return None
+    if "//" in target or "/./" in target or "/../" in target or target.endswith(("/.", "/..")):
+        return None  # CPython spells sys.executable without these (a/../b is b), and the written launcher compares
     line = b"#!" + target.encode("utf-8", "surrogateescape") + b" -IS\n"
     return line if len(line) <= MAX_LINE else None
 
@@ -138,23 +141,34 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, posix.strerror(err), b)
 
 
-def _replace(temp: str, path: str, st: posix.stat_result) -> str | None:
-    """Put ``temp`` at ``path`` only if ``path`` is still the file ``st`` describes: a reinstall meanwhile wins,
-    and an uninstall is not undone.  ``temp`` is gone afterwards either way."""
+def _replace(temp: str, path: str, held: int) -> str | None:
+    """Put ``temp`` at ``path`` only if ``path`` is still the file open as ``held`` (held open, its inode number
+    cannot be given to a new file meanwhile, as ext4 does at once when pip unlinks and rewrites a script): a
+    reinstall meanwhile wins, and an uninstall is not undone.  ``temp`` is gone afterwards either way."""
+    st = posix.fstat(held)
     if _exchange(temp, path):
         was = posix.lstat(temp)  # what ``path`` held the moment it was swapped
-        if (was.st_dev, was.st_ino) != (st.st_dev, st.st_ino):
-            _exchange(temp, path)  # pip's new file back where it was
-            posix.unlink(temp)
-            return "the launcher changed while it was being written"
-        posix.unlink(temp)  # the old launcher
-        return None
+        if (was.st_dev, was.st_ino) == (st.st_dev, st.st_ino):
+            posix.unlink(temp)  # the old launcher
+            return None
+        _exchange(temp, path)  # pip's new file back where it was
+        # pip makes a script executable by name after writing it; if that landed between the two swaps it went to
+        # the file now at ``temp``: do what it does (an x for every r), which it does again later if it has not yet.
+        mode = posix.lstat(path).st_mode & 0o7777
+        posix.chmod(path, mode | (mode & 0o444) >> 2)
+        posix.unlink(temp)
+        return "the launcher changed while it was being written"
     now = posix.lstat(path)  # no exchange here: a check, then rename (a reinstall in between would be undone)
-    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         posix.unlink(temp)
         return "the launcher changed while it was being written"
     posix.rename(temp, path)
     return None
+
+
+class StaleLine(Exception):
+    """The launcher names an interpreter its venv no longer runs and cannot be written: every run starts Python
+    twice until brokerd is reinstalled.  The shim says so (one line)."""
 
 
 def _wanted(bin_dir: str, running: str) -> tuple[bytes, str | None]:
@@ -178,53 +192,107 @@ def _wanted(bin_dir: str, running: str) -> tuple[bytes, str | None]:
     return line, None
 
 
-def pin(launcher: str, running: str) -> str | None:
-    """Make ``launcher``'s first line the interpreter's, or the shell's again where that can no longer be (an
-    earlier line gone stale: the written launcher hands such runs to the shell part, which comes here).
-    ``launcher``: the path the shell part was given (its $0); ``running``: the interpreter it started (the python
-    it found beside the launcher).  None when the interpreter's line is there, else why not (for the tests; the
-    shim says nothing).  OSError when something failed on the way."""
-    path = _resolve(launcher)
+def _read(path: str) -> tuple[int, posix.stat_result, bytes] | str:
+    """The launcher open (the caller closes it), its stat and text; or why it is not one to write."""
     fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC)
     try:
         st = posix.fstat(fd)
         if (st.st_mode & S_IFMT != S_IFREG or st.st_uid != posix.geteuid() or st.st_nlink != 1
                 or st.st_size > MAX_SIZE):
-            return "the launcher is not a regular file of this user's"
-        text = posix.read(fd, MAX_SIZE + 1)
-        # An ACL, a file capability, any attribute but the SELinux label (which a new file gets from its directory)
-        # would be lost in the copy.
-        if [a for a in getattr(posix, "listxattr", lambda fd: [])(fd) if a != "security.selinux"]:
-            return "the launcher has extended attributes a copy would lose"
-    finally:
+            why = "the launcher is not a regular file of this user's"
+        elif not st.st_mode & 0o111:
+            why = "the launcher is not executable (pip has not finished installing it)"
+        else:
+            text = posix.read(fd, MAX_SIZE + 1)
+            # An ACL, a file capability, any attribute but the SELinux label (which a new file gets from its
+            # directory) would be lost in the copy.
+            if [a for a in getattr(posix, "listxattr", lambda fd: [])(fd) if a != "security.selinux"]:
+                why = "the launcher has extended attributes a copy would lose"
+            elif not _ours(text):
+                why = "not the launcher as installed"
+            else:
+                return fd, st, text
+    except BaseException:
         posix.close(fd)
-    if not _ours(text):
-        return "not the launcher as installed"
+        raise
+    posix.close(fd)
+    return why
+
+
+def pin(launcher: str, running: str) -> str | None:
+    """Make ``launcher``'s first line the interpreter's, or the shell's again where that can no longer be (an
+    earlier line gone stale: the written launcher hands such runs to the shell part, which comes here).
+    ``launcher``: the path the shell part was given (its $0); ``running``: the interpreter it started (the python
+    it found beside the launcher).  None when the interpreter's line is there, else why not (for the tests; the
+    shim says nothing).  OSError when something failed on the way; StaleLine when the launcher holds a line its
+    venv no longer runs and cannot be written."""
+    path = _resolve(launcher)
+    got = _read(path)
+    if isinstance(got, str):
+        return got
+    posix.close(got[0])
+    st, text = got[1], got[2]
     bin_dir = path.rpartition("/")[0]
     line, why = _wanted(bin_dir, running)
     if text.startswith(line):
         return why
-    if st.st_gid != posix.getegid() and st.st_gid not in posix.getgroups() and posix.geteuid() != 0:
-        return "the launcher's group is not one of this user's: a copy could not keep it"
-    temp = f"{bin_dir}/.{path.rpartition('/')[2]}.{posix.getpid()}.tmp"
-    import signal
+    cannot = None
+    if not posix.access(bin_dir, posix.W_OK):
+        cannot = "its directory is not writable"
+    elif st.st_gid != posix.getegid() and st.st_gid not in posix.getgroups() and posix.geteuid() != 0:
+        cannot = "its group is not one of this user's: a copy could not keep it"
+    if cannot is not None:
+        if not text.startswith(PORTABLE):
+            raise StaleLine(f"{path} starts {text.partition(b' ')[0][2:].decode('utf-8', 'replace')}, which its "
+                            f"venv no longer runs, and cannot be rewritten ({cannot}): each run starts Python twice; "
+                            "reinstall brokerd")
+        return cannot
+    import fcntl
 
+    # One writer per bin directory at a time (two first runs must not undo each other's swaps); a busy lock means
+    # another run is writing: leave it to that one.
+    lock = posix.open(bin_dir, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "another run is writing it"
+        got = _read(path)  # again, under the lock: what the swap must find still there
+        if isinstance(got, str):
+            return got
+        held, st, text = got
+        try:
+            if text.startswith(line):
+                return why
+            return _write(path, held, st, line + text.partition(b"\n")[2]) or why
+        finally:
+            posix.close(held)
+    finally:
+        posix.close(lock)
+
+
+def _write(path: str, held: int, st: posix.stat_result, data: bytes) -> str | None:
+    """``data`` into a new file beside ``path`` with its group and mode, synced, then swapped in (_replace)."""
+    import _signal  # type: ignore[import-not-found]  # built in; `signal` would load enum and more
+
+    bin_dir = path.rpartition("/")[0]
+    temp = f"{bin_dir}/.{path.rpartition('/')[2]}.{posix.getpid()}.tmp"
     # No signal between creating the temporary file and its end (SIGTERM from a timeout, SIGHUP from a closed
     # terminal would leave it behind): they wait until it is gone (SIGKILL cannot).
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     try:
         out = posix.open(temp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC,
                          0o600)
         try:
             try:
-                _write_all(out, line + text.partition(b"\n")[2])
+                _write_all(out, data)
                 if posix.fstat(out).st_gid != st.st_gid:
                     posix.fchown(out, -1, st.st_gid)
                 posix.fchmod(out, st.st_mode & 0o777)
                 posix.fsync(out)  # the rename must not leave a launcher the disk holds empty after a crash
             finally:
                 posix.close(out)
-            return _replace(temp, path, st) or why
+            return _replace(temp, path, held)
         except BaseException:
             try:  # noqa: SIM105 - contextlib would cost an import on a path every run of some installs takes
                 posix.unlink(temp)
@@ -232,4 +300,4 @@ def pin(launcher: str, running: str) -> str | None:
                 pass
             raise
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)

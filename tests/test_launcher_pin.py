@@ -249,3 +249,28 @@ def test_a_line_that_can_no_longer_be_written_goes_back_to_the_shell(tmp_path: P
     _reached_the_shim(_run([str(launcher), "get-token"]))
     assert launcher.read_bytes() == LAUNCHER.read_bytes() and _leftovers(venv) == []
     _reached_the_shim(_run([str(launcher), "get-token"]))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a read-only bind mount needs root and unshare -m")
+def test_a_stale_line_that_cannot_be_rewritten_says_so_once_per_run(tmp_path: Path) -> None:
+    """The venv was pointed at another interpreter, and the install is read-only now: each run starts Python twice
+    (the named one checks, the venv's runs), so the person gets one line saying why and what to do."""
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    pinned = launcher.read_bytes()
+    assert pinned == _pinned_text(venv)
+    other = tmp_path / "other-release" / "python3"
+    other.parent.mkdir()
+    shutil.copy(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), other)
+    for link in (venv / "bin").glob("python*"):
+        link.unlink()
+    (venv / "bin" / "python").symlink_to(other)
+    read_only = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
+                 str(venv)]
+    result = _run([*read_only, str(launcher), "get-token"])
+    _reached_the_shim(result)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and "cannot be rewritten (its directory is not writable)" in lines[1], result.stderr
+    assert "reinstall brokerd" in lines[1] and launcher.read_bytes() == pinned
