@@ -108,12 +108,10 @@ def test_a_pinned_launcher_whose_interpreter_is_gone_is_mended_through_sh(tmp_pa
 
 # 3 --------------------------------------------------------------------------------------------------------------
 
-def test_a_patch_upgrade_inside_the_venv_keeps_the_launcher_working(tmp_path: Path) -> None:
-    """Promise 3 ("Python upgraded inside the venv: patch: works").  `uv venv --allow-existing --python NEW` and
-    `virtualenv -p NEW` over an existing venv (checked: uv 0.13.9, virtualenv 21.x) re-point bin/python to the new
-    interpreter and keep site-packages and bin/kubectl-oidc_login.  The pinned launcher sees that the venv's python
-    is no longer the file it names, hands over to the shell part (which runs the new one) and is written again; the
-    old release can then go.  Here the two "releases" are two links to this interpreter."""
+def upgraded_inside(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A venv whose launcher was written (first run) for tmp_path/old-release/python3, then re-pointed to
+    tmp_path/new-release/python3 as `uv venv --allow-existing` or `virtualenv -p` over it do; the old release is
+    still installed (another file than the new one).  (venv, launcher, the old release's python)."""
     real = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     venv = _venv_with_python_at(tmp_path, tmp_path / "old-release" / "python3")
     launcher = _first_run(venv)
@@ -124,6 +122,16 @@ def test_a_patch_upgrade_inside_the_venv_keeps_the_launcher_working(tmp_path: Pa
     old = tmp_path / "old-release" / "python3"
     old.unlink()  # another inode from now on: the same binary copied would be another file too
     shutil.copy(real, old)
+    return venv, launcher, old
+
+
+def test_a_patch_upgrade_inside_the_venv_keeps_the_launcher_working(tmp_path: Path) -> None:
+    """Promise 3 ("Python upgraded inside the venv: patch: works").  `uv venv --allow-existing --python NEW` and
+    `virtualenv -p NEW` over an existing venv (checked: uv 0.13.9, virtualenv 21.x) re-point bin/python to the new
+    interpreter and keep site-packages and bin/kubectl-oidc_login.  The pinned launcher sees that the venv's python
+    is no longer the file it names, hands over to the shell part (which runs the new one) and is written again; the
+    old release can then go.  Here the two "releases" are two links to this interpreter."""
+    venv, launcher, old = upgraded_inside(tmp_path)
     _reached_the_shim(_try([str(launcher), "get-token"]))
     assert _first_line(launcher) == f"#!{tmp_path / 'new-release' / 'python3'} -IS\n".encode()
     old.unlink()

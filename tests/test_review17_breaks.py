@@ -29,7 +29,8 @@ import pytest
 from client_shim import pin
 from tests.support.daemon import ROOT
 from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _venv
-from tests.test_launcher_pin import _first_line, _leftovers, _venv_with_python_at
+from tests.test_launcher_pin import _first_line, _leftovers
+from tests.test_review16_breaks import upgraded_inside
 
 NAME = "kubectl-oidc_login"
 ENV = {"BROKERD_SOCKET": "/nonexistent/brokerd.sock", "BROKERD_NO_AUTOSTART": "1"}
@@ -118,16 +119,7 @@ def test_a_written_launcher_that_can_no_longer_be_written_costs_one_interpreter_
     python, whose pin() cannot write the new line: so every call from then on starts the interpreter twice (the
     kernel's, which only checks and re-execs, then the shell's) plus /bin/sh, about twice what the launcher as
     installed costs, for good, and silently.  The fallback should cost no more than the shell part alone."""
-    real = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    venv = _venv_with_python_at(tmp_path, tmp_path / "old-release" / "python3")
-    launcher = _first_run(venv)
-    (tmp_path / "new-release").mkdir()
-    (tmp_path / "new-release" / "python3").symlink_to(real)
-    (venv / "bin" / "python").unlink()
-    (venv / "bin" / "python").symlink_to(tmp_path / "new-release" / "python3")
-    old = tmp_path / "old-release" / "python3"
-    old.unlink()
-    shutil.copy(real, old)  # the old release still installed (another file now)
+    venv, launcher, _old = upgraded_inside(tmp_path)
     execs = _execs([str(launcher), "get-token"], tmp_path, prefix=_read_only(venv))
     ours = execs[execs.index(str(launcher)):]  # after unshare's and sh's own
     assert len(ours) <= 2, f"one call exec'd {ours}: two interpreter starts on every call"
