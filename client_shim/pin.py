@@ -14,8 +14,6 @@ nothing is written unless everything below holds.  It runs in the shim's process
 and never changes the exit code: any failure leaves the launcher as it was, to try again next time.
 """
 
-from __future__ import annotations
-
 import posix
 import sys
 
@@ -25,6 +23,7 @@ MAX_SIZE = 64 * 1024
 # An older kernel (before 5.1) reads 128 bytes of a script's start for the "#!" line and cuts the rest off.
 MAX_LINE = 127
 HOPS = 40
+NO_PROC = "no /proc/self (not Linux, or /proc is not mounted)"
 S_IFMT, S_IFREG = 0o170000, 0o100000
 # Only posix (loaded with the interpreter): where a launcher cannot be written (a venv made with --copies, a
 # read-only or another user's install), every run comes here, and `import os` alone would cost it a millisecond.
@@ -89,8 +88,18 @@ def first_line(target: str) -> bytes | None:
         return None
     if "//" in target or "/./" in target or "/../" in target or target.endswith(("/.", "/..")):
         return None  # CPython spells sys.executable without these (a/../b is b), and the written launcher compares
-    line = b"#!" + target.encode("utf-8", "surrogateescape") + b" -IS\n"
+    raw = _fs(target)  # the bytes the path is on disk, whatever the locale
+    try:
+        raw.decode("utf-8")  # Python reads the launcher as UTF-8 source: another encoding's bytes would not parse
+    except UnicodeDecodeError:
+        return None
+    line = b"#!" + raw + b" -IS\n"
     return line if len(line) <= MAX_LINE else None
+
+
+def _fs(path: str) -> bytes:
+    """``path`` as the file system has it: what os.fsencode does (the locale's encoding under -I, not UTF-8)."""
+    return path.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
 
 
 def _ours(text: bytes) -> bool:
@@ -130,8 +139,7 @@ def _exchange(a: str, b: str) -> bool:
     call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     call.restype = ctypes.c_int
     at_fdcwd, rename_exchange = -100, 2
-    if call(at_fdcwd, a.encode("utf-8", "surrogateescape"), at_fdcwd, b.encode("utf-8", "surrogateescape"),
-            rename_exchange) == 0:
+    if call(at_fdcwd, _fs(a), at_fdcwd, _fs(b), rename_exchange) == 0:
         return True
     import errno
 
@@ -154,8 +162,13 @@ def _replace(temp: str, path: str, held: int) -> str | None:
         _exchange(temp, path)  # pip's new file back where it was
         # pip makes a script executable by name after writing it; if that landed between the two swaps it went to
         # the file now at ``temp``: do what it does (an x for every r), which it does again later if it has not yet.
-        mode = posix.lstat(path).st_mode & 0o7777
-        posix.chmod(path, mode | (mode & 0o444) >> 2)
+        back = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC)
+        try:
+            mode = posix.fstat(back).st_mode
+            if mode & S_IFMT == S_IFREG:
+                posix.fchmod(back, mode & 0o7777 | (mode & 0o444) >> 2)
+        finally:
+            posix.close(back)
         posix.unlink(temp)
         return "the launcher changed while it was being written"
     now = posix.lstat(path)  # no exchange here: a check, then rename (a reinstall in between would be undone)
@@ -180,7 +193,7 @@ def _wanted(bin_dir: str, running: str) -> tuple[bytes, str | None]:
         posix.readlink("/proc/self/exe")
         posix.O_PATH  # noqa: B018 - Linux's; the written launcher opens itself with it
     except (OSError, AttributeError):
-        return PORTABLE, "no /proc/self (not Linux, or /proc is not mounted)"
+        return PORTABLE, NO_PROC
     target = interpreter(bin_dir)
     if target is None:
         return PORTABLE, "the venv's python does not link outside the venv by an absolute path"
@@ -197,16 +210,17 @@ def _read(path: str) -> tuple[int, posix.stat_result, bytes] | str:
     fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC)
     try:
         st = posix.fstat(fd)
-        if (st.st_mode & S_IFMT != S_IFREG or st.st_uid != posix.geteuid() or st.st_nlink != 1
-                or st.st_size > MAX_SIZE):
-            why = "the launcher is not a regular file of this user's"
+        if st.st_mode & S_IFMT != S_IFREG or st.st_nlink != 1 or st.st_size > MAX_SIZE:
+            why = "the launcher is not a regular file with one name"
         elif not st.st_mode & 0o111:
             why = "the launcher is not executable (pip has not finished installing it)"
         else:
             text = posix.read(fd, MAX_SIZE + 1)
             # An ACL, a file capability, any attribute but the SELinux label (which a new file gets from its
             # directory) would be lost in the copy.
-            if [a for a in getattr(posix, "listxattr", lambda fd: [])(fd) if a != "security.selinux"]:
+            if len(text) != st.st_size:
+                why = "the launcher did not read whole"
+            elif [a for a in getattr(posix, "listxattr", lambda fd: [])(fd) if a != "security.selinux"]:
                 why = "the launcher has extended attributes a copy would lose"
             elif not _ours(text):
                 why = "not the launcher as installed"
@@ -232,20 +246,24 @@ def pin(launcher: str, running: str) -> str | None:
         return got
     posix.close(got[0])
     st, text = got[1], got[2]
+    if st.st_uid != posix.geteuid() and text.startswith(PORTABLE):
+        return "the launcher is another user's"  # the usual shared install: as cheap as can be
     bin_dir = path.rpartition("/")[0]
     line, why = _wanted(bin_dir, running)
     if text.startswith(line):
         return why
     cannot = None
-    if not posix.access(bin_dir, posix.W_OK):
-        cannot = "its directory is not writable"
+    if st.st_uid != posix.geteuid():
+        cannot = f"it is uid {st.st_uid}'s"
+    elif not posix.access(bin_dir, posix.W_OK) or not posix.access(path, posix.W_OK):  # EROFS; EPERM: immutable
+        cannot = "it or its directory is not writable"
     elif st.st_gid != posix.getegid() and st.st_gid not in posix.getgroups() and posix.geteuid() != 0:
         cannot = "its group is not one of this user's: a copy could not keep it"
     if cannot is not None:
-        if not text.startswith(PORTABLE):
-            raise StaleLine(f"{path} starts {text.partition(b' ')[0][2:].decode('utf-8', 'replace')}, which its "
-                            f"venv no longer runs, and cannot be rewritten ({cannot}): each run starts Python twice; "
-                            "reinstall brokerd")
+        if not text.startswith(PORTABLE) and why != NO_PROC:  # a written line the venv no longer runs
+            first = text.partition(b"\n")[0][2:-4].decode("utf-8", "replace")
+            raise StaleLine(f"{path} starts {first}, which its venv no longer runs, and cannot be rewritten "
+                            f"({cannot}): each run starts Python twice; reinstall brokerd")
         return cannot
     import fcntl
 
@@ -257,6 +275,8 @@ def pin(launcher: str, running: str) -> str | None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return "another run is writing it"
+        except OSError:
+            return "its directory cannot be locked (NFS without flock?)"
         got = _read(path)  # again, under the lock: what the swap must find still there
         if isinstance(got, str):
             return got
@@ -264,11 +284,27 @@ def pin(launcher: str, running: str) -> str | None:
         try:
             if text.startswith(line):
                 return why
+            if _frozen(lock) or _frozen(held):
+                return "it or its directory is immutable or append-only (chattr)"
             return _write(path, held, st, line + text.partition(b"\n")[2]) or why
         finally:
             posix.close(held)
     finally:
         posix.close(lock)
+
+
+def _frozen(fd: int) -> bool:
+    """Linux's immutable or append-only flag on ``fd`` (chattr +i, +a): a rename there fails after all the work,
+    and in an append-only directory the temporary file could not be removed either.  False where the file system
+    keeps no such flags."""
+    import fcntl
+
+    get_flags = (2 << 30) | (8 if sys.maxsize > 2**32 else 4) << 16 | ord("f") << 8 | 1  # FS_IOC_GETFLAGS
+    try:
+        flags = int.from_bytes(fcntl.ioctl(fd, get_flags, bytes(8))[:4], sys.byteorder)
+    except OSError:
+        return False
+    return bool(flags & (0x10 | 0x20))  # FS_IMMUTABLE_FL, FS_APPEND_FL
 
 
 def _write(path: str, held: int, st: posix.stat_result, data: bytes) -> str | None:

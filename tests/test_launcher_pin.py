@@ -272,5 +272,5 @@ def test_a_stale_line_that_cannot_be_rewritten_says_so_once_per_run(tmp_path: Pa
     result = _run([*read_only, str(launcher), "get-token"])
     _reached_the_shim(result)
     lines = result.stderr.splitlines()
-    assert len(lines) == 2 and "cannot be rewritten (its directory is not writable)" in lines[1], result.stderr
+    assert len(lines) == 2 and "cannot be rewritten (it or its directory is not writable)" in lines[1], result.stderr
     assert "reinstall brokerd" in lines[1] and launcher.read_bytes() == pinned

@@ -48,7 +48,7 @@ def _planted(directory: Path, marker: str) -> None:
     pkg = directory / "client_shim"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "core.py").write_text(f"def run():\n    print({marker!r})\n    raise SystemExit(0)\n")
+    (pkg / "core.py").write_text(f"def run(pin=False):\n    print({marker!r})\n    raise SystemExit(0)\n")
 
 
 def _launch(venv: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
