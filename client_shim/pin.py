@@ -3,15 +3,18 @@
 pip installs launchers/kubectl-oidc_login as it is: ``#!/bin/sh``, a shell part that finds the python beside the
 file (so a moved venv keeps working), then Python.  The shell is a process more on every kubectl call (0.8 ms, a
 tenth of the interpreter's start) and only the first run needs it.  That run (the shell passes ``-X
-brokerd.portable``) comes here once the answer is out, and replaces the first line with ``#!<interpreter> -IS``:
-the kernel then starts Python itself.  The interpreter named is the first path outside the venv that the venv's
-``bin/python`` links to (``/usr/bin/python3``, pyenv's ``.../versions/3.11.7/bin/python3.11``): the same file the
-venv runs, now and after the venv moves, and after an upgrade of what that path names, as the venv's own python.
+brokerd.portable=pin`` when the launcher's directory is writable and the venv's python is a link) comes here once
+the answer is out, and replaces the first line with ``#!<interpreter> -IS``: the kernel then starts Python itself.
+The interpreter named is the first absolute path outside the venv that the venv's ``bin/python`` links to
+(``/usr/bin/python3``, pyenv's ``.../versions/3.11.7/bin/python3``): the file the venv runs, reached after the venv
+moves.  The written launcher goes on only while the venv's python is still that file; otherwise its run is handed
+to the venv's python (or the shell part), which comes here and writes the line anew, or ``#!/bin/sh`` back.
 
 Nothing else changes: the rest of the file is byte for byte the same (``sh`` on it still runs the shell part), the
-new file takes the old one's place by rename(2) (a concurrent kubectl reads the old or the new, never half), and
+new file takes the old one's place in one step (a concurrent kubectl reads the old or the new, never half), and
 nothing is written unless everything below holds.  It runs in the shim's process, after the token was written,
-and never changes the exit code: any failure leaves the launcher as it was, to try again next time.
+and never changes the exit code: any failure leaves the launcher as it was, to try again next time.  Only posix
+and sys are imported up front: everything heavier waits until a write is certain to be possible.
 """
 
 import posix

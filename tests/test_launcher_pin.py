@@ -274,3 +274,38 @@ def test_a_stale_line_that_cannot_be_rewritten_says_so_once_per_run(tmp_path: Pa
     lines = result.stderr.splitlines()
     assert len(lines) == 2 and "cannot be rewritten (it or its directory is not writable)" in lines[1], result.stderr
     assert "reinstall brokerd" in lines[1] and launcher.read_bytes() == pinned
+
+
+def _opened(argv: list[str], tmp_path: Path) -> str:
+    """Every path one run opened (strace -f -e openat), after checking the run reached the shim."""
+    log = tmp_path / "openat.log"
+    result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(log), *argv],
+                            env={**os.environ, "BROKERD_SOCKET": "/nonexistent/brokerd.sock",
+                                 "BROKERD_NO_AUTOSTART": "1"},
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    _reached_the_shim(result)
+    return log.read_text()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="strace observes the opens; a read-only bind mount needs root and unshare -m")
+def test_where_nothing_can_be_written_the_shell_part_does_not_ask_python_to_try(tmp_path: Path) -> None:
+    """A read-only install, or a venv made with --copies: every run goes through the shell part, and loading
+    client_shim.pin to find out again that nothing can be written would cost each of them 0.4 ms."""
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    read_only = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
+                 str(venv)]
+    opened = _opened([*read_only, str(launcher), "get-token"], tmp_path)
+    assert "client_shim/core" in opened and "client_shim/pin" not in opened
+    assert launcher.read_bytes() == LAUNCHER.read_bytes()
+    (venv / "bin" / "python").unlink()  # a copy, as --copies leaves it: not a link
+    shutil.copy(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), venv / "bin" / "python")
+    opened = _opened([str(launcher), "get-token"], tmp_path)
+    assert "client_shim/core" in opened and "client_shim/pin" not in opened
+    assert launcher.read_bytes() == LAUNCHER.read_bytes()
+    # Writable, with a linked python: it does try (and write).
+    (venv / "bin" / "python").unlink()
+    (venv / "bin" / "python").symlink_to("python3")
+    opened = _opened([str(launcher), "get-token"], tmp_path)
+    assert "client_shim/pin" in opened and launcher.read_bytes() == _pinned_text(venv)
