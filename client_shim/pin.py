@@ -213,8 +213,10 @@ def _read(path: str) -> tuple[int, posix.stat_result, bytes] | str:
     fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC)
     try:
         st = posix.fstat(fd)
-        if st.st_mode & S_IFMT != S_IFREG or st.st_nlink != 1 or st.st_size > MAX_SIZE:
-            why = "the launcher is not a regular file with one name"
+        # Another name for the same file (uv links installed files from its cache) keeps the old text: the new file
+        # takes only this name.
+        if st.st_mode & S_IFMT != S_IFREG or st.st_size > MAX_SIZE:
+            why = "the launcher is not a regular file"
         elif not st.st_mode & 0o111:
             why = "the launcher is not executable (pip has not finished installing it)"
         else:
