@@ -221,12 +221,8 @@ def _read(path: str) -> tuple[int, posix.stat_result, bytes] | str:
             why = "the launcher is not executable (pip has not finished installing it)"
         else:
             text = posix.read(fd, MAX_SIZE + 1)
-            # An ACL, a file capability, any attribute but the SELinux label (which a new file gets from its
-            # directory) would be lost in the copy.
             if len(text) != st.st_size:
                 why = "the launcher did not read whole"
-            elif [a for a in getattr(posix, "listxattr", lambda fd: [])(fd) if a != "security.selinux"]:
-                why = "the launcher has extended attributes a copy would lose"
             elif not _ours(text):
                 why = "not the launcher as installed"
             else:
@@ -312,6 +308,13 @@ def _frozen(fd: int) -> bool:
     return bool(flags & (0x10 | 0x20))  # FS_IMMUTABLE_FL, FS_APPEND_FL
 
 
+def _xattrs(fd: int) -> dict[str, bytes]:
+    """The file's extended attributes but the SELinux label (a new file gets its directory's)."""
+    if not hasattr(posix, "listxattr"):
+        return {}
+    return {name: posix.getxattr(fd, name) for name in posix.listxattr(fd) if name != "security.selinux"}
+
+
 def _write(path: str, held: int, st: posix.stat_result, data: bytes) -> str | None:
     """``data`` into a new file beside ``path`` with its group and mode, synced, then swapped in (_replace)."""
     import _signal  # type: ignore[import-not-found]  # built in; `signal` would load enum and more
@@ -326,13 +329,20 @@ def _write(path: str, held: int, st: posix.stat_result, data: bytes) -> str | No
                          0o600)
         try:
             try:
-                _write_all(out, data)
                 if posix.fstat(out).st_gid != st.st_gid:
                     posix.fchown(out, -1, st.st_gid)
                 posix.fchmod(out, st.st_mode & 0o777)
-                posix.fsync(out)  # the rename must not leave a launcher the disk holds empty after a crash
+                # An ACL the directory hands down (a default ACL, NFSv4's) comes with the new file; one set on the
+                # launcher alone, or a file capability, would be lost: then nothing is written (or synced).
+                same = _xattrs(out) == _xattrs(held)
+                if same:
+                    _write_all(out, data)
+                    posix.fsync(out)  # the rename must not leave a launcher the disk holds empty after a crash
             finally:
                 posix.close(out)
+            if not same:
+                posix.unlink(temp)
+                return "the launcher has extended attributes (an ACL, a capability) a new file would not get"
             return _replace(temp, path, held)
         except BaseException:
             try:  # noqa: SIM105 - contextlib would cost an import on a path every run of some installs takes

@@ -314,3 +314,25 @@ def test_where_nothing_can_be_written_the_shell_part_does_not_ask_python_to_try(
     (venv / "bin" / "python").symlink_to("python3")
     opened = _opened([str(launcher), "get-token"], tmp_path)
     assert _loaded_pin(opened) and launcher.read_bytes() == _pinned_text(venv)
+
+
+def test_an_acl_set_on_the_launcher_alone_is_not_lost(tmp_path: Path) -> None:
+    """An ACL the directory hands down comes with the new file (tests/test_review20_breaks.py); one set on the
+    launcher alone (setfacl -m u:4321:rx) would not: then nothing is written, and no temporary file stays."""
+    import struct
+
+    venv = _venv(tmp_path / "venv")
+    launcher = venv / "bin" / NAME
+    user_obj, user, group_obj, mask, other, undefined = 1, 2, 4, 0x10, 0x20, 0xFFFFFFFF
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in (
+        (user_obj, 7, undefined), (user, 5, 4321), (group_obj, 5, undefined), (mask, 5, undefined),
+        (other, 5, undefined)))
+    try:
+        os.setxattr(launcher, "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"this file system keeps no POSIX ACLs: {exc}")
+    _reached_the_shim(_run([str(launcher), "get-token"]))
+    assert launcher.read_bytes() == LAUNCHER.read_bytes() and _leftovers(venv) == []
+    assert pin.pin(str(launcher), str(venv / "bin" / "python")) == (
+        "the launcher has extended attributes (an ACL, a capability) a new file would not get")
+    assert os.getxattr(launcher, "system.posix_acl_access") == acl and _leftovers(venv) == []
