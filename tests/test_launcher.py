@@ -44,11 +44,12 @@ def _baked(venv: Path, source: Path, version: tuple[int, int] = sys.version_info
     return launcher
 
 
-def _venv(where: Path) -> Path:
-    """A venv with brokerd's client_shim where `pip install .` puts it, and the launcher in bin/ (0755, as pip)."""
-    base = Path(getattr(sys, "_base_executable", sys.executable))
-    done = subprocess.run([str(base), "-m", "venv", "--without-pip", str(where)], capture_output=True, text=True,
-                          timeout=120)
+def _venv(where: Path, *, base: str | None = None, copies: bool = False) -> Path:
+    """A venv (of ``base``, else this interpreter's; ``--copies``) with brokerd's client_shim where `pip install .`
+    puts it, and the launcher in bin/ (0755, as pip)."""
+    base = base or str(getattr(sys, "_base_executable", sys.executable))
+    done = subprocess.run([base, "-m", "venv", "--without-pip", *(["--copies"] if copies else []), str(where)],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     site = where / "lib" / PYVER / "site-packages"
     shutil.copytree(ROOT / "client_shim", site / "client_shim", ignore=shutil.ignore_patterns("__pycache__"))

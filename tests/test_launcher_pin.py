@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from client_shim import pin
-from tests.support.daemon import ROOT
 from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _run, _venv
 
 NAME = "kubectl-oidc_login"
@@ -163,15 +162,8 @@ def test_an_interpreter_path_a_first_line_cannot_hold_is_not_written(tmp_path: P
 
 def test_a_venv_made_with_copies_keeps_the_shell(tmp_path: Path) -> None:
     """--copies: bin/python is the venv's own file, which a moved venv would not have at the old path."""
-    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    venv = tmp_path / "venv"
-    done = subprocess.run([base, "-m", "venv", "--copies", "--without-pip", str(venv)], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    shutil.copytree(ROOT / "client_shim", venv / "lib" / PYVER / "site-packages" / "client_shim",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(LAUNCHER, venv / "bin" / NAME)
-    (venv / "bin" / NAME).chmod(0o755)
+    venv = _venv(tmp_path / "venv", base=os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+                 copies=True)
     _reached_the_shim(_run([str(venv / "bin" / NAME), "get-token"]))
     assert (venv / "bin" / NAME).read_bytes() == LAUNCHER.read_bytes()
     assert pin.pin(str(venv / "bin" / NAME), str(venv / "bin" / "python")) == (

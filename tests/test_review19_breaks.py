@@ -24,13 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _venv
+from tests.test_launcher import PYVER, _reached_the_shim, _venv
 from tests.test_launcher_pin import _first_line, _venv_with_python_at
 
 NAME = "kubectl-oidc_login"
 ENV = {"BROKERD_SOCKET": "/nonexistent/brokerd.sock", "BROKERD_NO_AUTOSTART": "1"}
 BASE = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-ROOT_SHIM = LAUNCHER.parent.parent / "client_shim"
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace observes what a run loads")
 
@@ -103,15 +102,8 @@ def test_an_install_whose_python_links_to_a_binary_beside_it_does_not_pay_for_pi
     on every call.  Here: a venv made with --copies whose python is then a link to its python3.N copy, and without
     its pyvenv.cfg: a prefix of its own, as conda's and an image's /usr/local are (the shell part asks Python only
     for a venv).  A venv laid out like this by hand still pays: the shell cannot read a link without a process."""
-    venv = tmp_path / "venv"
-    done = subprocess.run([BASE, "-m", "venv", "--copies", "--without-pip", str(venv)], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    shutil.copytree(ROOT_SHIM, venv / "lib" / PYVER / "site-packages" / "client_shim",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    venv = _venv(tmp_path / "venv", base=BASE, copies=True)
     launcher = venv / "bin" / NAME
-    shutil.copy(LAUNCHER, launcher)
-    launcher.chmod(0o755)
     (venv / "bin" / "python").unlink()
     (venv / "bin" / "python").symlink_to(PYVER)  # conda's layout: python -> python3.N, a binary
     assert not (venv / "bin" / PYVER).is_symlink()

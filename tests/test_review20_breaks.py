@@ -24,7 +24,6 @@ from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _venv
 from tests.test_review19_breaks import ENV, _later_runs_pay_for_nothing
 
 NAME = "kubectl-oidc_login"
-ROOT_SHIM = LAUNCHER.parent.parent / "client_shim"
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace observes what a run loads")
 
@@ -85,15 +84,8 @@ def test_a_team_venv_installed_by_another_member_is_not_asked_on_every_run(share
     another user's" on every run: each call pays for loading pin and reading the launcher, forever if the installer
     (an admin, a CI account) never runs kubectl itself.  The shell could tell with a builtin (`[ -O "$0" ]`, dash
     has it) as cheaply as it tells the other cases.  Here uid 4321 installed it, uid 4322 (group 4321) runs it."""
-    venv = shared_dir / "venv"
-    done = subprocess.run(["/usr/bin/python3.11", "-m", "venv", "--without-pip", str(venv)], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    shutil.copytree(ROOT_SHIM, venv / "lib" / PYVER / "site-packages" / "client_shim",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    venv = _venv(shared_dir / "venv", base="/usr/bin/python3.11")
     launcher = venv / "bin" / NAME
-    shutil.copy(LAUNCHER, launcher)
-    launcher.chmod(0o755)
     for dirpath, dirnames, filenames in os.walk(venv):
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             os.lchown(name, 4321, 4321)
