@@ -309,10 +309,10 @@ def _frozen(fd: int) -> bool:
 
 
 def _xattrs(fd: int) -> dict[str, bytes]:
-    """The file's extended attributes but the SELinux label (a new file gets its directory's)."""
+    """The file's extended attributes (ACLs, capabilities, the SELinux label), by name."""
     if not hasattr(posix, "listxattr"):
         return {}
-    return {name: posix.getxattr(fd, name) for name in posix.listxattr(fd) if name != "security.selinux"}
+    return {name: posix.getxattr(fd, name) for name in posix.listxattr(fd)}
 
 
 def _write(path: str, held: int, st: posix.stat_result, data: bytes) -> str | None:
@@ -332,9 +332,12 @@ def _write(path: str, held: int, st: posix.stat_result, data: bytes) -> str | No
                 if posix.fstat(out).st_gid != st.st_gid:
                     posix.fchown(out, -1, st.st_gid)
                 posix.fchmod(out, st.st_mode & 0o777)
-                # An ACL the directory hands down (a default ACL, NFSv4's) comes with the new file; one set on the
-                # launcher alone, or a file capability, would be lost: then nothing is written (or synced).
-                same = _xattrs(out) == _xattrs(held)
+                # What the launcher carries must come with the new file: an ACL the directory hands down (a default
+                # ACL, NFSv4's) does; one set on the launcher alone, a file capability, a label set with chcon would
+                # be lost, and then nothing is written (or synced).  The new file may carry more (a default ACL the
+                # launcher predates), as a reinstall's would.
+                new = _xattrs(out)
+                same = all(new.get(name) == value for name, value in _xattrs(held).items())
                 if same:
                     _write_all(out, data)
                     posix.fsync(out)  # the rename must not leave a launcher the disk holds empty after a crash
