@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from client_shim import pin
+from tests.support.planted import read_only
 from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _run, _venv
 
 NAME = "kubectl-oidc_login"
@@ -259,16 +260,14 @@ def test_a_stale_line_that_cannot_be_rewritten_says_so_once_per_run(tmp_path: Pa
     for link in (venv / "bin").glob("python*"):
         link.unlink()
     (venv / "bin" / "python").symlink_to(other)
-    read_only = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
-                 str(venv)]
-    result = _run([*read_only, str(launcher), "get-token"])
+    result = _run([*read_only(venv), str(launcher), "get-token"])
     _reached_the_shim(result)
     lines = result.stderr.splitlines()
     assert len(lines) == 2 and "cannot be rewritten (it or its directory is not writable)" in lines[1], result.stderr
     assert "reinstall brokerd" in lines[1] and launcher.read_bytes() == pinned
 
 
-def _opened(argv: list[str], tmp_path: Path) -> str:
+def opened_by(argv: list[str], tmp_path: Path) -> str:
     """Every path one run opened (strace -f -e openat), after checking the run reached the shim."""
     log = tmp_path / "openat.log"
     result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(log), *argv],
@@ -279,7 +278,7 @@ def _opened(argv: list[str], tmp_path: Path) -> str:
     return log.read_text()
 
 
-def _loaded_pin(opened: str) -> bool:
+def loaded_pin(opened: str) -> bool:
     """Whether client_shim.pin was loaded: its source, or its cached bytecode."""
     return "client_shim/pin.py" in opened or "client_shim/__pycache__/pin." in opened
 
@@ -291,21 +290,19 @@ def test_where_nothing_can_be_written_the_shell_part_does_not_ask_python_to_try(
     client_shim.pin to find out again that nothing can be written would cost each of them 0.4 ms."""
     venv = _venv(tmp_path / "venv")
     launcher = venv / "bin" / NAME
-    read_only = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
-                 str(venv)]
-    opened = _opened([*read_only, str(launcher), "get-token"], tmp_path)
-    assert "client_shim/core" in opened and not _loaded_pin(opened)
+    opened = opened_by([*read_only(venv), str(launcher), "get-token"], tmp_path)
+    assert "client_shim/core" in opened and not loaded_pin(opened)
     assert launcher.read_bytes() == LAUNCHER.read_bytes()
     (venv / "bin" / "python").unlink()  # a copy, as --copies leaves it: not a link
     shutil.copy(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), venv / "bin" / "python")
-    opened = _opened([str(launcher), "get-token"], tmp_path)
-    assert "client_shim/core" in opened and not _loaded_pin(opened)
+    opened = opened_by([str(launcher), "get-token"], tmp_path)
+    assert "client_shim/core" in opened and not loaded_pin(opened)
     assert launcher.read_bytes() == LAUNCHER.read_bytes()
     # Writable, with a linked python: it does try (and write).
     (venv / "bin" / "python").unlink()
     (venv / "bin" / "python").symlink_to("python3")
-    opened = _opened([str(launcher), "get-token"], tmp_path)
-    assert _loaded_pin(opened) and launcher.read_bytes() == _pinned_text(venv)
+    opened = opened_by([str(launcher), "get-token"], tmp_path)
+    assert loaded_pin(opened) and launcher.read_bytes() == _pinned_text(venv)
 
 
 def test_an_acl_set_on_the_launcher_alone_is_not_lost(tmp_path: Path) -> None:

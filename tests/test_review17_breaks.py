@@ -28,6 +28,7 @@ import pytest
 
 from client_shim import pin
 from tests.support.daemon import ROOT
+from tests.support.planted import read_only as _read_only
 from tests.test_launcher import LAUNCHER, PYVER, _reached_the_shim, _venv
 from tests.test_launcher_pin import _first_line, _leftovers
 from tests.test_review16_breaks import upgraded_inside
@@ -40,13 +41,6 @@ NEWER = b"# a newer release\n"
 def _try(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=cwd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
-
-
-def _first_run(venv: Path) -> Path:
-    launcher = venv / "bin" / NAME
-    _reached_the_shim(_try([str(launcher), "get-token"]))
-    assert launcher.read_bytes().startswith(b"#!/") and not launcher.read_bytes().startswith(b"#!/bin/sh\n")
-    return launcher
 
 
 def _execs(argv: list[str], tmp_path: Path, prefix: list[str] | None = None) -> list[str]:
@@ -63,14 +57,6 @@ def _execs(argv: list[str], tmp_path: Path, prefix: list[str] | None = None) -> 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace observes the execs")
 needs_root_unshare = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                         reason="a read-only bind mount needs root and unshare -m")
-
-
-def _read_only(venv: Path) -> list[str]:
-    """A prefix that runs a command with ``venv`` mounted read-only (a private mount namespace: nothing else sees
-    it), as a read-only root file system (Kubernetes' readOnlyRootFilesystem), a read-only NFS /opt or an image
-    layer would hold it."""
-    return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
-            str(venv)]
 
 
 # 1 --------------------------------------------------------------------------------------------------------------

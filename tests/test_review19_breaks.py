@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_launcher import PYVER, _reached_the_shim, _venv
-from tests.test_launcher_pin import _first_line, _venv_with_python_at
+from tests.test_launcher_pin import _first_line, _venv_with_python_at, loaded_pin, opened_by
 
 NAME = "kubectl-oidc_login"
 ENV = {"BROKERD_SOCKET": "/nonexistent/brokerd.sock", "BROKERD_NO_AUTOSTART": "1"}
@@ -45,13 +45,7 @@ def _try(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def _loads_pin(launcher: Path, tmp_path: Path) -> bool:
     """Whether one run of ``launcher`` (checked to reach the shim) opened client_shim.pin, source or bytecode."""
-    log = tmp_path / "openat.log"
-    result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(log), str(launcher),
-                             "get-token"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=60,
-                            stdin=subprocess.DEVNULL)
-    _reached_the_shim(result)
-    return any("client_shim/pin.py" in line or "client_shim/__pycache__/pin." in line
-               for line in log.read_text().splitlines())
+    return loaded_pin(opened_by([str(launcher), "get-token"], tmp_path))
 
 
 def _later_runs_pay_for_nothing(launcher: Path, tmp_path: Path) -> None:

@@ -36,6 +36,14 @@ def unshare_mount_ok() -> bool:
     return done.returncode == 0
 
 
+def read_only(path: Path) -> list[str]:
+    """A prefix that runs a command with ``path`` mounted read-only (a private mount namespace: nothing else sees
+    it), as a read-only root file system (Kubernetes' readOnlyRootFilesystem), a read-only NFS /opt or an image
+    layer would hold it.  Needs root and unshare -m."""
+    return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
+            str(path)]
+
+
 def without_coreutils(tmp_path: Path, path_dirs: list[Path], links: Path) -> subprocess.CompletedProcess[str]:
     """Run links/kubectl-oidc_login get-token with /usr/bin (and /bin) holding only sh and env (and the venv's base
     interpreter if it lives there), PATH=path_dirs: NixOS's layout, whose coreutils are reached through PATH only."""
